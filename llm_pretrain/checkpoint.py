@@ -1,0 +1,120 @@
+"""Atomic, weights_only-safe checkpoints that resume bit-exactly.
+
+One file per save, written by rank 0: model, optimizer, scheduler, every rank's data-loader
+position and RNG states, step counters and a fingerprint of the config that must not change
+across a resume. Everything is tensors and plain Python values, so ``torch.load(...,
+weights_only=True)`` reads it without unpickling code. A save goes to a temp file in the same
+directory, is fsynced, then renamed: a crash mid-save never leaves a truncated checkpoint under
+the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "llm_pretrain.checkpoint/1"
+NAME_RE = re.compile(r"step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with the reason and the fix."""
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    found = [p for p in directory.glob("step_*.pt") if NAME_RE.search(p.name)]
+    return sorted(found, key=lambda p: int(NAME_RE.search(p.name).group(1)))
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir / "checkpoints")[:-keep_last]:
+            old.unlink(missing_ok=True)
+
+
+def resolve(spec: str, run_dir: Path) -> Path | None:
+    """``checkpoint.resume``: ``auto`` (latest in this run, or none), a file, or a run directory."""
+    if spec == "auto":
+        found = list_checkpoints(run_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = list_checkpoints(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+        if not found:
+            raise CheckpointError(f"checkpoint.resume={spec}: the directory holds no step_*.pt file")
+        return found[-1]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint.resume={spec}: no such file or directory")
+    return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); delete it or resume from an earlier one"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an llm_pretrain checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}, "
+            f"expected {FORMAT!r})"
+        )
+    return payload
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse a resume whose config changed in a way that breaks exact continuation."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items()
+             if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written under a different configuration ("
+            + "; ".join(diffs)
+            + "); resume with the settings it was written with, or start a new run"
+        )

@@ -1,0 +1,130 @@
+"""Structured config schemas (Hydra ConfigStore).
+
+Every YAML file under ``conf/`` extends one of these dataclasses, so a misspelled key or a value
+of the wrong type fails at composition time with Hydra's own message, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA shapes as in the GaLore/APOLLO ``configs/llama_*.json`` files."""
+
+    name: str = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_heads: int = MISSING
+    num_layers: int = MISSING
+    vocab_size: int = 32000
+    max_position_embeddings: int = 1024
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    attention: str = "auto"  # auto | sdpa | flash
+
+
+@dataclass
+class DataConfig:
+    """Where documents come from and how they become fixed-length rows."""
+
+    source: str = MISSING  # builtin | files | c4
+    tokenizer: str = MISSING  # builtin | path to spiece.model | tokenizer.json | HF tokenizer dir
+    seq_len: int = 256
+    layout: str = "packed"  # packed | paper
+    path: str | None = None  # files: glob(s) of train documents, comma-separated
+    val_path: str | None = None  # files: glob(s) of held-out documents
+    val_docs: int = 200  # files without val_path: the first N documents are held out
+    text_field: str = "text"
+    hf_name: str = "allenai/c4"  # c4 source
+    hf_config: str = "en"
+    shuffle_shards: bool = True
+    seed: int = 42
+    num_workers: int = 0
+    builtin_seed: int = 1234  # builtin corpus: which language is generated
+    builtin_vocab_size: int = 2048
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW; later optimizers extend this schema with their own keys."""
+
+    name: str = MISSING
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    implementation: str = "auto"  # auto | foreach | fused | for_loop
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 64  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 16  # sequences per forward pass on one rank
+    warmup_steps: int = 100
+    scheduler: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto | fp32 | bf16_autocast | bf16
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the start and the end
+    eval_at_start: bool = True
+    progress: bool = True
+    max_time_s: float = 0.0  # stop early (and still evaluate) after this wall time; 0: off
+    phase_timing: bool = True  # time data / fwd+bwd / step (syncs the GPU between phases)
+
+
+@dataclass
+class EvalConfig:
+    tokens: int = 100_000  # non-pad validation tokens evaluated (fixed, materialised once)
+    batch_size: int = 16
+    compat: str = "none"  # none | galore
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N optimizer steps; 0: never during the run
+    at_end: bool = False
+    resume: str | None = None  # null | auto (latest in this run dir) | path to file or run dir
+    keep_last: int = 2
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = False
+    project: str = "llm_pretrain"
+    entity: str | None = None
+    mode: str = "offline"  # online | offline | disabled
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_name: str | None = None
+
+
+def register_configs() -> None:
+    """Register the schemas that the YAML files under ``conf/`` extend."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="optimizer", name="base_optimizer", node=OptimizerConfig)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)

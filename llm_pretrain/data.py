@@ -1,0 +1,312 @@
+"""Documents -> token ids -> fixed-length rows, sharded exactly once, resumable.
+
+Sources (``data.source``):
+
+* ``builtin``: documents of the built-in language, document ``i`` a pure function of
+  ``(builtin_seed, split, i)``: no files, no network, infinite;
+* ``files``: local jsonl / json(.gz) / txt / parquet globs read with HF ``datasets`` streaming;
+* ``c4``: ``load_dataset("allenai/c4", "en", streaming=True)``, the cluster default. Its code path
+  is the same as ``files`` once the HF stream exists, and the tests exercise it on local shards.
+
+Sharding: every DDP rank and every DataLoader worker is one *node* among
+``world_size x num_workers``. A node reads the documents ``datasets.split_dataset_by_node`` gives
+it (whole shards when the shard count divides, every n-th document otherwise) and iterates with
+``IterableDataset.iter``, which does not split again inside a worker (the reference scripts'
+double sharding). Each document therefore reaches exactly one node.
+
+Layouts (``data.layout``):
+
+* ``paper``: one document per row, truncated or right-padded to ``seq_len``, pads masked from the
+  loss; what GaLore/APOLLO train and evaluate on (their perplexities assume it);
+* ``packed``: documents joined with EOS and cut into full ``seq_len`` rows.
+
+Resume: a node's state is (epoch, documents consumed, tokens carried into the next row). The
+``StatefulDataLoader`` from torchdata snapshots it per worker in step with the batches it yields,
+so a checkpoint records exactly what training consumed.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
+
+from llm_pretrain.config import DataConfig
+from llm_pretrain.corpus import Language, LanguageSpec
+from llm_pretrain.model import IGNORE_INDEX
+from llm_pretrain.tokenizer import BuiltinTokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+SPLITS = {"train": 0, "validation": 1}
+READ_BATCH = 64  # documents read and tokenized together
+FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+def builtin_spec(cfg: DataConfig) -> LanguageSpec:
+    return LanguageSpec(seed=cfg.builtin_seed, vocab_size=cfg.builtin_vocab_size)
+
+
+# ---------------------------------------------------------------------------------- documents
+class DocumentSource:
+    """A split's documents for one node; ``iterate(skip)`` resumes after ``skip`` documents."""
+
+    def iterate(self, node: int, num_nodes: int, epoch: int, skip: int) -> Iterator[list[int]]:
+        raise NotImplementedError
+
+
+class BuiltinDocuments(DocumentSource):
+    def __init__(self, language: Language, split: str) -> None:
+        self.language, self.split = language, SPLITS[split]
+
+    def iterate(self, node: int, num_nodes: int, epoch: int, skip: int) -> Iterator[list[int]]:
+        # Infinite: epochs never end, so ``epoch`` is always 0 here.
+        i = node + skip * num_nodes
+        seed = self.language.spec.seed
+        while True:
+            yield self.language.document([seed, self.split, i])
+            i += num_nodes
+
+
+class HFDocuments(DocumentSource):
+    """Documents of an HF streaming dataset, tokenized in batches on the reading node."""
+
+    def __init__(self, make_dataset, tokenizer: Tokenizer, text_field: str, shuffle: bool, seed: int,
+                 take: int | None = None, skip_head: int = 0, where: str = "") -> None:
+        self.make_dataset = make_dataset
+        self.tokenizer = tokenizer
+        self.text_field = text_field
+        self.shuffle, self.seed = shuffle, seed
+        self.take, self.skip_head = take, skip_head
+        self.where = where
+
+    def _dataset(self, epoch: int):
+        ds = self.make_dataset()
+        if self.shuffle:
+            # buffer_size=1: only the shard order is shuffled, so the order is exactly repeatable.
+            ds = ds.shuffle(seed=self.seed, buffer_size=1)
+            ds.set_epoch(epoch)
+        if self.skip_head:
+            ds = ds.skip(self.skip_head)
+        if self.take is not None:
+            ds = ds.take(self.take)
+        return ds
+
+    def iterate(self, node: int, num_nodes: int, epoch: int, skip: int) -> Iterator[list[int]]:
+        from datasets.distributed import split_dataset_by_node
+
+        ds = split_dataset_by_node(self._dataset(epoch), rank=node, world_size=num_nodes)
+        seen = 0
+        for batch in ds.iter(batch_size=READ_BATCH):
+            if self.text_field not in batch:
+                raise KeyError(
+                    f"{self.where}: documents have no field {self.text_field!r} "
+                    f"(fields: {sorted(batch)}); set data.text_field"
+                )
+            texts = batch[self.text_field]
+            if seen + len(texts) <= skip:  # resuming: discard without tokenizing
+                seen += len(texts)
+                continue
+            texts = texts[max(0, skip - seen) :]
+            seen += len(batch[self.text_field])
+            yield from self.tokenizer.encode_batch(texts)
+
+
+def _resolve_files(spec: str, key: str) -> list[str]:
+    files: list[str] = []
+    for pattern in (p.strip() for p in spec.split(",") if p.strip()):
+        matched = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
+        if not matched:
+            raise FileNotFoundError(f"{key}={pattern}: no file matches; check the path or glob")
+        files += matched
+    formats = {_format_of(f, key) for f in files}
+    if len(formats) > 1:
+        raise ValueError(f"{key}={spec}: mixes formats {sorted(formats)}; use one kind of file")
+    return files
+
+
+def _format_of(path: str, key: str) -> str:
+    suffixes = [s for s in Path(path).suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
+    fmt = FORMATS.get(suffixes[-1] if suffixes else "")
+    if fmt is None:
+        raise ValueError(
+            f"{key}: cannot read {path}; supported: .jsonl .json .txt .parquet (optionally .gz)"
+        )
+    return fmt
+
+
+def _local_dataset(files: list[str], key: str):
+    def make():
+        from datasets import load_dataset
+
+        return load_dataset(_format_of(files[0], key), data_files=files, split="train",
+                            streaming=True)
+
+    return make
+
+
+def _c4_dataset(cfg: DataConfig, split: str):
+    def make():  # pragma: no cover - needs the network; same code path as files once built
+        from datasets import load_dataset
+
+        return load_dataset(cfg.hf_name, cfg.hf_config, split=split, streaming=True)
+
+    return make
+
+
+def document_source(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> DocumentSource:
+    """The documents of ``split`` ("train" or "validation") for ``data.source``."""
+    if cfg.source == "builtin":
+        if not isinstance(tokenizer, BuiltinTokenizer):
+            raise ValueError("data.source=builtin needs data.tokenizer=builtin")
+        return BuiltinDocuments(tokenizer.language, split)
+    if cfg.source == "files":
+        if not cfg.path:
+            raise ValueError("data.source=files needs data.path (a glob of jsonl/txt/parquet files)")
+        common = dict(tokenizer=tokenizer, text_field=cfg.text_field, seed=cfg.seed)
+        if cfg.val_path:
+            key, spec = ("data.path", cfg.path) if split == "train" else ("data.val_path", cfg.val_path)
+            files = _resolve_files(spec, key)
+            return HFDocuments(_local_dataset(files, key), shuffle=cfg.shuffle_shards and split == "train",
+                               where=key, **common)
+        files = _resolve_files(cfg.path, "data.path")
+        make = _local_dataset(files, "data.path")
+        if split == "validation":  # the first val_docs documents are held out
+            return HFDocuments(make, shuffle=False, take=cfg.val_docs, where="data.path", **common)
+        return HFDocuments(make, shuffle=False, skip_head=cfg.val_docs, where="data.path", **common)
+    if cfg.source == "c4":
+        hf_split = "train" if split == "train" else "validation"
+        return HFDocuments(_c4_dataset(cfg, hf_split), shuffle=cfg.shuffle_shards and split == "train",
+                           where=f"{cfg.hf_name}/{cfg.hf_config}", tokenizer=tokenizer,
+                           text_field=cfg.text_field, seed=cfg.seed)
+    raise ValueError(f"data.source={cfg.source!r}: use builtin, files or c4")
+
+
+# ---------------------------------------------------------------------------------- rows
+@dataclass
+class NodeState:
+    epoch: int = 0
+    docs: int = 0  # documents of this epoch fully taken from the source
+    carry: list[int] | None = None  # packed layout: tokens waiting for the next row
+
+
+class TokenRows(IterableDataset):
+    """Fixed-length rows (``input_ids``, ``labels``) of one rank's share of a source."""
+
+    def __init__(self, source: DocumentSource, cfg: DataConfig, tokenizer: Tokenizer,
+                 model_vocab: int, rank: int = 0, world_size: int = 1, epochs: bool = True) -> None:
+        if cfg.layout not in ("packed", "paper"):
+            raise ValueError(f"data.layout={cfg.layout!r}: use packed or paper")
+        self.source, self.seq_len, self.layout = source, cfg.seq_len, cfg.layout
+        self.pad_id = tokenizer.pad_id
+        self.model_vocab = model_vocab
+        self.rank, self.world_size = rank, world_size
+        self.epochs = epochs
+        self.state = NodeState()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "docs": self.state.docs, "carry": list(self.state.carry or [])}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = NodeState(state["epoch"], state["docs"], list(state["carry"]))
+
+    def _node(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        return self.rank * workers + (info.id if info else 0), self.world_size * workers
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        node, num_nodes = self._node()
+        st = self.state
+        carry = list(st.carry or [])
+        while True:
+            produced = 0
+            for ids in self.source.iterate(node, num_nodes, st.epoch, st.docs):
+                self._check_ids(ids)
+                st.docs += 1
+                if self.layout == "paper":
+                    produced += 1
+                    yield self._row(ids[: self.seq_len])
+                    continue
+                carry.extend(ids)
+                st.carry = carry
+                while len(carry) >= self.seq_len:
+                    row, carry = carry[: self.seq_len], carry[self.seq_len :]
+                    st.carry = carry
+                    produced += 1
+                    yield self._row(row)
+            if not self.epochs:
+                return
+            if produced == 0 and st.docs == 0:
+                raise ValueError(
+                    f"data node {node} of {num_nodes} received no documents: the corpus is empty "
+                    "or has fewer documents than world_size x data.num_workers"
+                )
+            log.info("data node %d finished epoch %d after %d documents", node, st.epoch, st.docs)
+            st.epoch, st.docs = st.epoch + 1, 0
+
+    def _row(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        n = len(ids)
+        input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
+        input_ids[:n] = torch.tensor(ids, dtype=torch.long)
+        labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)
+        labels[:n] = input_ids[:n]
+        return {"input_ids": input_ids, "labels": labels}
+
+    def _check_ids(self, ids: list[int]) -> None:
+        if ids and max(ids) >= self.model_vocab:
+            raise ValueError(
+                f"token id {max(ids)} >= model.vocab_size={self.model_vocab}: the tokenizer "
+                "produces ids the embedding table does not have; raise model.vocab_size "
+                "(e.g. 32100 for the HF T5 tokenizer) or use a matching tokenizer"
+            )
+
+
+def train_loader(cfg: DataConfig, tokenizer: Tokenizer, model_vocab: int, micro_batch: int,
+                 rank: int, world_size: int) -> StatefulDataLoader:
+    rows = TokenRows(document_source(cfg, tokenizer, "train"), cfg, tokenizer, model_vocab,
+                     rank, world_size)
+    return StatefulDataLoader(rows, batch_size=micro_batch, num_workers=cfg.num_workers,
+                              persistent_workers=False, in_order=True)
+
+
+def validation_rows(cfg: DataConfig, tokenizer: Tokenizer, model_vocab: int,
+                    token_budget: int) -> dict[str, torch.Tensor]:
+    """The evaluation set: the first rows of the held-out split until ``token_budget`` non-pad
+    tokens, read by a single node so it is identical for every world size (unlike the papers')."""
+    rows = TokenRows(document_source(cfg, tokenizer, "validation"), cfg, tokenizer, model_vocab,
+                     epochs=False)
+    inputs, labels, tokens = [], [], 0
+    for row in rows:
+        inputs.append(row["input_ids"])
+        labels.append(row["labels"])
+        tokens += int((row["labels"] != IGNORE_INDEX).sum())
+        if tokens >= token_budget:
+            break
+    if not inputs:
+        raise ValueError(
+            "the validation split has no documents; set data.val_path or lower data.val_docs"
+        )
+    if tokens < token_budget:
+        log.warning("validation split holds %d tokens, fewer than eval.tokens=%d", tokens, token_budget)
+    return {"input_ids": torch.stack(inputs), "labels": torch.stack(labels)}
+
+
+def source_entropy(cfg: DataConfig, tokenizer: Tokenizer, val: dict[str, torch.Tensor]) -> float | None:
+    """Bayes-optimal loss (nats/token) on the evaluation set, when the source is known."""
+    if not isinstance(tokenizer, BuiltinTokenizer):
+        return None
+    ids = val["input_ids"].numpy()
+    mask = (val["labels"] != IGNORE_INDEX).numpy().copy()
+    mask[:, 0] = False
+    nll = tokenizer.language.optimal_nll(ids, mask, stationary=cfg.layout == "packed")
+    return float(nll.sum() / max(1, mask.sum()))

@@ -1,0 +1,385 @@
+"""Pretrain a LLaMA: one Hydra config in, a trained model, metrics and a summary out.
+
+    python -m llm_pretrain.train                          # built-in corpus, offline, ~3 min on CPU
+    python -m llm_pretrain.train model=llama_20m data=files \\
+        data.path=../shared/data/c4/c4_en_sample_2000.jsonl.gz \\
+        data.tokenizer=../shared/data/t5_tokenizer/spiece.model trainer.max_steps=50
+    torchrun --nproc_per_node=2 -m llm_pretrain.train     # DDP, gloo on CPU / NCCL on GPU
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        --rdzv-id=JOB -m llm_pretrain.train model=llama_1b data=c4
+    python -m llm_pretrain.train -m optimizer.lr=1e-3,3e-3  # sweep: one row each in results.jsonl
+
+Under torchrun only rank 0 writes (Hydra outputs, logs, checkpoints); the other ranks compose
+the same config without an output directory and receive rank 0's run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import optimizers
+from llm_pretrain import checkpoint, data, distributed
+from llm_pretrain.config import register_configs
+from llm_pretrain.evaluate import evaluate
+from llm_pretrain.loggers import RunLogger
+from llm_pretrain.memory import MemoryReport, activation_bytes
+from llm_pretrain.model import IGNORE_INDEX, build_model
+from llm_pretrain.schedule import build_scheduler
+from llm_pretrain.summary import format_summary, sweep_row
+from llm_pretrain.tokenizer import load_tokenizer
+
+log = logging.getLogger("llm_pretrain")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# Dense bf16 peak FLOP/s, for MFU (torchtitan's table).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16_autocast" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("fp32", "bf16_autocast", "bf16"):
+        raise ValueError(f"trainer.precision={precision!r}: use auto, fp32, bf16_autocast or bf16")
+    return precision
+
+
+def check_config(cfg: DictConfig, world_size: int) -> int:
+    """Refuse impossible settings up front; return the gradient-accumulation count."""
+    t, d, m = cfg.trainer, cfg.data, cfg.model
+    per_pass = world_size * t.micro_batch_size
+    if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
+        raise ValueError("trainer.global_batch_size and trainer.micro_batch_size must be positive")
+    if t.global_batch_size % per_pass:
+        raise ValueError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by world_size "
+            f"({world_size}) x trainer.micro_batch_size ({t.micro_batch_size}) = {per_pass}; "
+            f"use a multiple of {per_pass} or change trainer.micro_batch_size"
+        )
+    if d.seq_len > m.max_position_embeddings:
+        raise ValueError(
+            f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings="
+            f"{m.max_position_embeddings} of {m.name}; lower data.seq_len"
+        )
+    if d.seq_len < 2:
+        raise ValueError(f"data.seq_len={d.seq_len}: need at least 2 tokens to predict one")
+    if t.max_steps <= 0:
+        raise ValueError(f"trainer.max_steps={t.max_steps} must be positive")
+    return t.global_batch_size // per_pass
+
+
+def fingerprint(cfg: DictConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """What a resume must not change: shapes, optimizer kind, data order and batch geometry."""
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    return {
+        "model": [m.hidden_size, m.intermediate_size, m.num_heads, m.num_layers, m.vocab_size],
+        "optimizer": cfg.optimizer.name,
+        "world_size": world_size,
+        "global_batch_size": t.global_batch_size,
+        "micro_batch_size": t.micro_batch_size,
+        "data": [d.source, d.tokenizer, d.layout, d.seq_len, d.num_workers, d.path or "", d.seed],
+        "precision": precision,
+    }
+
+
+class PhaseTimer:
+    """Wall time per phase of a step; syncs the GPU at phase ends when asked to."""
+
+    def __init__(self, device: torch.device, sync: bool) -> None:
+        self.sync = sync and device.type == "cuda"
+        self.totals: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self._t
+        self._t = now
+
+    def summary(self) -> dict[str, float]:
+        step = sum(self.totals.get(k, 0.0) for k in ("data", "forward_backward", "optimizer", "logging"))
+        out = {f"{k}_s": round(v, 3) for k, v in self.totals.items()}
+        out["overhead_fraction"] = (
+            (self.totals.get("data", 0.0) + self.totals.get("logging", 0.0)) / step if step else 0.0
+        )
+        return out
+
+
+def mfu(model, seq_len: int, tokens_per_s: float, device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return model.flops_per_token(seq_len) * tokens_per_s / peak if peak else None
+
+
+def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict[str, Any]:
+    """Run one training job; returns the summary (also written to ``run_dir/summary.json``)."""
+    dist_info = distributed.init(cfg.trainer.device)
+    try:
+        run_dir = Path(distributed.broadcast_object(str(run_dir)))
+        return _train(cfg, run_dir, dist_info)
+    except Exception as e:
+        if sweep_dir is not None and dist_info.is_main:
+            _append_row(sweep_dir, sweep_row(cfg, run_dir, None, error=f"{type(e).__name__}: {e}"))
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    tc = cfg.trainer
+    accum = check_config(cfg, di.world_size)
+    precision = resolve_precision(tc.precision, di.device)
+    autocast = (torch.autocast(di.device.type, dtype=torch.bfloat16)
+                if precision == "bf16_autocast" else None)
+    torch.manual_seed(tc.seed)
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer, data.builtin_spec(cfg.data))
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        log.warning("tokenizer has %d ids but model.vocab_size=%d: a document with a larger id "
+                    "stops the run", tokenizer.vocab_size, cfg.model.vocab_size)
+    model = build_model(cfg.model, di.device)
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    if tc.compile:
+        for block in model.model.layers:
+            block.compile()
+    optimizer = optimizers.build(cfg.optimizer, model)
+    scheduler = build_scheduler(optimizer, tc)
+    loader = data.train_loader(cfg.data, tokenizer, cfg.model.vocab_size, tc.micro_batch_size,
+                               di.rank, di.world_size)
+    val = data.validation_rows(cfg.data, tokenizer, cfg.model.vocab_size, cfg.eval.tokens)
+    entropy = data.source_entropy(cfg.data, tokenizer, val)
+
+    memory = MemoryReport()
+    probe = val["input_ids"][: tc.micro_batch_size].repeat(
+        -(-tc.micro_batch_size // len(val["input_ids"])), 1)[: tc.micro_batch_size].to(di.device)
+    memory.activations = activation_bytes(model, probe, probe, autocast)
+    if di.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(di.device)
+
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    logger = RunLogger(run_dir if di.is_main else None, cfg.logger, config_dict, cfg.run_name)
+    if di.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        n = model.num_params()
+        log.info("model %s: %.2fM parameters (%.2fM outside embeddings); %d rank(s), %d "
+                 "micro-batch(es) of %d per step, precision %s, run dir %s", cfg.model.name, n / 1e6,
+                 model.num_params(non_embedding=True) / 1e6, di.world_size, accum,
+                 tc.micro_batch_size, precision, run_dir)
+
+    step, tokens_seen, prior_wall = 0, 0, 0.0
+    fp = fingerprint(cfg, di.world_size, precision)
+    resume_from = checkpoint.resolve(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
+    if resume_from is not None:
+        state = checkpoint.load(resume_from)
+        checkpoint.check_compatible(state["fingerprint"], fp, resume_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["data"][di.rank])
+        checkpoint.set_rng_state(state["rng"][di.rank])
+        step, tokens_seen, prior_wall = state["step"], state["tokens_seen"], state["wall_time_s"]
+        if di.is_main:
+            log.info("resumed from %s at step %d (%d tokens seen)", resume_from, step, tokens_seen)
+
+    train_model = (DDP(model, gradient_as_bucket_view=True, broadcast_buffers=False)
+                   if di.world_size > 1 else model)
+
+    def run_eval() -> dict[str, float]:
+        return evaluate(model, val, cfg.eval.batch_size, di.device, di.rank, di.world_size,
+                        cfg.eval.compat, autocast)
+
+    initial = run_eval() if tc.eval_at_start and step == 0 else None
+    if initial is not None:
+        logger.log({"step": 0, "eval/loss": initial["loss"], "eval/ppl": initial["ppl"],
+                    "eval/tokens": initial["tokens"]})
+
+    def save_checkpoint() -> None:
+        states = distributed.gather_objects((loader.state_dict(), checkpoint.rng_state()))
+        if di.is_main:
+            path = checkpoint.save(checkpoint.checkpoint_path(run_dir, step), {
+                "step": step, "tokens_seen": tokens_seen,
+                "wall_time_s": prior_wall + time.perf_counter() - t_start,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "data": [s[0] for s in states],
+                "rng": [s[1] for s in states], "fingerprint": fp,
+            })
+            checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
+            log.info("saved %s", path)
+
+    show_bar = tc.progress and di.is_main and sys.stderr.isatty()
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not show_bar, dynamic_ncols=True,
+               unit="step", mininterval=0.5)
+    timer = PhaseTimer(di.device, tc.phase_timing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    window_tokens, window_start = 0, time.perf_counter()
+    loop_start, loop_tokens, last_eval = time.perf_counter(), 0, initial
+    batches = iter(loader)
+    train_model.train()
+    while step < tc.max_steps:
+        micro = [next(batches) for _ in range(accum)]
+        counts = torch.tensor([sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro),
+                               sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro)],
+                              dtype=torch.float64, device=di.device)
+        label_tokens, input_tokens = (float(x) for x in distributed.all_reduce(counts).cpu())
+        timer.mark("data")
+
+        loss_sum = torch.zeros((), device=di.device, dtype=torch.float64)
+        for i, mb in enumerate(micro):
+            x = mb["input_ids"].to(di.device, non_blocking=True)
+            y = mb["labels"].to(di.device, non_blocking=True)
+            last = i == accum - 1
+            with train_model.no_sync() if di.world_size > 1 and not last else nullcontext():
+                with autocast if autocast is not None else nullcontext():
+                    s = train_model(x, y, reduction="sum")
+                # DDP averages over ranks, so scale each rank's sum to the global token mean.
+                (s * (di.world_size / max(label_tokens, 1.0))).backward()
+            loss_sum += s.detach().double()
+        timer.mark("forward_backward")
+
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                     if tc.grad_clip > 0 else None)
+        optimizer.step()
+        scheduler.step()
+        if memory.weights == 0:  # first step of this process: state now exists
+            memory.measure_training_state(model, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        timer.mark("optimizer")
+
+        step += 1
+        tokens_seen += int(input_tokens)
+        window_tokens += int(input_tokens)
+        loop_tokens += int(input_tokens)
+        bar.update(1)
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            loss = float(distributed.all_reduce(loss_sum).cpu()) / max(label_tokens, 1.0)
+            now = time.perf_counter()
+            tps = window_tokens / (now - window_start)
+            window_tokens, window_start = 0, now
+            record = {"step": step, "train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
+                      "train/tokens_seen": tokens_seen, "train/tokens_per_s": tps}
+            if grad_norm is not None:
+                record["train/grad_norm"] = float(grad_norm)
+            logger.log(record)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['train/lr']:.2e}", tok_s=f"{tps:,.0f}")
+            if di.is_main and not show_bar:
+                log.info("step %d/%d loss %.4f lr %.3e tok/s %.0f", step, tc.max_steps, loss,
+                         record["train/lr"], tps)
+        timer.mark("logging")
+
+        stop = tc.max_time_s > 0 and time.perf_counter() - t_start > tc.max_time_s
+        stop = bool(distributed.all_reduce(torch.tensor(float(stop), device=di.device), "max"))
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and not stop:
+            last_eval = run_eval()
+            logger.log({"step": step, "eval/loss": last_eval["loss"], "eval/ppl": last_eval["ppl"]})
+            if di.is_main and not show_bar:
+                log.info("step %d eval loss %.4f ppl %.2f", step, last_eval["loss"], last_eval["ppl"])
+        timer.mark("eval")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            save_checkpoint()
+        timer.mark("checkpoint")
+        if stop:
+            if di.is_main:
+                log.info("trainer.max_time_s=%s reached at step %d", tc.max_time_s, step)
+            break
+    bar.close()
+    train_time = time.perf_counter() - loop_start
+
+    if cfg.checkpoint.at_end and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        save_checkpoint()
+    final = run_eval()
+    logger.log({"step": step, "eval/loss": final["loss"], "eval/ppl": final["ppl"],
+                "eval/tokens": final["tokens"]})
+    memory.measure_cuda_peaks(di.device)
+    tokens_per_s = loop_tokens / train_time if train_time > 0 else 0.0
+    summary = {
+        "status": "ok",
+        "run_dir": str(run_dir),
+        "model": cfg.model.name,
+        "optimizer": cfg.optimizer.name,
+        "params": model.num_params(),
+        "world_size": di.world_size,
+        "precision": precision,
+        "steps": step,
+        "tokens_seen": tokens_seen,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(model, cfg.data.seq_len, tokens_per_s / di.world_size, di.device, precision),
+        "wall_time_s": prior_wall + time.perf_counter() - t_start,
+        "eval": {
+            "initial_loss": initial["loss"] if initial else None,
+            "initial_ppl": initial["ppl"] if initial else None,
+            "final_loss": final["loss"],
+            "final_ppl": final["ppl"],
+            "tokens": final["tokens"],
+            "compat": cfg.eval.compat,
+            "source_entropy": entropy,
+            "gap_to_entropy": final["loss"] - entropy if entropy is not None else None,
+        },
+        "memory": memory.to_dict(),
+        "timing": timer.summary(),
+    }
+    logger.summary(summary)
+    logger.close()
+    if di.is_main:
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def _append_row(sweep_dir: Path, row: dict[str, Any]) -> None:
+    import fcntl
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / "results.jsonl", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(row) + "\n")
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    summary = train(cfg, Path(hc.runtime.output_dir), sweep_dir)
+    if sweep_dir is not None and distributed.launched_rank() == 0:
+        _append_row(sweep_dir, sweep_row(cfg, Path(summary["run_dir"]), summary,
+                                         overrides=list(hc.overrides.task)))
+    return summary["eval"]["final_loss"]
+
+
+def _argv_for_rank(argv: list[str], rank: int) -> list[str]:
+    """Ranks other than 0 compose the same config but write nothing (no .hydra/, no log file)."""
+    if rank == 0:
+        return argv
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise SystemExit("multirun (-m) under torchrun is not supported: run the sweep without "
+                         "torchrun, or launch each point with torchrun")
+    kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return kept + ["hydra.run.dir=.", "hydra.output_subdir=null",
+                   "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def main() -> None:
+    sys.argv = _argv_for_rank(sys.argv, distributed.launched_rank())
+    register_configs()
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()
