@@ -85,7 +85,9 @@ def resolve(spec: str, run_dir: Path) -> Path | None:
     if path.is_dir():
         found = list_checkpoints(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
         if not found:
-            raise CheckpointError(f"checkpoint.resume={spec}: the directory holds no step_*.pt file")
+            raise CheckpointError(
+                f"checkpoint.resume={spec}: the directory holds no step_*.pt file"
+            )
         return found[-1]
     if not path.is_file():
         raise CheckpointError(f"checkpoint.resume={spec}: no such file or directory")
@@ -100,18 +102,21 @@ def load(path: Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); delete it or resume from an earlier one"
         ) from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+    if found != FORMAT:
         raise CheckpointError(
-            f"{path} is not an llm_pretrain checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}, "
-            f"expected {FORMAT!r})"
+            f"{path} is not an llm_pretrain checkpoint (format {found!r}, expected {FORMAT!r})"
         )
     return payload
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse a resume whose config changed in a way that breaks exact continuation."""
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items()
-             if saved.get(k) != v]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
+        for k, v in current.items()
+        if saved.get(k) != v
+    ]
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was written under a different configuration ("

@@ -7,6 +7,7 @@ of the wrong type fails at composition time with Hydra's own message, before any
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 

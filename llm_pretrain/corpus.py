@@ -35,10 +35,23 @@ OPEN_SHARE = {"noun": 0.5, "verb": 0.25, "adj": 0.15, "adv": 0.10}
 
 # Hidden states: (name, word class). Several states share a class but differ in what follows.
 STATES = [
-    ("det", "det"), ("adj", "adj"), ("subj", "noun"), ("pron", "pron"), ("aux", "aux"),
-    ("verb", "verb"), ("adv", "adv"), ("det_o", "det"), ("adj_o", "adj"), ("obj", "noun"),
-    ("prep", "prep"), ("det_p", "det"), ("pobj", "noun"), ("conj", "conj"),
-    ("comma", "comma"), ("period", "period"), ("end", "eos"),
+    ("det", "det"),
+    ("adj", "adj"),
+    ("subj", "noun"),
+    ("pron", "pron"),
+    ("aux", "aux"),
+    ("verb", "verb"),
+    ("adv", "adv"),
+    ("det_o", "det"),
+    ("adj_o", "adj"),
+    ("obj", "noun"),
+    ("prep", "prep"),
+    ("det_p", "det"),
+    ("pobj", "noun"),
+    ("conj", "conj"),
+    ("comma", "comma"),
+    ("period", "period"),
+    ("end", "eos"),
 ]
 S = {name: i for i, (name, _) in enumerate(STATES)}
 
@@ -118,7 +131,9 @@ class Language:
         pos = 0
         for cls, n in zip(OPEN_SHARE, counts, strict=True):
             out[cls], pos = rest[pos : pos + n], pos + n
-        out["comma"], out["period"], out["eos"] = (np.array([i]) for i in (COMMA_ID, PERIOD_ID, EOS))
+        out["comma"], out["period"], out["eos"] = (
+            np.array([i]) for i in (COMMA_ID, PERIOD_ID, EOS)
+        )
         return out
 
     @staticmethod
@@ -164,7 +179,18 @@ class Language:
         return p / p.sum()
 
     def _spell(self, spec: LanguageSpec, rng: np.random.Generator) -> list[str]:
-        onsets = list("bcdfghklmnprstvwz") + ["br", "ch", "dr", "gl", "kr", "pl", "sh", "st", "th", "tr"]
+        onsets = list("bcdfghklmnprstvwz") + [
+            "br",
+            "ch",
+            "dr",
+            "gl",
+            "kr",
+            "pl",
+            "sh",
+            "st",
+            "th",
+            "tr",
+        ]
         vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou"]
         words = ["<pad>", "</s>", "<unk>", ".", ","]
         taken = set(words)
@@ -214,7 +240,9 @@ class Language:
         return ids.tolist()
 
     # ------------------------------------------------------------------ scoring
-    def optimal_nll(self, rows: np.ndarray, labels_mask: np.ndarray, stationary: bool) -> np.ndarray:
+    def optimal_nll(
+        self, rows: np.ndarray, labels_mask: np.ndarray, stationary: bool
+    ) -> np.ndarray:
         """Exact -log p(x_t | x_<t of the same row) under the true process, per label position.
 
         ``rows`` is (R, L) token ids; ``labels_mask`` (R, L) marks positions scored (position 0

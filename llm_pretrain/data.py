@@ -38,14 +38,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
-
 from llm_pretrain.config import DataConfig
 from llm_pretrain.corpus import Language, LanguageSpec
 from llm_pretrain.model import IGNORE_INDEX
 from llm_pretrain.tokenizer import BuiltinTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+# torchdata 0.11 calls a torch API that warns on every loader start; it is harmless.
+warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
 
 SPLITS = {"train": 0, "validation": 1}
 READ_BATCH = 64  # documents read and tokenized together
@@ -59,6 +59,8 @@ def builtin_spec(cfg: DataConfig) -> LanguageSpec:
 # ---------------------------------------------------------------------------------- documents
 class DocumentSource:
     """A split's documents for one node; ``iterate(skip)`` resumes after ``skip`` documents."""
+
+    empty_hint = ""  # appended to the "no documents" error
 
     def iterate(self, node: int, num_nodes: int, epoch: int, skip: int) -> Iterator[list[int]]:
         raise NotImplementedError
@@ -80,8 +82,17 @@ class BuiltinDocuments(DocumentSource):
 class HFDocuments(DocumentSource):
     """Documents of an HF streaming dataset, tokenized in batches on the reading node."""
 
-    def __init__(self, make_dataset, tokenizer: Tokenizer, text_field: str, shuffle: bool, seed: int,
-                 take: int | None = None, skip_head: int = 0, where: str = "") -> None:
+    def __init__(
+        self,
+        make_dataset,
+        tokenizer: Tokenizer,
+        text_field: str,
+        shuffle: bool,
+        seed: int,
+        take: int | None = None,
+        skip_head: int = 0,
+        where: str = "",
+    ) -> None:
         self.make_dataset = make_dataset
         self.tokenizer = tokenizer
         self.text_field = text_field
@@ -104,7 +115,16 @@ class HFDocuments(DocumentSource):
     def iterate(self, node: int, num_nodes: int, epoch: int, skip: int) -> Iterator[list[int]]:
         from datasets.distributed import split_dataset_by_node
 
-        ds = split_dataset_by_node(self._dataset(epoch), rank=node, world_size=num_nodes)
+        try:
+            ds = split_dataset_by_node(self._dataset(epoch), rank=node, world_size=num_nodes)
+            yield from self._tokenized(ds, skip)
+        except (StopIteration, RuntimeError) as e:
+            # datasets' json reader infers features from a first row; an empty file has none.
+            if isinstance(e, RuntimeError) and "StopIteration" not in str(e):
+                raise
+            raise ValueError(f"{self.where}: the corpus is empty (no document to read)") from e
+
+    def _tokenized(self, ds, skip: int) -> Iterator[list[int]]:
         seen = 0
         for batch in ds.iter(batch_size=READ_BATCH):
             if self.text_field not in batch:
@@ -148,8 +168,9 @@ def _local_dataset(files: list[str], key: str):
     def make():
         from datasets import load_dataset
 
-        return load_dataset(_format_of(files[0], key), data_files=files, split="train",
-                            streaming=True)
+        return load_dataset(
+            _format_of(files[0], key), data_files=files, split="train", streaming=True
+        )
 
     return make
 
@@ -171,23 +192,39 @@ def document_source(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Docume
         return BuiltinDocuments(tokenizer.language, split)
     if cfg.source == "files":
         if not cfg.path:
-            raise ValueError("data.source=files needs data.path (a glob of jsonl/txt/parquet files)")
+            raise ValueError(
+                "data.source=files needs data.path (a glob of jsonl/txt/parquet files)"
+            )
         common = dict(tokenizer=tokenizer, text_field=cfg.text_field, seed=cfg.seed)
         if cfg.val_path:
-            key, spec = ("data.path", cfg.path) if split == "train" else ("data.val_path", cfg.val_path)
+            key, spec = (
+                ("data.path", cfg.path) if split == "train" else ("data.val_path", cfg.val_path)
+            )
             files = _resolve_files(spec, key)
-            return HFDocuments(_local_dataset(files, key), shuffle=cfg.shuffle_shards and split == "train",
-                               where=key, **common)
+            return HFDocuments(
+                _local_dataset(files, key),
+                shuffle=cfg.shuffle_shards and split == "train",
+                where=key,
+                **common,
+            )
         files = _resolve_files(cfg.path, "data.path")
         make = _local_dataset(files, "data.path")
         if split == "validation":  # the first val_docs documents are held out
             return HFDocuments(make, shuffle=False, take=cfg.val_docs, where="data.path", **common)
-        return HFDocuments(make, shuffle=False, skip_head=cfg.val_docs, where="data.path", **common)
+        train = HFDocuments(make, shuffle=False, skip_head=cfg.val_docs, where="data.path", **common)
+        train.empty_hint = (f"; data.val_docs={cfg.val_docs} documents are held out for validation "
+                            "when data.val_path is unset: lower data.val_docs or set data.val_path")
+        return train
     if cfg.source == "c4":
         hf_split = "train" if split == "train" else "validation"
-        return HFDocuments(_c4_dataset(cfg, hf_split), shuffle=cfg.shuffle_shards and split == "train",
-                           where=f"{cfg.hf_name}/{cfg.hf_config}", tokenizer=tokenizer,
-                           text_field=cfg.text_field, seed=cfg.seed)
+        return HFDocuments(
+            _c4_dataset(cfg, hf_split),
+            shuffle=cfg.shuffle_shards and split == "train",
+            where=f"{cfg.hf_name}/{cfg.hf_config}",
+            tokenizer=tokenizer,
+            text_field=cfg.text_field,
+            seed=cfg.seed,
+        )
     raise ValueError(f"data.source={cfg.source!r}: use builtin, files or c4")
 
 
@@ -202,8 +239,16 @@ class NodeState:
 class TokenRows(IterableDataset):
     """Fixed-length rows (``input_ids``, ``labels``) of one rank's share of a source."""
 
-    def __init__(self, source: DocumentSource, cfg: DataConfig, tokenizer: Tokenizer,
-                 model_vocab: int, rank: int = 0, world_size: int = 1, epochs: bool = True) -> None:
+    def __init__(
+        self,
+        source: DocumentSource,
+        cfg: DataConfig,
+        tokenizer: Tokenizer,
+        model_vocab: int,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: bool = True,
+    ) -> None:
         if cfg.layout not in ("packed", "paper"):
             raise ValueError(f"data.layout={cfg.layout!r}: use packed or paper")
         self.source, self.seq_len, self.layout = source, cfg.seq_len, cfg.layout
@@ -214,7 +259,11 @@ class TokenRows(IterableDataset):
         self.state = NodeState()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "docs": self.state.docs, "carry": list(self.state.carry or [])}
+        return {
+            "epoch": self.state.epoch,
+            "docs": self.state.docs,
+            "carry": list(self.state.carry or []),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.state = NodeState(state["epoch"], state["docs"], list(state["carry"]))
@@ -250,6 +299,7 @@ class TokenRows(IterableDataset):
                 raise ValueError(
                     f"data node {node} of {num_nodes} received no documents: the corpus is empty "
                     "or has fewer documents than world_size x data.num_workers"
+                    + self.source.empty_hint
                 )
             log.info("data node %d finished epoch %d after %d documents", node, st.epoch, st.docs)
             st.epoch, st.docs = st.epoch + 1, 0
@@ -271,20 +321,34 @@ class TokenRows(IterableDataset):
             )
 
 
-def train_loader(cfg: DataConfig, tokenizer: Tokenizer, model_vocab: int, micro_batch: int,
-                 rank: int, world_size: int) -> StatefulDataLoader:
-    rows = TokenRows(document_source(cfg, tokenizer, "train"), cfg, tokenizer, model_vocab,
-                     rank, world_size)
-    return StatefulDataLoader(rows, batch_size=micro_batch, num_workers=cfg.num_workers,
-                              persistent_workers=False, in_order=True)
+def train_loader(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    model_vocab: int,
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+) -> StatefulDataLoader:
+    rows = TokenRows(
+        document_source(cfg, tokenizer, "train"), cfg, tokenizer, model_vocab, rank, world_size
+    )
+    return StatefulDataLoader(
+        rows,
+        batch_size=micro_batch,
+        num_workers=cfg.num_workers,
+        persistent_workers=False,
+        in_order=True,
+    )
 
 
-def validation_rows(cfg: DataConfig, tokenizer: Tokenizer, model_vocab: int,
-                    token_budget: int) -> dict[str, torch.Tensor]:
+def validation_rows(
+    cfg: DataConfig, tokenizer: Tokenizer, model_vocab: int, token_budget: int
+) -> dict[str, torch.Tensor]:
     """The evaluation set: the first rows of the held-out split until ``token_budget`` non-pad
     tokens, read by a single node so it is identical for every world size (unlike the papers')."""
-    rows = TokenRows(document_source(cfg, tokenizer, "validation"), cfg, tokenizer, model_vocab,
-                     epochs=False)
+    rows = TokenRows(
+        document_source(cfg, tokenizer, "validation"), cfg, tokenizer, model_vocab, epochs=False
+    )
     inputs, labels, tokens = [], [], 0
     for row in rows:
         inputs.append(row["input_ids"])
@@ -297,11 +361,15 @@ def validation_rows(cfg: DataConfig, tokenizer: Tokenizer, model_vocab: int,
             "the validation split has no documents; set data.val_path or lower data.val_docs"
         )
     if tokens < token_budget:
-        log.warning("validation split holds %d tokens, fewer than eval.tokens=%d", tokens, token_budget)
+        log.warning(
+            "validation split holds %d tokens, fewer than eval.tokens=%d", tokens, token_budget
+        )
     return {"input_ids": torch.stack(inputs), "labels": torch.stack(labels)}
 
 
-def source_entropy(cfg: DataConfig, tokenizer: Tokenizer, val: dict[str, torch.Tensor]) -> float | None:
+def source_entropy(
+    cfg: DataConfig, tokenizer: Tokenizer, val: dict[str, torch.Tensor]
+) -> float | None:
     """Bayes-optimal loss (nats/token) on the evaluation set, when the source is known."""
     if not isinstance(tokenizer, BuiltinTokenizer):
         return None

@@ -40,7 +40,9 @@ def init(device: str = "auto") -> DistInfo:
         raise ValueError(f"trainer.device={device!r}: use auto, cpu or cuda")
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+            raise RuntimeError(
+                "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu"
+            )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

@@ -20,9 +20,16 @@ from llm_pretrain.model import IGNORE_INDEX
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val: dict[str, torch.Tensor], batch_size: int, device: torch.device,
-             rank: int = 0, world_size: int = 1, compat: str = "none",
-             autocast: torch.autocast | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    val: dict[str, torch.Tensor],
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    compat: str = "none",
+    autocast: torch.autocast | None = None,
+) -> dict[str, float]:
     if compat not in ("none", "galore"):
         raise ValueError(f"eval.compat={compat!r}: use none or galore")
     was_training = model.training

@@ -24,14 +24,19 @@ def _clean(value: Any) -> Any:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path | None, cfg: LoggerConfig | None = None,
-                 config: dict | None = None, run_name: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path | None,
+        cfg: LoggerConfig | None = None,
+        config: dict | None = None,
+        run_name: str | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.wandb_run = None
         if run_dir is None:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         if cfg is not None and cfg.wandb:
             self.wandb_run = _start_wandb(cfg, run_dir, config or {}, run_name)
 
@@ -44,8 +49,9 @@ class RunLogger:
             return
         self._metrics.write(json.dumps(_clean(record)) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"},
-                               step=int(record["step"]))
+            self.wandb_run.log(
+                {k: v for k, v in record.items() if k != "step"}, step=int(record["step"])
+            )
 
     def summary(self, summary: dict[str, Any]) -> None:
         if not self.enabled:
@@ -80,9 +86,17 @@ def _start_wandb(cfg: LoggerConfig, run_dir: Path, config: dict, run_name: str |
         import wandb
     except ImportError as e:
         raise ImportError("logger.wandb=true needs wandb: pip install -e '.[wandb]'") from e
-    run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
-                     name=run_name, mode=cfg.mode, dir=str(run_dir), config=config,
-                     job_type="train")
+    run = wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        group=cfg.group,
+        tags=list(cfg.tags),
+        name=run_name,
+        mode=cfg.mode,
+        dir=str(run_dir),
+        config=config,
+        job_type="train",
+    )
     run.define_metric("train/tokens_seen")
     run.define_metric("eval/ppl", summary="min")
     return run

@@ -63,8 +63,12 @@ class SavedTensorCounter:
         self._ctx.__exit__(*exc)
 
 
-def activation_bytes(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                     autocast: torch.autocast | None = None) -> int:
+def activation_bytes(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: torch.autocast | None = None,
+) -> int:
     """Bytes saved for backward by one forward pass of ``model`` on this micro-batch.
 
     Runs forward and backward once and zeroes the gradients afterwards, so it changes nothing.

@@ -80,9 +80,14 @@ class Attention(nn.Module):
     def _use_flash(self, q: torch.Tensor) -> bool:
         if self.backend == "sdpa":
             return False
-        usable = flash_attn_func is not None and q.is_cuda and q.dtype in (
-            torch.float16,
-            torch.bfloat16,
+        usable = (
+            flash_attn_func is not None
+            and q.is_cuda
+            and q.dtype
+            in (
+                torch.float16,
+                torch.bfloat16,
+            )
         )
         if self.backend == "flash" and not usable:
             raise RuntimeError(
@@ -155,10 +160,11 @@ class Llama(nn.Module):
         """Logits, or the next-token loss when ``labels`` are given.
 
         ``labels`` are aligned with ``input_ids`` (the shift happens here, as in HF); positions
-        equal to -100 are ignored. ``reduction="sum"`` lets the caller weight by its own token count.
+        equal to -100 are ignored. ``reduction="sum"`` lets the caller weight by its own token
+        count.
         """
         T = input_ids.shape[1]
-        if T > self.cfg.max_position_embeddings:
+        if self.cfg.max_position_embeddings < T:
             raise ValueError(
                 f"sequence length {T} exceeds model.max_position_embeddings="
                 f"{self.cfg.max_position_embeddings}; lower data.seq_len"
@@ -184,7 +190,7 @@ class Llama(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 N (non-embedding + lm_head) + attention (torchtitan's rule)."""
+        """Training FLOPs per token: 6 N (all but the embedding) + attention (torchtitan's rule)."""
         c = self.cfg
         n = self.num_params() - self.model.embed_tokens.weight.numel()
         return 6.0 * n + 12.0 * c.num_layers * c.hidden_size * seq_len

@@ -27,16 +27,26 @@ def format_summary(s: dict[str, Any]) -> str:
     rows = [
         ("model / optimizer", f"{s['model']} ({s['params'] / 1e6:.2f}M params) / {s['optimizer']}"),
         ("val ppl (start -> end)" if ev["initial_ppl"] is not None else "val ppl", ppl),
-        ("val loss", f"{ev['final_loss']:.4f} nats/token over {ev['tokens']:,} tokens"
-         + (" (galore-compat estimator)" if ev["compat"] == "galore" else "")),
+        (
+            "val loss",
+            f"{ev['final_loss']:.4f} nats/token over {ev['tokens']:,} tokens"
+            + (" (galore-compat estimator)" if ev["compat"] == "galore" else ""),
+        ),
     ]
     if ev["source_entropy"] is not None:
-        rows.append(("source entropy (optimum)", f"{ev['source_entropy']:.4f} nats/token, gap "
-                     f"{ev['gap_to_entropy']:+.4f}"))
+        rows.append(
+            (
+                "source entropy (optimum)",
+                f"{ev['source_entropy']:.4f} nats/token, gap {ev['gap_to_entropy']:+.4f}",
+            )
+        )
     rows += [
         ("steps / tokens seen", f"{s['steps']:,} / {s['tokens_seen']:,}"),
-        ("tokens/s", f"{s['tokens_per_s']:,.0f} ({s['world_size']} rank(s), {s['precision']})"
-         + (f", MFU {s['mfu']:.1%}" if s.get("mfu") else "")),
+        (
+            "tokens/s",
+            f"{s['tokens_per_s']:,.0f} ({s['world_size']} rank(s), {s['precision']})"
+            + (f", MFU {s['mfu']:.1%}" if s.get("mfu") else ""),
+        ),
         ("time outside fwd/bwd/step", f"{tm['overhead_fraction']:.1%} (data + logging)"),
         ("wall time", _duration(s["wall_time_s"])),
         ("memory: weights", _mib(mem["weights"])),
@@ -45,16 +55,26 @@ def format_summary(s: dict[str, Any]) -> str:
         ("memory: activations", _mib(mem["activations"]) + " (saved for backward, 1 micro-batch)"),
     ]
     if mem.get("cuda_peak_allocated") is not None:
-        rows.append(("memory: CUDA peak", f"{_mib(mem['cuda_peak_allocated'])} allocated, "
-                     f"{_mib(mem['cuda_peak_reserved'])} reserved"))
+        rows.append(
+            (
+                "memory: CUDA peak",
+                f"{_mib(mem['cuda_peak_allocated'])} allocated, "
+                f"{_mib(mem['cuda_peak_reserved'])} reserved",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 50)
     body = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
     return f"\n{line}\nrun summary  ({s['run_dir']})\n{line}\n{body}\n{line}"
 
 
-def sweep_row(cfg: DictConfig, run_dir: Path, summary: dict[str, Any] | None,
-              overrides: list[str] | None = None, error: str | None = None) -> dict[str, Any]:
+def sweep_row(
+    cfg: DictConfig,
+    run_dir: Path,
+    summary: dict[str, Any] | None,
+    overrides: list[str] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
     """One row of a sweep's ``results.jsonl``; a failed job still gets a row, with its error."""
     row: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -73,6 +93,15 @@ def sweep_row(cfg: DictConfig, run_dir: Path, summary: dict[str, Any] | None,
         "tokens_seen": summary["tokens_seen"],
         "tokens_per_s": summary["tokens_per_s"],
         "wall_time_s": summary["wall_time_s"],
-        "memory": {k: mem[k] for k in ("weights", "gradients", "optimizer_state", "activations",
-                                       "cuda_peak_allocated", "cuda_peak_reserved")},
+        "memory": {
+            k: mem[k]
+            for k in (
+                "weights",
+                "gradients",
+                "optimizer_state",
+                "activations",
+                "cuda_peak_allocated",
+                "cuda_peak_reserved",
+            )
+        },
     }

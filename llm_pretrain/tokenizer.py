@@ -79,15 +79,17 @@ class HFTokenizer:
         eos = eos or next((t for t in EOS_CANDIDATES if t in vocab), None)
         if eos is None or eos not in vocab:
             raise ValueError(
-                f"data.tokenizer={where}: cannot find an EOS token (tried {eos or EOS_CANDIDATES}); "
+                f"data.tokenizer={where}: no EOS token (tried {eos or EOS_CANDIDATES}); "
                 "add eos_token to tokenizer_config.json beside tokenizer.json"
             )
         self.eos_id = vocab[eos]
         pad = pad or next((t for t in PAD_CANDIDATES if t in vocab), None)
-        self.pad_id = vocab[pad] if pad in vocab else self.eos_id
+        self.pad_id = vocab.get(pad, self.eos_id)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids + [self.eos_id] for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        return [
+            e.ids + [self.eos_id] for e in self.tok.encode_batch(texts, add_special_tokens=False)
+        ]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids))

@@ -51,7 +51,9 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
-        return "bf16_autocast" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return (
+            "bf16_autocast" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        )
     if precision not in ("fp32", "bf16_autocast", "bf16"):
         raise ValueError(f"trainer.precision={precision!r}: use auto, fp32, bf16_autocast or bf16")
     return precision
@@ -111,7 +113,9 @@ class PhaseTimer:
         self._t = now
 
     def summary(self) -> dict[str, float]:
-        step = sum(self.totals.get(k, 0.0) for k in ("data", "forward_backward", "optimizer", "logging"))
+        step = sum(
+            self.totals.get(k, 0.0) for k in ("data", "forward_backward", "optimizer", "logging")
+        )
         out = {f"{k}_s": round(v, 3) for k, v in self.totals.items()}
         out["overhead_fraction"] = (
             (self.totals.get("data", 0.0) + self.totals.get("logging", 0.0)) / step if step else 0.0
@@ -119,7 +123,9 @@ class PhaseTimer:
         return out
 
 
-def mfu(model, seq_len: int, tokens_per_s: float, device: torch.device, precision: str) -> float | None:
+def mfu(
+    model, seq_len: int, tokens_per_s: float, device: torch.device, precision: str
+) -> float | None:
     if device.type != "cuda" or precision == "fp32":
         return None
     name = torch.cuda.get_device_name(device)
@@ -146,14 +152,21 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     tc = cfg.trainer
     accum = check_config(cfg, di.world_size)
     precision = resolve_precision(tc.precision, di.device)
-    autocast = (torch.autocast(di.device.type, dtype=torch.bfloat16)
-                if precision == "bf16_autocast" else None)
+    autocast = (
+        torch.autocast(di.device.type, dtype=torch.bfloat16)
+        if precision == "bf16_autocast"
+        else None
+    )
     torch.manual_seed(tc.seed)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, data.builtin_spec(cfg.data))
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        log.warning("tokenizer has %d ids but model.vocab_size=%d: a document with a larger id "
-                    "stops the run", tokenizer.vocab_size, cfg.model.vocab_size)
+        log.warning(
+            "tokenizer has %d ids but model.vocab_size=%d: a document with a larger id "
+            "stops the run",
+            tokenizer.vocab_size,
+            cfg.model.vocab_size,
+        )
     model = build_model(cfg.model, di.device)
     if precision == "bf16":
         model.to(torch.bfloat16)
@@ -162,14 +175,18 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             block.compile()
     optimizer = optimizers.build(cfg.optimizer, model)
     scheduler = build_scheduler(optimizer, tc)
-    loader = data.train_loader(cfg.data, tokenizer, cfg.model.vocab_size, tc.micro_batch_size,
-                               di.rank, di.world_size)
+    loader = data.train_loader(
+        cfg.data, tokenizer, cfg.model.vocab_size, tc.micro_batch_size, di.rank, di.world_size
+    )
     val = data.validation_rows(cfg.data, tokenizer, cfg.model.vocab_size, cfg.eval.tokens)
     entropy = data.source_entropy(cfg.data, tokenizer, val)
 
     memory = MemoryReport()
-    probe = val["input_ids"][: tc.micro_batch_size].repeat(
-        -(-tc.micro_batch_size // len(val["input_ids"])), 1)[: tc.micro_batch_size].to(di.device)
+    probe = (
+        val["input_ids"][: tc.micro_batch_size]
+        .repeat(-(-tc.micro_batch_size // len(val["input_ids"])), 1)[: tc.micro_batch_size]
+        .to(di.device)
+    )
     memory.activations = activation_bytes(model, probe, probe, autocast)
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(di.device)
@@ -179,14 +196,24 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     if di.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         n = model.num_params()
-        log.info("model %s: %.2fM parameters (%.2fM outside embeddings); %d rank(s), %d "
-                 "micro-batch(es) of %d per step, precision %s, run dir %s", cfg.model.name, n / 1e6,
-                 model.num_params(non_embedding=True) / 1e6, di.world_size, accum,
-                 tc.micro_batch_size, precision, run_dir)
+        log.info(
+            "model %s: %.2fM parameters (%.2fM outside embeddings); %d rank(s), %d "
+            "micro-batch(es) of %d per step, precision %s, run dir %s",
+            cfg.model.name,
+            n / 1e6,
+            model.num_params(non_embedding=True) / 1e6,
+            di.world_size,
+            accum,
+            tc.micro_batch_size,
+            precision,
+            run_dir,
+        )
 
     step, tokens_seen, prior_wall = 0, 0, 0.0
     fp = fingerprint(cfg, di.world_size, precision)
-    resume_from = checkpoint.resolve(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
+    resume_from = (
+        checkpoint.resolve(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
+    )
     if resume_from is not None:
         state = checkpoint.load(resume_from)
         checkpoint.check_compatible(state["fingerprint"], fp, resume_from)
@@ -199,34 +226,64 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
         if di.is_main:
             log.info("resumed from %s at step %d (%d tokens seen)", resume_from, step, tokens_seen)
 
-    train_model = (DDP(model, gradient_as_bucket_view=True, broadcast_buffers=False)
-                   if di.world_size > 1 else model)
+    train_model = (
+        DDP(model, gradient_as_bucket_view=True, broadcast_buffers=False)
+        if di.world_size > 1
+        else model
+    )
 
     def run_eval() -> dict[str, float]:
-        return evaluate(model, val, cfg.eval.batch_size, di.device, di.rank, di.world_size,
-                        cfg.eval.compat, autocast)
+        return evaluate(
+            model,
+            val,
+            cfg.eval.batch_size,
+            di.device,
+            di.rank,
+            di.world_size,
+            cfg.eval.compat,
+            autocast,
+        )
 
     initial = run_eval() if tc.eval_at_start and step == 0 else None
     if initial is not None:
-        logger.log({"step": 0, "eval/loss": initial["loss"], "eval/ppl": initial["ppl"],
-                    "eval/tokens": initial["tokens"]})
+        logger.log(
+            {
+                "step": 0,
+                "eval/loss": initial["loss"],
+                "eval/ppl": initial["ppl"],
+                "eval/tokens": initial["tokens"],
+            }
+        )
 
     def save_checkpoint() -> None:
         states = distributed.gather_objects((loader.state_dict(), checkpoint.rng_state()))
         if di.is_main:
-            path = checkpoint.save(checkpoint.checkpoint_path(run_dir, step), {
-                "step": step, "tokens_seen": tokens_seen,
-                "wall_time_s": prior_wall + time.perf_counter() - t_start,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "data": [s[0] for s in states],
-                "rng": [s[1] for s in states], "fingerprint": fp,
-            })
+            path = checkpoint.save(
+                checkpoint.checkpoint_path(run_dir, step),
+                {
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "wall_time_s": prior_wall + time.perf_counter() - t_start,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "data": [s[0] for s in states],
+                    "rng": [s[1] for s in states],
+                    "fingerprint": fp,
+                },
+            )
             checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
             log.info("saved %s", path)
 
     show_bar = tc.progress and di.is_main and sys.stderr.isatty()
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not show_bar, dynamic_ncols=True,
-               unit="step", mininterval=0.5)
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=step,
+        disable=not show_bar,
+        dynamic_ncols=True,
+        unit="step",
+        mininterval=0.5,
+    )
     timer = PhaseTimer(di.device, tc.phase_timing)
     params = [p for p in model.parameters() if p.requires_grad]
     window_tokens, window_start = 0, time.perf_counter()
@@ -235,9 +292,14 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     train_model.train()
     while step < tc.max_steps:
         micro = [next(batches) for _ in range(accum)]
-        counts = torch.tensor([sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro),
-                               sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro)],
-                              dtype=torch.float64, device=di.device)
+        counts = torch.tensor(
+            [
+                sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro),
+                sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro),
+            ],
+            dtype=torch.float64,
+            device=di.device,
+        )
         label_tokens, input_tokens = (float(x) for x in distributed.all_reduce(counts).cpu())
         timer.mark("data")
 
@@ -254,8 +316,9 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             loss_sum += s.detach().double()
         timer.mark("forward_backward")
 
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                     if tc.grad_clip > 0 else None)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else None
+        )
         optimizer.step()
         scheduler.step()
         if memory.weights == 0:  # first step of this process: state now exists
@@ -273,15 +336,26 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             now = time.perf_counter()
             tps = window_tokens / (now - window_start)
             window_tokens, window_start = 0, now
-            record = {"step": step, "train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
-                      "train/tokens_seen": tokens_seen, "train/tokens_per_s": tps}
+            record = {
+                "step": step,
+                "train/loss": loss,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/tokens_seen": tokens_seen,
+                "train/tokens_per_s": tps,
+            }
             if grad_norm is not None:
                 record["train/grad_norm"] = float(grad_norm)
             logger.log(record)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['train/lr']:.2e}", tok_s=f"{tps:,.0f}")
             if di.is_main and not show_bar:
-                log.info("step %d/%d loss %.4f lr %.3e tok/s %.0f", step, tc.max_steps, loss,
-                         record["train/lr"], tps)
+                log.info(
+                    "step %d/%d loss %.4f lr %.3e tok/s %.0f",
+                    step,
+                    tc.max_steps,
+                    loss,
+                    record["train/lr"],
+                    tps,
+                )
         timer.mark("logging")
 
         stop = tc.max_time_s > 0 and time.perf_counter() - t_start > tc.max_time_s
@@ -290,7 +364,9 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             last_eval = run_eval()
             logger.log({"step": step, "eval/loss": last_eval["loss"], "eval/ppl": last_eval["ppl"]})
             if di.is_main and not show_bar:
-                log.info("step %d eval loss %.4f ppl %.2f", step, last_eval["loss"], last_eval["ppl"])
+                log.info(
+                    "step %d eval loss %.4f ppl %.2f", step, last_eval["loss"], last_eval["ppl"]
+                )
         timer.mark("eval")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save_checkpoint()
@@ -305,8 +381,14 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     if cfg.checkpoint.at_end and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
         save_checkpoint()
     final = run_eval()
-    logger.log({"step": step, "eval/loss": final["loss"], "eval/ppl": final["ppl"],
-                "eval/tokens": final["tokens"]})
+    logger.log(
+        {
+            "step": step,
+            "eval/loss": final["loss"],
+            "eval/ppl": final["ppl"],
+            "eval/tokens": final["tokens"],
+        }
+    )
     memory.measure_cuda_peaks(di.device)
     tokens_per_s = loop_tokens / train_time if train_time > 0 else 0.0
     summary = {
@@ -358,8 +440,10 @@ def hydra_main(cfg: DictConfig) -> float:
     sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     summary = train(cfg, Path(hc.runtime.output_dir), sweep_dir)
     if sweep_dir is not None and distributed.launched_rank() == 0:
-        _append_row(sweep_dir, sweep_row(cfg, Path(summary["run_dir"]), summary,
-                                         overrides=list(hc.overrides.task)))
+        _append_row(
+            sweep_dir,
+            sweep_row(cfg, Path(summary["run_dir"]), summary, overrides=list(hc.overrides.task)),
+        )
     return summary["eval"]["final_loss"]
 
 
@@ -368,11 +452,17 @@ def _argv_for_rank(argv: list[str], rank: int) -> list[str]:
     if rank == 0:
         return argv
     if any(a in ("-m", "--multirun") for a in argv):
-        raise SystemExit("multirun (-m) under torchrun is not supported: run the sweep without "
-                         "torchrun, or launch each point with torchrun")
+        raise SystemExit(
+            "multirun (-m) under torchrun is not supported: run the sweep without "
+            "torchrun, or launch each point with torchrun"
+        )
     kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
-    return kept + ["hydra.run.dir=.", "hydra.output_subdir=null",
-                   "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return kept + [
+        "hydra.run.dir=.",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+    ]
 
 
 def main() -> None:

@@ -27,8 +27,12 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 @register("adamw")
 def build_adamw(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
-    impl = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
-            "for_loop": {"foreach": False}}
+    impl = {
+        "auto": {},
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+        "for_loop": {"foreach": False},
+    }
     if cfg.implementation not in impl:
         raise ValueError(
             f"optimizer.implementation={cfg.implementation!r}: use auto, foreach, fused or for_loop"
@@ -37,14 +41,19 @@ def build_adamw(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer
         raise ValueError(f"optimizer.betas={list(cfg.betas)} must have two values")
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
         **impl[cfg.implementation],
     )
 
 
 def build(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.name not in REGISTRY:
-        raise ValueError(f"optimizer.name={cfg.name!r} is not registered; known: {sorted(REGISTRY)}")
+        raise ValueError(
+            f"optimizer.name={cfg.name!r} is not registered; known: {sorted(REGISTRY)}"
+        )
     if cfg.lr <= 0:
         raise ValueError(f"optimizer.lr={cfg.lr} must be positive")
     return REGISTRY[cfg.name](cfg, model)

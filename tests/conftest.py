@@ -1,0 +1,60 @@
+"""Shared fixtures: the repository's shared data, Hydra composition and a tiny training config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from llm_pretrain.config import register_configs
+from llm_pretrain.train import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LLM_PRETRAIN_SHARED_DATA", REPO.parent / "shared" / "data"))
+C4_SAMPLE = SHARED_DATA / "c4" / "c4_en_sample_2000.jsonl.gz"
+T5_SPIECE = SHARED_DATA / "t5_tokenizer" / "spiece.model"
+
+# A model and batch small enough that a training step takes milliseconds on a CPU.
+TINY = [
+    "model=llama_tiny",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "data.seq_len=32",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=4",
+    "trainer.warmup_steps=2",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.progress=false",
+    "eval.tokens=1000",
+    "eval.batch_size=8",
+]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not C4_SAMPLE.is_file() or not T5_SPIECE.is_file():
+        pytest.fail(f"shared test data missing under {SHARED_DATA} (set LLM_PRETRAIN_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def compose_cfg(overrides: list[str]):
+    """The config ``python -m llm_pretrain.train <overrides>`` would see."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300,
+            module: str = "llm_pretrain.train") -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
