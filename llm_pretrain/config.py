@@ -6,10 +6,10 @@ of the wrong type fails at composition time with Hydra's own message, before any
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -64,6 +64,7 @@ class OptimizerConfig:
 
 @dataclass
 class TrainerConfig:
+    lr: float | None = None  # peak lr; null: the optimizer config's own (its paper default)
     max_steps: int = 1000
     global_batch_size: int = 64  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 16  # sequences per forward pass on one rank
@@ -118,6 +119,22 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run_name: str | None = None
+
+
+def check_known_keys(cfg: DictConfig, path: str = "") -> None:
+    """Refuse keys the schema does not define, including ones added with Hydra's ``+key=``."""
+    schema = OmegaConf.get_type(cfg)
+    if is_dataclass(schema):
+        unknown = sorted(set(cfg.keys()) - {f.name for f in fields(schema)})
+        if unknown:
+            raise ValueError(
+                f"unknown config key {path}{unknown[0]} (not in {schema.__name__}); check the "
+                "spelling against conf/ and llm_pretrain/config.py"
+            )
+    for key in cfg.keys():
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig):
+            check_known_keys(child, f"{path}{key}.")
 
 
 def register_configs() -> None:

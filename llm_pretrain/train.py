@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import optimizers
 from llm_pretrain import checkpoint, data, distributed
-from llm_pretrain.config import register_configs
+from llm_pretrain.config import check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
 from llm_pretrain.loggers import RunLogger
 from llm_pretrain.memory import MemoryReport, activation_bytes
@@ -149,7 +149,10 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict
 
 def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str, Any]:
     t_start = time.perf_counter()
+    check_known_keys(cfg)
     tc = cfg.trainer
+    if tc.lr is not None:
+        cfg.optimizer.lr = tc.lr
     accum = check_config(cfg, di.world_size)
     precision = resolve_precision(tc.precision, di.device)
     autocast = (

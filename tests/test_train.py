@@ -1,0 +1,188 @@
+"""End-to-end training: learning, exact resume, sweeps, bad input, logging."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from llm_pretrain import checkpoint
+from llm_pretrain.train import train
+from tests.conftest import REPO, TINY, compose_cfg, run_cli
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def test_tiny_run_learns_and_writes_outputs(tmp_path):
+    cfg = compose_cfg([*TINY, "trainer.max_steps=60", "optimizer.lr=0.01",
+                       "trainer.warmup_steps=5"])
+    s = train(cfg, tmp_path)
+    assert s["eval"]["final_ppl"] < 0.3 * s["eval"]["initial_ppl"]
+    assert s["eval"]["final_loss"] > s["eval"]["source_entropy"]  # nobody beats the source
+    assert s["tokens_seen"] == 60 * 8 * 32
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["eval"]["final_ppl"] == pytest.approx(s["eval"]["final_ppl"])
+    assert len(losses(tmp_path)) == 60
+    mem = s["memory"]
+    n_params = s["params"]
+    assert mem["weights"] == mem["gradients"] == 4 * n_params
+    # AdamW: two fp32 moments per parameter plus one fp32 step counter per tensor.
+    assert mem["optimizer_state_by_category"]["moments"] == 8 * n_params
+    assert mem["activations"] > 0
+    assert 0 <= s["timing"]["overhead_fraction"] < 1
+
+
+@pytest.mark.parametrize("extra", [
+    [],  # built-in corpus, packed rows, main-process loading
+    ["data=files", "data.path={c4}", "data.tokenizer={spiece}", "data.layout=paper",
+     "data.val_docs=20", "data.num_workers=2", "model.vocab_size=32000"],
+])
+def test_resume_is_exact(tmp_path, shared_data, extra):
+    extra = [e.format(c4=shared_data / "c4" / "c4_en_sample_2000.jsonl.gz",
+                      spiece=shared_data / "t5_tokenizer" / "spiece.model") for e in extra]
+    base = [*TINY, "trainer.max_steps=8", "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=2", *extra]
+    straight = losses_of(tmp_path / "straight", base)
+    saving = losses_of(tmp_path / "saving", [*base, "checkpoint.every=4"])
+    ckpt = tmp_path / "saving" / "checkpoints" / "step_00000004.pt"
+    assert ckpt.is_file()
+    resumed = losses_of(tmp_path / "resumed", [*base, f"checkpoint.resume={ckpt}"])
+    assert len(straight) == 8 and len(resumed) == 4
+    assert saving == straight
+    assert resumed == straight[4:]  # bit-identical, not approximately equal
+
+
+def losses_of(run_dir, overrides):
+    train(compose_cfg(overrides), run_dir)
+    return losses(run_dir)
+
+
+def test_resume_auto_and_refusals(tmp_path):
+    base = [*TINY, "trainer.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=1"]
+    train(compose_cfg(base), tmp_path / "a")
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "a" / "checkpoints")] == [
+        "step_00000004.pt"]
+    # auto: continue the run in the same directory where it stopped (e.g. after a requeue)
+    s = train(compose_cfg([*base, "trainer.max_steps=6", "checkpoint.resume=auto"]), tmp_path / "a")
+    assert s["steps"] == 6
+    with pytest.raises(checkpoint.CheckpointError, match="different configuration.*model"):
+        train(compose_cfg([*base, "model.hidden_size=48", f"checkpoint.resume={tmp_path / 'a'}"]),
+              tmp_path / "b")
+    bad = tmp_path / "corrupt.pt"
+    good = tmp_path / "a" / "checkpoints" / "step_00000006.pt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):
+        train(compose_cfg([*base, f"checkpoint.resume={bad}"]), tmp_path / "c")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not an llm_pretrain checkpoint"):
+        train(compose_cfg([*base, f"checkpoint.resume={tmp_path / 'other.pt'}"]), tmp_path / "d")
+    with pytest.raises(checkpoint.CheckpointError, match="no such file"):
+        train(compose_cfg([*base, "checkpoint.resume=/nope.pt"]), tmp_path / "e")
+
+
+def test_checkpoint_save_is_atomic_and_weights_only(tmp_path):
+    path = checkpoint.save(tmp_path / "step_00000001.pt", {"x": torch.ones(2), "n": 3,
+                                                           "rng": checkpoint.rng_state()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]  # no temp left
+    loaded = checkpoint.load(path)
+    assert loaded["n"] == 3 and torch.equal(loaded["x"], torch.ones(2))
+    checkpoint.set_rng_state(loaded["rng"])
+    a = torch.rand(3)
+    checkpoint.set_rng_state(loaded["rng"])
+    assert torch.equal(a, torch.rand(3))
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (["trainer.global_batch_size=10"], ValueError,
+     r"trainer.global_batch_size=10 is not divisible by world_size \(1\) x "
+     r"trainer.micro_batch_size \(4\) = 4"),
+    (["data.seq_len=2048"], ValueError,
+     "data.seq_len=2048 exceeds model.max_position_embeddings=1024 of llama_tiny"),
+    (["data=files", "data.tokenizer=builtin", "data.path=/no/such/*.jsonl"], FileNotFoundError,
+     "data.path=/no/such/.*no file matches"),
+    (["trainer.precision=fp16"], ValueError, "trainer.precision='fp16'"),
+    (["optimizer.name=sgdx"], ValueError, "optimizer.name='sgdx' is not registered"),
+])
+def test_bad_input_is_explained(tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        train(compose_cfg([*TINY, "trainer.max_steps=1", *overrides]), tmp_path)
+
+
+def test_config_typos_fail_at_composition():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(["trainer.max_step=5"])
+    assert "Key 'max_step' not in 'TrainerConfig'" in str(e.value.__cause__)
+    with pytest.raises(ValueError, match=r"unknown config key trainer.max_step \(not in Trai"):
+        train(compose_cfg([*TINY, "+trainer.max_step=5"]), Path("unused"))  # Hydra allows "+"
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(["trainer.max_steps=many"])
+    assert isinstance(e.value.__cause__, ValidationError)
+    with pytest.raises(ConfigCompositionException, match="Could not find 'model/llama_5m'"):
+        compose_cfg(["model=llama_5m"])
+
+
+def test_cli_default_job_shape_and_summary(tmp_path):
+    """The default command, shortened: progress lines, eval, and the summary table."""
+    out = run_cli([*TINY, "trainer.max_steps=12", "trainer.log_every=4",
+                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "run summary" in out.stdout
+    for key in ("val ppl (start -> end)", "tokens seen", "tokens/s", "memory: weights",
+                "memory: gradients", "memory: optimizer state", "memory: activations",
+                "source entropy"):
+        assert key in out.stdout
+    assert "step 12/12 loss" in out.stderr + out.stdout
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_cli_unknown_model_names_the_options(tmp_path):
+    out = run_cli(["model=llama_5m"], cwd=tmp_path)
+    assert out.returncode != 0
+    assert "Could not find 'model/llama_5m'" in out.stderr and "llama_60m" in out.stderr
+
+
+def test_multirun_appends_one_row_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_cli(["-m", *TINY, "trainer.max_steps=3", "trainer.lr=1e-3,3e-3",
+                   f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    assert sorted(r["config"]["optimizer"]["lr"] for r in rows) == [1e-3, 3e-3]
+    for r in rows:
+        assert r["status"] == "ok" and math.isfinite(r["final_val_ppl"])
+        assert r["tokens_seen"] == 3 * 8 * 32 and r["memory"]["weights"] > 0
+        assert Path(r["run_dir"]).parent == sweep
+
+
+def test_failed_sweep_job_still_gets_a_row(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_cli(["-m", *TINY, "trainer.max_steps=2", "trainer.global_batch_size=8,6",
+                   f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert out.returncode != 0
+    rows = [json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert "not divisible" in rows[1]["error"]
+
+
+def test_wandb_offline_logs_config_metrics_and_summary(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    s = train(compose_cfg([*TINY, "trainer.max_steps=3", "logger=wandb"]), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb"))  # the offline run file `wandb sync` uploads
+    assert s["status"] == "ok"
+
+
+def test_readme_starts_with_the_two_commands():
+    head = "\n".join((REPO / "README.md").read_text().splitlines()[:60])
+    assert "make run" in head and "make test" in head
+    assert (REPO / ".ci" / "run").read_text().strip().endswith("make test")
