@@ -26,8 +26,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Throughput of llama_20m on the shared C4 sample (docs/benchmarks.md); slow, not part of tests.
+SHARED ?= ../shared/data
+BENCH_20M := model=llama_20m data=files data.path=$(SHARED)/c4/c4_en_sample_2000.jsonl.gz \
+	data.tokenizer=$(SHARED)/t5_tokenizer/spiece.model trainer.max_steps=40 trainer.warmup_steps=4 \
+	trainer.eval_every=0 trainer.eval_at_start=false eval.tokens=20000 trainer.log_every=10
 bench: $(STAMP)
-	$(PY) -m llm_pretrain.bench $(ARGS)
+	$(PY) -m llm_pretrain.train $(BENCH_20M) data.layout=paper hydra.run.dir=outputs/bench/llama_20m_paper
+	$(PY) -m llm_pretrain.train $(BENCH_20M) data.layout=packed hydra.run.dir=outputs/bench/llama_20m_packed
 
 clean:
 	rm -rf outputs multirun .pytest_cache

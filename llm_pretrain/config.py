@@ -131,7 +131,7 @@ def check_known_keys(cfg: DictConfig, path: str = "") -> None:
                 f"unknown config key {path}{unknown[0]} (not in {schema.__name__}); check the "
                 "spelling against conf/ and llm_pretrain/config.py"
             )
-    for key in cfg.keys():
+    for key in cfg:
         child = cfg._get_node(key)
         if isinstance(child, DictConfig):
             check_known_keys(child, f"{path}{key}.")

@@ -293,3 +293,36 @@ class Language:
 
     def encode(self, text: str) -> list[int]:
         return [self.word_ids.get(w, UNK) for w in _WORD_RE.findall(text)]
+
+
+def describe(spec: LanguageSpec = LanguageSpec(), n_docs: int = 2000, seq_len: int = 128) -> dict:
+    """Statistics of a language, for docs and sanity checks (``python -m llm_pretrain.corpus``)."""
+    lang = Language(spec)
+    docs = [lang.document([spec.seed, 1, i]) for i in range(n_docs)]
+    counts = np.bincount(np.concatenate(docs), minlength=spec.vocab_size)
+    freq = np.sort(counts)[::-1][10:1000].astype(float)
+    slope = float(np.polyfit(np.log(np.arange(11, 1001)), np.log(freq + 1e-9), 1)[0])
+    p = counts[counts > 0] / counts.sum()
+    rows = np.zeros((n_docs, seq_len), dtype=np.int64)
+    mask = np.zeros_like(rows, dtype=bool)
+    for r, d in enumerate(docs):
+        d = d[:seq_len]
+        rows[r, : len(d)] = d
+        mask[r, 1 : len(d)] = True
+    nll = lang.optimal_nll(rows, mask, stationary=False)
+    spans = [(1, 8), (8, 32), (32, 64), (64, seq_len)]
+    return {
+        "mean_document_tokens": float(np.mean([len(d) for d in docs])),
+        "zipf_slope": slope,
+        "unigram_entropy": float(-(p * np.log(p)).sum()),
+        "optimal_loss": float(nll.sum() / mask.sum()),
+        "optimal_loss_by_position": {
+            f"{a}-{b - 1}": float(nll[:, a:b].sum() / mask[:, a:b].sum()) for a, b in spans
+        },
+        "sample": lang.decode(docs[0][:40]),
+    }
+
+
+if __name__ == "__main__":
+    for key, value in describe().items():
+        print(f"{key}: {value}")

@@ -211,9 +211,13 @@ def document_source(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Docume
         make = _local_dataset(files, "data.path")
         if split == "validation":  # the first val_docs documents are held out
             return HFDocuments(make, shuffle=False, take=cfg.val_docs, where="data.path", **common)
-        train = HFDocuments(make, shuffle=False, skip_head=cfg.val_docs, where="data.path", **common)
-        train.empty_hint = (f"; data.val_docs={cfg.val_docs} documents are held out for validation "
-                            "when data.val_path is unset: lower data.val_docs or set data.val_path")
+        train = HFDocuments(
+            make, shuffle=False, skip_head=cfg.val_docs, where="data.path", **common
+        )
+        train.empty_hint = (
+            f"; data.val_docs={cfg.val_docs} documents are held out for validation "
+            "when data.val_path is unset: lower data.val_docs or set data.val_path"
+        )
         return train
     if cfg.source == "c4":
         hf_split = "train" if split == "train" else "validation"

@@ -62,6 +62,15 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Sum host-side numbers over ranks; no device round trip when running alone."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not active():
         return obj

@@ -97,6 +97,9 @@ def fingerprint(cfg: DictConfig, world_size: int, precision: str) -> dict[str, A
     }
 
 
+STEP_PHASES = ("data", "forward_backward", "optimizer", "logging")
+
+
 class PhaseTimer:
     """Wall time per phase of a step; syncs the GPU at phase ends when asked to."""
 
@@ -112,10 +115,12 @@ class PhaseTimer:
         self.totals[phase] = self.totals.get(phase, 0.0) + now - self._t
         self._t = now
 
+    def step_seconds(self) -> float:
+        """Time in the phases of a training step (evaluation and checkpoints excluded)."""
+        return sum(self.totals.get(k, 0.0) for k in STEP_PHASES)
+
     def summary(self) -> dict[str, float]:
-        step = sum(
-            self.totals.get(k, 0.0) for k in ("data", "forward_backward", "optimizer", "logging")
-        )
+        step = self.step_seconds()
         out = {f"{k}_s": round(v, 3) for k, v in self.totals.items()}
         out["overhead_fraction"] = (
             (self.totals.get("data", 0.0) + self.totals.get("logging", 0.0)) / step if step else 0.0
@@ -289,21 +294,18 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     )
     timer = PhaseTimer(di.device, tc.phase_timing)
     params = [p for p in model.parameters() if p.requires_grad]
-    window_tokens, window_start = 0, time.perf_counter()
-    loop_start, loop_tokens, last_eval = time.perf_counter(), 0, initial
+    window_tokens, window_seconds, loop_tokens = 0, timer.step_seconds(), 0
     batches = iter(loader)
     train_model.train()
     while step < tc.max_steps:
         micro = [next(batches) for _ in range(accum)]
-        counts = torch.tensor(
+        label_tokens, input_tokens = distributed.sum_over_ranks(
             [
-                sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro),
-                sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro),
+                sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro),
+                sum(float((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro),
             ],
-            dtype=torch.float64,
-            device=di.device,
+            di.device,
         )
-        label_tokens, input_tokens = (float(x) for x in distributed.all_reduce(counts).cpu())
         timer.mark("data")
 
         loss_sum = torch.zeros((), device=di.device, dtype=torch.float64)
@@ -336,9 +338,9 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.max_steps:
             loss = float(distributed.all_reduce(loss_sum).cpu()) / max(label_tokens, 1.0)
-            now = time.perf_counter()
-            tps = window_tokens / (now - window_start)
-            window_tokens, window_start = 0, now
+            # Throughput over training phases only: evals and checkpoints are timed apart.
+            tps = window_tokens / max(timer.step_seconds() - window_seconds, 1e-9)
+            window_tokens, window_seconds = 0, timer.step_seconds()
             record = {
                 "step": step,
                 "train/loss": loss,
@@ -351,35 +353,27 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             logger.log(record)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['train/lr']:.2e}", tok_s=f"{tps:,.0f}")
             if di.is_main and not show_bar:
-                log.info(
-                    "step %d/%d loss %.4f lr %.3e tok/s %.0f",
-                    step,
-                    tc.max_steps,
-                    loss,
-                    record["train/lr"],
-                    tps,
-                )
+                lr = record["train/lr"]
+                log.info(f"step {step}/{tc.max_steps} loss {loss:.4f} lr {lr:.3e} tok/s {tps:.0f}")
         timer.mark("logging")
 
-        stop = tc.max_time_s > 0 and time.perf_counter() - t_start > tc.max_time_s
-        stop = bool(distributed.all_reduce(torch.tensor(float(stop), device=di.device), "max"))
+        stop = False
+        if tc.max_time_s > 0:  # every rank must agree, so rank 0's clock decides
+            stop = distributed.broadcast_object(time.perf_counter() - t_start > tc.max_time_s)
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and not stop:
-            last_eval = run_eval()
-            logger.log({"step": step, "eval/loss": last_eval["loss"], "eval/ppl": last_eval["ppl"]})
+            ev = run_eval()
+            logger.log({"step": step, "eval/loss": ev["loss"], "eval/ppl": ev["ppl"]})
             if di.is_main and not show_bar:
-                log.info(
-                    "step %d eval loss %.4f ppl %.2f", step, last_eval["loss"], last_eval["ppl"]
-                )
+                log.info(f"step {step} eval loss {ev['loss']:.4f} ppl {ev['ppl']:.2f}")
         timer.mark("eval")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save_checkpoint()
         timer.mark("checkpoint")
         if stop:
             if di.is_main:
-                log.info("trainer.max_time_s=%s reached at step %d", tc.max_time_s, step)
+                log.info(f"trainer.max_time_s={tc.max_time_s} reached at step {step}")
             break
     bar.close()
-    train_time = time.perf_counter() - loop_start
 
     if cfg.checkpoint.at_end and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
         save_checkpoint()
@@ -393,7 +387,7 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
         }
     )
     memory.measure_cuda_peaks(di.device)
-    tokens_per_s = loop_tokens / train_time if train_time > 0 else 0.0
+    tokens_per_s = loop_tokens / max(timer.step_seconds(), 1e-9)
     summary = {
         "status": "ok",
         "run_dir": str(run_dir),

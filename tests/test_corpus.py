@@ -19,8 +19,9 @@ def test_documents_are_pure_functions_of_their_seed(lang):
 
 def test_vocabulary_is_zipfian():
     lang = Language(LanguageSpec(seed=3, vocab_size=2048))
-    counts = np.bincount(np.concatenate([lang.document([3, 0, i]) for i in range(1500)]),
-                         minlength=2048)
+    counts = np.bincount(
+        np.concatenate([lang.document([3, 0, i]) for i in range(1500)]), minlength=2048
+    )
     freq = np.sort(counts)[::-1][10:1000].astype(float)
     slope = np.polyfit(np.log(np.arange(11, 1001)), np.log(freq + 1e-9), 1)[0]
     assert -1.3 < slope < -0.7

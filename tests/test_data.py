@@ -43,16 +43,20 @@ def corpora(tmp_path):
     (tmp_path / "all.txt").write_text("\n".join(docs) + "\n")
     for k in range(2):
         pq.write_table(pa.table({"text": docs[k::2]}), tmp_path / f"part{k}.parquet")
-    return {"jsonl": str(tmp_path / "shard*.jsonl.gz"), "txt": str(tmp_path / "all.txt"),
-            "parquet": str(tmp_path / "part*.parquet")}
+    return {
+        "jsonl": str(tmp_path / "shard*.jsonl.gz"),
+        "txt": str(tmp_path / "all.txt"),
+        "parquet": str(tmp_path / "part*.parquet"),
+    }
 
 
 def one_epoch(cfg, tok, world, workers, source=None):
     """Every row each rank's loader yields in one pass over the source, per rank."""
     out = []
     for rank in range(world):
-        rows = TokenRows(source or document_source(cfg, tok, "train"), cfg, tok, 32000, rank, world,
-                         epochs=False)
+        rows = TokenRows(
+            source or document_source(cfg, tok, "train"), cfg, tok, 32000, rank, world, epochs=False
+        )
         loader = StatefulDataLoader(rows, batch_size=1, num_workers=workers)
         out.append([tuple(b["input_ids"][0].tolist()) for b in loader])
     return out
@@ -61,8 +65,15 @@ def one_epoch(cfg, tok, world, workers, source=None):
 @pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet"])
 @pytest.mark.parametrize("world, workers", [(1, 0), (2, 0), (2, 2), (3, 2)])
 def test_files_sharded_exactly_once(corpora, t5, kind, world, workers):
-    cfg = DataConfig(source="files", tokenizer="t5", path=corpora[kind], val_path=corpora[kind],
-                     layout="paper", seq_len=32, shuffle_shards=False)
+    cfg = DataConfig(
+        source="files",
+        tokenizer="t5",
+        path=corpora[kind],
+        val_path=corpora[kind],
+        layout="paper",
+        seq_len=32,
+        shuffle_shards=False,
+    )
     per_rank = one_epoch(cfg, t5, world, workers)
     got = Counter(row for rows in per_rank for row in rows)
     expected = Counter(tuple(r) for r in _paper_rows(t5, texts(), 32))
@@ -138,11 +149,29 @@ def batches(loader, n):
 @pytest.mark.parametrize("source", ["builtin", "files"])
 def test_loader_resumes_exactly(tmp_path, corpora, t5, layout, workers, source):
     if source == "builtin":
-        cfg, tok = DataConfig(source="builtin", tokenizer="builtin", layout=layout, seq_len=24,
-                              num_workers=workers), load_tokenizer("builtin")
+        cfg, tok = (
+            DataConfig(
+                source="builtin",
+                tokenizer="builtin",
+                layout=layout,
+                seq_len=24,
+                num_workers=workers,
+            ),
+            load_tokenizer("builtin"),
+        )
     else:  # 41 short documents: several epochs pass within the test
-        cfg, tok = DataConfig(source="files", tokenizer="t5", path=corpora["jsonl"], val_docs=5,
-                              layout=layout, seq_len=16, num_workers=workers), t5
+        cfg, tok = (
+            DataConfig(
+                source="files",
+                tokenizer="t5",
+                path=corpora["jsonl"],
+                val_docs=5,
+                layout=layout,
+                seq_len=16,
+                num_workers=workers,
+            ),
+            t5,
+        )
     straight = batches(train_loader(cfg, tok, 32000, 3, rank=1, world_size=2), 40)
     first = train_loader(cfg, tok, 32000, 3, rank=1, world_size=2)
     it = iter(first)
@@ -158,11 +187,13 @@ def test_loader_resumes_exactly(tmp_path, corpora, t5, layout, workers, source):
 
 
 def test_files_hold_out_the_first_documents(corpora, t5):
-    cfg = DataConfig(source="files", tokenizer="t5", path=corpora["txt"], val_docs=6,
-                     layout="paper", seq_len=32)
+    cfg = DataConfig(
+        source="files", tokenizer="t5", path=corpora["txt"], val_docs=6, layout="paper", seq_len=32
+    )
     val = validation_rows(cfg, t5, 32000, token_budget=10**9)
-    assert [tuple(r) for r in val["input_ids"].tolist()] == [tuple(r) for r in
-                                                            _paper_rows(t5, texts(0, 6), 32)]
+    assert [tuple(r) for r in val["input_ids"].tolist()] == [
+        tuple(r) for r in _paper_rows(t5, texts(0, 6), 32)
+    ]
     train = Counter(one_epoch(cfg, t5, 1, 0)[0])
     assert train == Counter(tuple(r) for r in _paper_rows(t5, texts(6, N_DOCS), 32))
 
@@ -184,23 +215,33 @@ def test_c4_loader_code_path_on_local_shards(tmp_path, t5):
     (tmp_path / "README.md").write_text(
         "---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n"
         '    path: "en/c4-train.*.json.gz"\n  - split: validation\n'
-        '    path: "en/c4-validation.*.json.gz"\n---\n')
+        '    path: "en/c4-validation.*.json.gz"\n---\n'
+    )
     write_jsonl_gz(tmp_path / "en" / "c4-train.00000-of-00002.json.gz", texts(0, 20))
     write_jsonl_gz(tmp_path / "en" / "c4-train.00001-of-00002.json.gz", texts(20, 40))
     write_jsonl_gz(tmp_path / "en" / "c4-validation.00000-of-00001.json.gz", texts(100, 104))
-    cfg = DataConfig(source="c4", tokenizer="t5", hf_name=str(tmp_path), hf_config="en",
-                     layout="paper", seq_len=32, shuffle_shards=True)
+    cfg = DataConfig(
+        source="c4",
+        tokenizer="t5",
+        hf_name=str(tmp_path),
+        hf_config="en",
+        layout="paper",
+        seq_len=32,
+        shuffle_shards=True,
+    )
     per_rank = one_epoch(cfg, t5, 2, 0)  # 2 shards over 2 ranks: one whole shard each
-    assert Counter(per_rank[0] + per_rank[1]) == Counter(tuple(r) for r in
-                                                         _paper_rows(t5, texts(0, 40), 32))
+    assert Counter(per_rank[0] + per_rank[1]) == Counter(
+        tuple(r) for r in _paper_rows(t5, texts(0, 40), 32)
+    )
     assert {len(per_rank[0]), len(per_rank[1])} == {20}
     val = validation_rows(cfg, t5, 32000, 10**9)
     assert val["input_ids"].tolist() == _paper_rows(t5, texts(100, 104), 32)
 
 
 def test_token_ids_beyond_the_model_vocabulary_are_refused(corpora, t5):
-    cfg = DataConfig(source="files", tokenizer="t5", path=corpora["txt"], layout="paper", seq_len=8,
-                     val_docs=0)
+    cfg = DataConfig(
+        source="files", tokenizer="t5", path=corpora["txt"], layout="paper", seq_len=8, val_docs=0
+    )
     rows = TokenRows(document_source(cfg, t5, "train"), cfg, t5, model_vocab=100)
     with pytest.raises(ValueError, match=r"model.vocab_size=100"):
         next(iter(rows))
@@ -222,15 +263,27 @@ def test_bad_data_settings_are_explained(tmp_path, t5):
         first(DataConfig(source="files", tokenizer="t5", path=str(tmp_path / "three.jsonl.gz")))
     write_jsonl_gz(tmp_path / "empty.jsonl.gz", [])
     with pytest.raises(ValueError, match="corpus is empty"):
-        first(DataConfig(source="files", tokenizer="t5", path=str(tmp_path / "empty.jsonl.gz"),
-                         val_path=str(tmp_path / "empty.jsonl.gz")))
+        first(
+            DataConfig(
+                source="files",
+                tokenizer="t5",
+                path=str(tmp_path / "empty.jsonl.gz"),
+                val_path=str(tmp_path / "empty.jsonl.gz"),
+            )
+        )
     with gzip.open(tmp_path / "body.jsonl.gz", "wt") as f:
         f.write(json.dumps({"body": "hello"}) + "\n")
     with pytest.raises(KeyError, match="set data.text_field"):
-        first(DataConfig(source="files", tokenizer="t5", path=str(tmp_path / "body.jsonl.gz"),
-                         val_docs=0))
+        first(
+            DataConfig(
+                source="files", tokenizer="t5", path=str(tmp_path / "body.jsonl.gz"), val_docs=0
+            )
+        )
     with pytest.raises(ValueError, match="data.source=builtin needs data.tokenizer=builtin"):
         first(DataConfig(source="builtin", tokenizer="t5"))
     with pytest.raises(ValueError, match="data.layout='rows'"):
-        first(DataConfig(source="files", tokenizer="t5", path=str(tmp_path / "three.jsonl.gz"),
-                         layout="rows"))
+        first(
+            DataConfig(
+                source="files", tokenizer="t5", path=str(tmp_path / "three.jsonl.gz"), layout="rows"
+            )
+        )

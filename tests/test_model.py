@@ -10,8 +10,19 @@ from tests.conftest import compose_cfg
 
 # Parameter counts (millions) from the specs' table, section 1.4.
 EXPECTED_M = {
-    "9m": 9.0, "20m": 19.5, "35m": 35.2, "40m": 42.4, "60m": 58.1, "71m": 70.6, "100m": 100.1,
-    "130m": 134.1, "250m": 247.4, "350m": 368.0, "1b": 1339.1, "3b": 2685.8, "7b": 6738.4,
+    "9m": 9.0,
+    "20m": 19.5,
+    "35m": 35.2,
+    "40m": 42.4,
+    "60m": 58.1,
+    "71m": 70.6,
+    "100m": 100.1,
+    "130m": 134.1,
+    "250m": 247.4,
+    "350m": 368.0,
+    "1b": 1339.1,
+    "3b": 2685.8,
+    "7b": 6738.4,
     "13b": 13015.9,
 }
 
@@ -40,8 +51,15 @@ def test_shapes_and_names_follow_hf_llama():
 
 def tiny_model(vocab=101, seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(name="t", hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2,
-                      vocab_size=vocab, max_position_embeddings=64)
+    cfg = ModelConfig(
+        name="t",
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=4,
+        num_layers=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+    )
     return build_model(cfg)
 
 
@@ -51,8 +69,9 @@ def test_loss_is_shifted_masked_cross_entropy():
     y = x.clone()
     y[1, 10:] = IGNORE_INDEX
     logits = model(x)
-    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 101), y[:, 1:].reshape(-1),
-                          ignore_index=IGNORE_INDEX)
+    ref = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 101), y[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
     assert torch.allclose(model(x, y), ref, atol=1e-6)
     n = int((y[:, 1:] != IGNORE_INDEX).sum())
     assert torch.allclose(model(x, y, reduction="sum"), ref * n, rtol=1e-5)
@@ -88,16 +107,26 @@ def test_init_matches_reference_distribution():
 
 
 def test_bad_model_config_is_refused():
-    with pytest.raises(ValueError, match="model.hidden_size=30 is not divisible by model.num_heads=4"):
-        build_model(ModelConfig(name="x", hidden_size=30, intermediate_size=8, num_heads=4,
-                                num_layers=1))
+    with pytest.raises(
+        ValueError, match="model.hidden_size=30 is not divisible by model.num_heads=4"
+    ):
+        build_model(
+            ModelConfig(name="x", hidden_size=30, intermediate_size=8, num_heads=4, num_layers=1)
+        )
     model = tiny_model()
     with pytest.raises(ValueError, match="lower data.seq_len"):
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
 def test_flash_request_without_flash_attn_explains():
-    cfg = ModelConfig(name="t", hidden_size=32, intermediate_size=48, num_heads=4, num_layers=1,
-                      vocab_size=11, attention="flash")
+    cfg = ModelConfig(
+        name="t",
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=4,
+        num_layers=1,
+        vocab_size=11,
+        attention="flash",
+    )
     with pytest.raises(RuntimeError, match="model.attention=auto"):
         build_model(cfg)(torch.zeros(1, 4, dtype=torch.long))

@@ -42,5 +42,7 @@ def test_scheduler_drives_an_optimizer_and_round_trips():
 
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="trainer.scheduler='step'"):
-        build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
-                        TrainerConfig(scheduler="step", warmup_steps=0))
+        build_scheduler(
+            torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+            TrainerConfig(scheduler="step", warmup_steps=0),
+        )

@@ -11,7 +11,9 @@ def test_t5_sentencepiece_ids_match_the_reference(shared_data):
     tok = load_tokenizer(str(shared_data / "t5_tokenizer" / "spiece.model"))
     assert isinstance(tok, SentencePieceTokenizer)
     assert (tok.vocab_size, tok.pad_id, tok.eos_id) == (32000, 0, 1)
-    assert tok.encode_batch([FOX]) == [[37, 1704, 4216, 3, 20400, 4418, 7, 147, 8, 19743, 1782, 5, 1]]
+    assert tok.encode_batch([FOX]) == [
+        [37, 1704, 4216, 3, 20400, 4418, 7, 147, 8, 19743, 1782, 5, 1]
+    ]
     assert tok.decode(tok.encode_batch([FOX])[0][:-1]) == FOX
 
 
@@ -21,11 +23,14 @@ def hf_tokenizer_dir(tmp_path):
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([FOX, "a lazy cat"] * 5,
-                            trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "[UNK]"]))
+    tok.train_from_iterator(
+        [FOX, "a lazy cat"] * 5,
+        trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "[UNK]"]),
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>",
-                                                               "pad_token": "<pad>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"})
+    )
     return tmp_path
 
 
@@ -45,11 +50,14 @@ def test_builtin_tokenizer_round_trip():
     assert tok.encode_batch([tok.decode(doc[:-1])]) == [doc]
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("/nonexistent/spiece.model", "no such SentencePiece model file"),
-    ("/nonexistent/tokenizer.json", "no such tokenizer.json file"),
-    ("./not/here", "not a SentencePiece .model"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("/nonexistent/spiece.model", "no such SentencePiece model file"),
+        ("/nonexistent/tokenizer.json", "no such tokenizer.json file"),
+        ("./not/here", "not a SentencePiece .model"),
+    ],
+)
 def test_missing_tokenizer_files_are_explained(spec, match):
     with pytest.raises(FileNotFoundError, match=match):
         load_tokenizer(spec)

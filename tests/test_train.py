@@ -20,8 +20,9 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def test_tiny_run_learns_and_writes_outputs(tmp_path):
-    cfg = compose_cfg([*TINY, "trainer.max_steps=60", "optimizer.lr=0.01",
-                       "trainer.warmup_steps=5"])
+    cfg = compose_cfg(
+        [*TINY, "trainer.max_steps=60", "optimizer.lr=0.01", "trainer.warmup_steps=5"]
+    )
     s = train(cfg, tmp_path)
     assert s["eval"]["final_ppl"] < 0.3 * s["eval"]["initial_ppl"]
     assert s["eval"]["final_loss"] > s["eval"]["source_entropy"]  # nobody beats the source
@@ -38,16 +39,36 @@ def test_tiny_run_learns_and_writes_outputs(tmp_path):
     assert 0 <= s["timing"]["overhead_fraction"] < 1
 
 
-@pytest.mark.parametrize("extra", [
-    [],  # built-in corpus, packed rows, main-process loading
-    ["data=files", "data.path={c4}", "data.tokenizer={spiece}", "data.layout=paper",
-     "data.val_docs=20", "data.num_workers=2", "model.vocab_size=32000"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],  # built-in corpus, packed rows, main-process loading
+        [
+            "data=files",
+            "data.path={c4}",
+            "data.tokenizer={spiece}",
+            "data.layout=paper",
+            "data.val_docs=20",
+            "data.num_workers=2",
+            "model.vocab_size=32000",
+        ],
+    ],
+)
 def test_resume_is_exact(tmp_path, shared_data, extra):
-    extra = [e.format(c4=shared_data / "c4" / "c4_en_sample_2000.jsonl.gz",
-                      spiece=shared_data / "t5_tokenizer" / "spiece.model") for e in extra]
-    base = [*TINY, "trainer.max_steps=8", "trainer.global_batch_size=8",
-            "trainer.micro_batch_size=2", *extra]
+    extra = [
+        e.format(
+            c4=shared_data / "c4" / "c4_en_sample_2000.jsonl.gz",
+            spiece=shared_data / "t5_tokenizer" / "spiece.model",
+        )
+        for e in extra
+    ]
+    base = [
+        *TINY,
+        "trainer.max_steps=8",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=2",
+        *extra,
+    ]
     straight = losses_of(tmp_path / "straight", base)
     saving = losses_of(tmp_path / "saving", [*base, "checkpoint.every=4"])
     ckpt = tmp_path / "saving" / "checkpoints" / "step_00000004.pt"
@@ -67,13 +88,16 @@ def test_resume_auto_and_refusals(tmp_path):
     base = [*TINY, "trainer.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=1"]
     train(compose_cfg(base), tmp_path / "a")
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "a" / "checkpoints")] == [
-        "step_00000004.pt"]
+        "step_00000004.pt"
+    ]
     # auto: continue the run in the same directory where it stopped (e.g. after a requeue)
     s = train(compose_cfg([*base, "trainer.max_steps=6", "checkpoint.resume=auto"]), tmp_path / "a")
     assert s["steps"] == 6
     with pytest.raises(checkpoint.CheckpointError, match="different configuration.*model"):
-        train(compose_cfg([*base, "model.hidden_size=48", f"checkpoint.resume={tmp_path / 'a'}"]),
-              tmp_path / "b")
+        train(
+            compose_cfg([*base, "model.hidden_size=48", f"checkpoint.resume={tmp_path / 'a'}"]),
+            tmp_path / "b",
+        )
     bad = tmp_path / "corrupt.pt"
     good = tmp_path / "a" / "checkpoints" / "step_00000006.pt"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
@@ -87,8 +111,9 @@ def test_resume_auto_and_refusals(tmp_path):
 
 
 def test_checkpoint_save_is_atomic_and_weights_only(tmp_path):
-    path = checkpoint.save(tmp_path / "step_00000001.pt", {"x": torch.ones(2), "n": 3,
-                                                           "rng": checkpoint.rng_state()})
+    path = checkpoint.save(
+        tmp_path / "step_00000001.pt", {"x": torch.ones(2), "n": 3, "rng": checkpoint.rng_state()}
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]  # no temp left
     loaded = checkpoint.load(path)
     assert loaded["n"] == 3 and torch.equal(loaded["x"], torch.ones(2))
@@ -98,17 +123,29 @@ def test_checkpoint_save_is_atomic_and_weights_only(tmp_path):
     assert torch.equal(a, torch.rand(3))
 
 
-@pytest.mark.parametrize("overrides, error, match", [
-    (["trainer.global_batch_size=10"], ValueError,
-     r"trainer.global_batch_size=10 is not divisible by world_size \(1\) x "
-     r"trainer.micro_batch_size \(4\) = 4"),
-    (["data.seq_len=2048"], ValueError,
-     "data.seq_len=2048 exceeds model.max_position_embeddings=1024 of llama_tiny"),
-    (["data=files", "data.tokenizer=builtin", "data.path=/no/such/*.jsonl"], FileNotFoundError,
-     "data.path=/no/such/.*no file matches"),
-    (["trainer.precision=fp16"], ValueError, "trainer.precision='fp16'"),
-    (["optimizer.name=sgdx"], ValueError, "optimizer.name='sgdx' is not registered"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (
+            ["trainer.global_batch_size=10"],
+            ValueError,
+            r"trainer.global_batch_size=10 is not divisible by world_size \(1\) x "
+            r"trainer.micro_batch_size \(4\) = 4",
+        ),
+        (
+            ["data.seq_len=2048"],
+            ValueError,
+            "data.seq_len=2048 exceeds model.max_position_embeddings=1024 of llama_tiny",
+        ),
+        (
+            ["data=files", "data.tokenizer=builtin", "data.path=/no/such/*.jsonl"],
+            FileNotFoundError,
+            "data.path=/no/such/.*no file matches",
+        ),
+        (["trainer.precision=fp16"], ValueError, "trainer.precision='fp16'"),
+        (["optimizer.name=sgdx"], ValueError, "optimizer.name='sgdx' is not registered"),
+    ],
+)
 def test_bad_input_is_explained(tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):
         train(compose_cfg([*TINY, "trainer.max_steps=1", *overrides]), tmp_path)
@@ -129,13 +166,22 @@ def test_config_typos_fail_at_composition():
 
 def test_cli_default_job_shape_and_summary(tmp_path):
     """The default command, shortened: progress lines, eval, and the summary table."""
-    out = run_cli([*TINY, "trainer.max_steps=12", "trainer.log_every=4",
-                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    out = run_cli(
+        [*TINY, "trainer.max_steps=12", "trainer.log_every=4", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "run summary" in out.stdout
-    for key in ("val ppl (start -> end)", "tokens seen", "tokens/s", "memory: weights",
-                "memory: gradients", "memory: optimizer state", "memory: activations",
-                "source entropy"):
+    for key in (
+        "val ppl (start -> end)",
+        "tokens seen",
+        "tokens/s",
+        "memory: weights",
+        "memory: gradients",
+        "memory: optimizer state",
+        "memory: activations",
+        "source entropy",
+    ):
         assert key in out.stdout
     assert "step 12/12 loss" in out.stderr + out.stdout
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
@@ -150,8 +196,10 @@ def test_cli_unknown_model_names_the_options(tmp_path):
 
 def test_multirun_appends_one_row_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    out = run_cli(["-m", *TINY, "trainer.max_steps=3", "trainer.lr=1e-3,3e-3",
-                   f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    out = run_cli(
+        ["-m", *TINY, "trainer.max_steps=3", "trainer.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 2
@@ -164,8 +212,16 @@ def test_multirun_appends_one_row_per_job(tmp_path):
 
 def test_failed_sweep_job_still_gets_a_row(tmp_path):
     sweep = tmp_path / "sweep"
-    out = run_cli(["-m", *TINY, "trainer.max_steps=2", "trainer.global_batch_size=8,6",
-                   f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    out = run_cli(
+        [
+            "-m",
+            *TINY,
+            "trainer.max_steps=2",
+            "trainer.global_batch_size=8,6",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
     assert out.returncode != 0
     rows = [json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rows] == ["ok", "failed"]
@@ -186,3 +242,22 @@ def test_readme_starts_with_the_two_commands():
     head = "\n".join((REPO / "README.md").read_text().splitlines()[:60])
     assert "make run" in head and "make test" in head
     assert (REPO / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+@pytest.mark.parametrize(
+    "precision, dtype", [("bf16_autocast", torch.float32), ("bf16", torch.bfloat16)]
+)
+def test_bf16_precisions_train_on_cpu(tmp_path, precision, dtype):
+    cfg = compose_cfg(
+        [*TINY, "trainer.max_steps=30", "optimizer.lr=0.01", f"trainer.precision={precision}"]
+    )
+    s = train(cfg, tmp_path)
+    assert s["precision"] == precision
+    assert s["eval"]["final_ppl"] < 0.5 * s["eval"]["initial_ppl"]
+    n = s["params"]
+    # pure bf16 (the papers' setting) halves weights, gradients and Adam moments
+    assert s["memory"]["weights"] == n * torch.finfo(dtype).bits // 8
+    assert (
+        s["memory"]["optimizer_state_by_category"]["moments"]
+        == 2 * n * torch.finfo(dtype).bits // 8
+    )

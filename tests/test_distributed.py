@@ -1,0 +1,62 @@
+"""torchrun with 2 CPU ranks (gloo) against 1 rank at the same global batch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import TINY, run_cli
+
+COMMON = [
+    *TINY,
+    "data.layout=paper",
+    "trainer.max_steps=6",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=4",
+    "eval.tokens=2000",
+]
+
+
+def metrics(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return (
+        [r["train/loss"] for r in rows if "train/loss" in r],
+        [r["eval/loss"] for r in rows if "eval/loss" in r],
+    )
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank(tmp_path):
+    single = run_cli([*COMMON, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    work = tmp_path / "ddp_cwd"
+    work.mkdir()
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "llm_pretrain.train",
+            *COMMON,
+            f"hydra.run.dir={tmp_path / 'ddp'}",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    train1, eval1 = metrics(tmp_path / "single")
+    train2, eval2 = metrics(tmp_path / "ddp")
+    assert len(train1) == len(train2) == 6
+    for a, b in zip(train1 + eval1, train2 + eval2, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # Only rank 0 wrote: one run directory, no stray outputs where the ranks were started.
+    assert list(work.iterdir()) == []
+    assert ddp.stdout.count("run summary") == 1
