@@ -111,7 +111,10 @@ class Language:
         self.class_words = self._allocate_words(spec, rng)
         self.transition, self.start = self._grammar(spec, rng)
         self.emission = self._emissions(spec, rng)  # (topics, states, vocab)
-        self.emission_cdf = _cdf(self.emission)
+        self.V = spec.vocab_size
+        self._flat_cdf = (_cdf(self.emission) + np.arange(len(STATES))[None, :, None]).reshape(
+            spec.num_topics, -1
+        )
         self.transition_cdf = [list(row) for row in _cdf(self.transition)]
         self.start_cdf = list(_cdf(self.start))
         self.words = self._spell(spec, rng)
@@ -217,27 +220,23 @@ class Language:
         """One document's token ids (EOS last), a pure function of ``seed``."""
         rng = np.random.default_rng(seed)
         topic = int(rng.integers(self.spec.num_topics))
-        uniforms = rng.random(256).tolist()
-        pos = 0
-        states = []
-        k = bisect.bisect_right(self.start_cdf, uniforms[0])
-        end = S["end"]
-        while True:
-            states.append(k)
-            if k == end:
-                break
-            pos += 1
-            if pos == len(uniforms):
-                uniforms, pos = rng.random(256).tolist(), 0
-            k = bisect.bisect_right(self.transition_cdf[k], uniforms[pos])
-        states_arr = np.asarray(states)
-        ids = np.empty(len(states), dtype=np.int64)
-        u = rng.random(len(states))
-        cdf = self.emission_cdf[topic]
-        for k in np.unique(states_arr):
-            where = states_arr == k
-            ids[where] = np.searchsorted(cdf[k], u[where], side="right")
-        return ids.tolist()
+        states = np.asarray(self._states(rng))
+        # One search over the topic's per-state CDFs laid end to end (row k shifted by k).
+        u = states + rng.random(len(states))
+        return (np.searchsorted(self._flat_cdf[topic], u, side="right") - states * self.V).tolist()
+
+    def _states(self, rng: np.random.Generator) -> list[int]:
+        """The hidden state path of one document: sentence grammar until the "end" state."""
+        cdfs, end, draw = self.transition_cdf, S["end"], bisect.bisect_right
+        k = draw(self.start_cdf, rng.random())
+        states = [k]
+        while k != end:
+            for u in rng.random(128).tolist():
+                k = draw(cdfs[k], u)
+                states.append(k)
+                if k == end:
+                    break
+        return states
 
     # ------------------------------------------------------------------ scoring
     def optimal_nll(

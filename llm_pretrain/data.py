@@ -309,11 +309,11 @@ class TokenRows(IterableDataset):
             st.epoch, st.docs = st.epoch + 1, 0
 
     def _row(self, ids: list[int]) -> dict[str, torch.Tensor]:
-        n = len(ids)
-        input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
-        input_ids[:n] = torch.tensor(ids, dtype=torch.long)
-        labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)
-        labels[:n] = input_ids[:n]
+        pad = self.seq_len - len(ids)
+        input_ids = torch.tensor(ids + [self.pad_id] * pad, dtype=torch.long)
+        if not pad:  # collate copies, so the two keys may share one tensor
+            return {"input_ids": input_ids, "labels": input_ids}
+        labels = torch.tensor(ids + [IGNORE_INDEX] * pad, dtype=torch.long)
         return {"input_ids": input_ids, "labels": labels}
 
     def _check_ids(self, ids: list[int]) -> None:

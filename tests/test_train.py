@@ -261,3 +261,10 @@ def test_bf16_precisions_train_on_cpu(tmp_path, precision, dtype):
         s["memory"]["optimizer_state_by_category"]["moments"]
         == 2 * n * torch.finfo(dtype).bits // 8
     )
+
+
+def test_compiled_blocks_train_like_eager(tmp_path):
+    base = [*TINY, "trainer.max_steps=3", "trainer.eval_at_start=false"]
+    eager = losses_of(tmp_path / "eager", base)
+    compiled = losses_of(tmp_path / "compiled", [*base, "trainer.compile=true"])
+    assert compiled == pytest.approx(eager, rel=1e-4)
