@@ -332,6 +332,7 @@ def train_loader(
     micro_batch: int,
     rank: int,
     world_size: int,
+    pin_memory: bool = False,
 ) -> StatefulDataLoader:
     rows = TokenRows(
         document_source(cfg, tokenizer, "train"), cfg, tokenizer, model_vocab, rank, world_size
@@ -342,6 +343,7 @@ def train_loader(
         num_workers=cfg.num_workers,
         persistent_workers=False,
         in_order=True,
+        pin_memory=pin_memory,
     )
 
 

@@ -30,6 +30,7 @@ class RunLogger:
         cfg: LoggerConfig | None = None,
         config: dict | None = None,
         run_name: str | None = None,
+        resume_id: str | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.wandb_run = None
@@ -38,7 +39,12 @@ class RunLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         if cfg is not None and cfg.wandb:
-            self.wandb_run = _start_wandb(cfg, run_dir, config or {}, run_name)
+            self.wandb_run = _start_wandb(cfg, run_dir, config or {}, run_name, resume_id)
+
+    @property
+    def wandb_id(self) -> str | None:
+        """Stored in checkpoints, so a resumed run keeps logging to the same wandb run."""
+        return self.wandb_run.id if self.wandb_run is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -79,7 +85,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _start_wandb(cfg: LoggerConfig, run_dir: Path, config: dict, run_name: str | None):
+def _start_wandb(
+    cfg: LoggerConfig, run_dir: Path, config: dict, run_name: str | None, resume_id: str | None
+):
     if cfg.mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logger.mode={cfg.mode!r}: use online, offline or disabled")
     try:
@@ -96,6 +104,8 @@ def _start_wandb(cfg: LoggerConfig, run_dir: Path, config: dict, run_name: str |
         dir=str(run_dir),
         config=config,
         job_type="train",
+        id=resume_id,
+        resume="allow" if resume_id else None,
     )
     run.define_metric("train/tokens_seen")
     run.define_metric("eval/ppl", summary="min")

@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
 import optimizers
@@ -37,7 +39,7 @@ from llm_pretrain.config import check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
 from llm_pretrain.loggers import RunLogger
 from llm_pretrain.memory import MemoryReport, activation_bytes
-from llm_pretrain.model import IGNORE_INDEX, build_model
+from llm_pretrain.model import IGNORE_INDEX, Llama, build_model
 from llm_pretrain.schedule import build_scheduler
 from llm_pretrain.summary import format_summary, sweep_row
 from llm_pretrain.tokenizer import load_tokenizer
@@ -152,8 +154,45 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict
         distributed.shutdown()
 
 
-def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str, Any]:
-    t_start = time.perf_counter()
+@dataclass
+class Job:
+    """The parts of one run, built once from the config, and its progress counters."""
+
+    cfg: DictConfig
+    di: distributed.DistInfo
+    run_dir: Path
+    precision: str
+    autocast: torch.autocast | None
+    accum: int
+    model: Llama
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: StatefulDataLoader
+    val: dict[str, torch.Tensor]
+    entropy: float | None
+    memory: MemoryReport
+    fingerprint: dict[str, Any]
+    logger: RunLogger | None = None
+    train_model: torch.nn.Module | None = None
+    step: int = 0
+    tokens_seen: int = 0
+    prior_wall_s: float = 0.0
+
+    def evaluate(self) -> dict[str, float]:
+        di = self.di
+        return evaluate(
+            self.model,
+            self.val,
+            self.cfg.eval.batch_size,
+            di.device,
+            di.rank,
+            di.world_size,
+            self.cfg.eval.compat,
+            self.autocast,
+        )
+
+
+def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
     check_known_keys(cfg)
     tc = cfg.trainer
     if tc.lr is not None:
@@ -170,10 +209,8 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     tokenizer = load_tokenizer(cfg.data.tokenizer, data.builtin_spec(cfg.data))
     if tokenizer.vocab_size > cfg.model.vocab_size:
         log.warning(
-            "tokenizer has %d ids but model.vocab_size=%d: a document with a larger id "
-            "stops the run",
-            tokenizer.vocab_size,
-            cfg.model.vocab_size,
+            f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
+            f"{cfg.model.vocab_size}: a document with a larger id stops the run"
         )
     model = build_model(cfg.model, di.device)
     if precision == "bf16":
@@ -182,77 +219,156 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
         for block in model.model.layers:
             block.compile()
     optimizer = optimizers.build(cfg.optimizer, model)
-    scheduler = build_scheduler(optimizer, tc)
     loader = data.train_loader(
-        cfg.data, tokenizer, cfg.model.vocab_size, tc.micro_batch_size, di.rank, di.world_size
+        cfg.data,
+        tokenizer,
+        cfg.model.vocab_size,
+        tc.micro_batch_size,
+        di.rank,
+        di.world_size,
+        pin_memory=di.device.type == "cuda",
     )
     val = data.validation_rows(cfg.data, tokenizer, cfg.model.vocab_size, cfg.eval.tokens)
-    entropy = data.source_entropy(cfg.data, tokenizer, val)
-
     memory = MemoryReport()
-    probe = (
-        val["input_ids"][: tc.micro_batch_size]
-        .repeat(-(-tc.micro_batch_size // len(val["input_ids"])), 1)[: tc.micro_batch_size]
-        .to(di.device)
-    )
+    # Saved-tensor bytes of one micro-batch, measured on held-out rows so no data is consumed.
+    reps = -(-tc.micro_batch_size // len(val["input_ids"]))
+    probe = val["input_ids"].repeat(reps, 1)[: tc.micro_batch_size].to(di.device)
     memory.activations = activation_bytes(model, probe, probe, autocast)
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(di.device)
+    return Job(
+        cfg=cfg,
+        di=di,
+        run_dir=run_dir,
+        precision=precision,
+        autocast=autocast,
+        accum=accum,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, tc),
+        loader=loader,
+        val=val,
+        entropy=data.source_entropy(cfg.data, tokenizer, val),
+        memory=memory,
+        fingerprint=fingerprint(cfg, di.world_size, precision),
+    )
 
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    logger = RunLogger(run_dir if di.is_main else None, cfg.logger, config_dict, cfg.run_name)
-    if di.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        n = model.num_params()
-        log.info(
-            "model %s: %.2fM parameters (%.2fM outside embeddings); %d rank(s), %d "
-            "micro-batch(es) of %d per step, precision %s, run dir %s",
-            cfg.model.name,
-            n / 1e6,
-            model.num_params(non_embedding=True) / 1e6,
-            di.world_size,
-            accum,
-            tc.micro_batch_size,
-            precision,
-            run_dir,
-        )
 
-    step, tokens_seen, prior_wall = 0, 0, 0.0
-    fp = fingerprint(cfg, di.world_size, precision)
+def restore(job: Job, state: dict[str, Any], path: Path) -> None:
+    checkpoint.check_compatible(state["fingerprint"], job.fingerprint, path)
+    job.model.load_state_dict(state["model"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scheduler.load_state_dict(state["scheduler"])
+    job.loader.load_state_dict(state["data"][job.di.rank])
+    checkpoint.set_rng_state(state["rng"][job.di.rank])
+    job.step, job.tokens_seen = state["step"], state["tokens_seen"]
+    job.prior_wall_s = state["wall_time_s"]
+    if job.di.is_main:
+        log.info(f"resumed from {path} at step {job.step} ({job.tokens_seen:,} tokens seen)")
+
+
+def save(job: Job, wall_s: float) -> None:
+    """Every rank contributes its data position and RNG state; rank 0 writes the file."""
+    states = distributed.gather_objects((job.loader.state_dict(), checkpoint.rng_state()))
+    if not job.di.is_main:
+        return
+    path = checkpoint.save(
+        checkpoint.checkpoint_path(job.run_dir, job.step),
+        {
+            "step": job.step,
+            "tokens_seen": job.tokens_seen,
+            "wall_time_s": job.prior_wall_s + wall_s,
+            "model": job.model.state_dict(),
+            "optimizer": job.optimizer.state_dict(),
+            "scheduler": job.scheduler.state_dict(),
+            "data": [s[0] for s in states],
+            "rng": [s[1] for s in states],
+            "fingerprint": job.fingerprint,
+            "wandb_id": job.logger.wandb_id if job.logger else None,
+        },
+    )
+    checkpoint.prune(job.run_dir, job.cfg.checkpoint.keep_last)
+    log.info(f"saved {path}")
+
+
+def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torch.Tensor, Any]:
+    """One optimizer step over ``accum`` micro-batches per rank.
+
+    The loss is normalised by the global count of predicted tokens, so every token weighs the
+    same whatever its micro-batch, rank or padding. Returns (predicted tokens, non-pad input
+    tokens, summed loss on this rank, grad norm or None).
+    """
+    di, tc = job.di, job.cfg.trainer
+    micro = [next(batches) for _ in range(job.accum)]
+    label_tokens, input_tokens = distributed.sum_over_ranks(
+        [
+            sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro),
+            sum(float((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro),
+        ],
+        di.device,
+    )
+    timer.mark("data")
+
+    loss_sum = torch.zeros((), device=di.device, dtype=torch.float64)
+    for i, mb in enumerate(micro):
+        x = mb["input_ids"].to(di.device, non_blocking=True)
+        y = mb["labels"].to(di.device, non_blocking=True)
+        sync = di.world_size == 1 or i == job.accum - 1  # all-reduce once, on the last one
+        with nullcontext() if sync else job.train_model.no_sync():
+            with job.autocast if job.autocast is not None else nullcontext():
+                s = job.train_model(x, y, reduction="sum")
+            # DDP averages over ranks, so scale each rank's sum to the global token mean.
+            (s * (di.world_size / max(label_tokens, 1.0))).backward()
+        loss_sum += s.detach().double()
+    timer.mark("forward_backward")
+
+    grad_norm = None
+    if tc.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
+    job.optimizer.step()
+    job.scheduler.step()
+    if job.memory.weights == 0:  # first step of this process: optimizer state now exists
+        job.memory.measure_training_state(job.model, job.optimizer)
+    job.optimizer.zero_grad(set_to_none=True)
+    timer.mark("optimizer")
+    job.step += 1
+    job.tokens_seen += int(input_tokens)
+    return label_tokens, input_tokens, loss_sum, grad_norm
+
+
+def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    tc = cfg.trainer
+    job = build_job(cfg, run_dir, di)
     resume_from = (
         checkpoint.resolve(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
     )
-    if resume_from is not None:
-        state = checkpoint.load(resume_from)
-        checkpoint.check_compatible(state["fingerprint"], fp, resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["data"][di.rank])
-        checkpoint.set_rng_state(state["rng"][di.rank])
-        step, tokens_seen, prior_wall = state["step"], state["tokens_seen"], state["wall_time_s"]
-        if di.is_main:
-            log.info("resumed from %s at step %d (%d tokens seen)", resume_from, step, tokens_seen)
-
-    train_model = (
-        DDP(model, gradient_as_bucket_view=True, broadcast_buffers=False)
+    state = checkpoint.load(resume_from) if resume_from is not None else None
+    if state is not None:
+        restore(job, state, resume_from)
+    if di.is_main:
+        job.logger = RunLogger(
+            run_dir,
+            cfg.logger,
+            OmegaConf.to_container(cfg, resolve=True),
+            cfg.run_name,
+            resume_id=state.get("wandb_id") if state else None,
+        )
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        log.info(
+            f"model {cfg.model.name}: {job.model.num_params() / 1e6:.2f}M parameters "
+            f"({job.model.num_params(non_embedding=True) / 1e6:.2f}M outside embeddings); "
+            f"{di.world_size} rank(s), {job.accum} micro-batch(es) of {tc.micro_batch_size} per "
+            f"step, precision {job.precision}, run dir {run_dir}"
+        )
+    logger = job.logger or RunLogger(None)
+    job.train_model = (
+        DDP(job.model, gradient_as_bucket_view=True, broadcast_buffers=False)
         if di.world_size > 1
-        else model
+        else job.model
     )
 
-    def run_eval() -> dict[str, float]:
-        return evaluate(
-            model,
-            val,
-            cfg.eval.batch_size,
-            di.device,
-            di.rank,
-            di.world_size,
-            cfg.eval.compat,
-            autocast,
-        )
-
-    initial = run_eval() if tc.eval_at_start and step == 0 else None
+    initial = job.evaluate() if tc.eval_at_start and job.step == 0 else None
     if initial is not None:
         logger.log(
             {
@@ -263,144 +379,117 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             }
         )
 
-    def save_checkpoint() -> None:
-        states = distributed.gather_objects((loader.state_dict(), checkpoint.rng_state()))
-        if di.is_main:
-            path = checkpoint.save(
-                checkpoint.checkpoint_path(run_dir, step),
-                {
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "wall_time_s": prior_wall + time.perf_counter() - t_start,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "data": [s[0] for s in states],
-                    "rng": [s[1] for s in states],
-                    "fingerprint": fp,
-                },
-            )
-            checkpoint.prune(run_dir, cfg.checkpoint.keep_last)
-            log.info("saved %s", path)
-
     show_bar = tc.progress and di.is_main and sys.stderr.isatty()
     bar = tqdm(
         total=tc.max_steps,
-        initial=step,
+        initial=job.step,
         disable=not show_bar,
         dynamic_ncols=True,
         unit="step",
         mininterval=0.5,
     )
     timer = PhaseTimer(di.device, tc.phase_timing)
-    params = [p for p in model.parameters() if p.requires_grad]
-    window_tokens, window_seconds, loop_tokens = 0, timer.step_seconds(), 0
-    batches = iter(loader)
-    train_model.train()
-    while step < tc.max_steps:
-        micro = [next(batches) for _ in range(accum)]
-        label_tokens, input_tokens = distributed.sum_over_ranks(
-            [
-                sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro),
-                sum(float((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro),
-            ],
-            di.device,
-        )
-        timer.mark("data")
-
-        loss_sum = torch.zeros((), device=di.device, dtype=torch.float64)
-        for i, mb in enumerate(micro):
-            x = mb["input_ids"].to(di.device, non_blocking=True)
-            y = mb["labels"].to(di.device, non_blocking=True)
-            last = i == accum - 1
-            with train_model.no_sync() if di.world_size > 1 and not last else nullcontext():
-                with autocast if autocast is not None else nullcontext():
-                    s = train_model(x, y, reduction="sum")
-                # DDP averages over ranks, so scale each rank's sum to the global token mean.
-                (s * (di.world_size / max(label_tokens, 1.0))).backward()
-            loss_sum += s.detach().double()
-        timer.mark("forward_backward")
-
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else None
-        )
-        optimizer.step()
-        scheduler.step()
-        if memory.weights == 0:  # first step of this process: state now exists
-            memory.measure_training_state(model, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        timer.mark("optimizer")
-
-        step += 1
-        tokens_seen += int(input_tokens)
+    window_tokens, window_s, loop_tokens = 0, 0.0, 0
+    batches = iter(job.loader)
+    job.train_model.train()
+    while job.step < tc.max_steps:
+        label_tokens, input_tokens, loss_sum, grad_norm = train_step(job, batches, timer)
         window_tokens += int(input_tokens)
         loop_tokens += int(input_tokens)
         bar.update(1)
-        if step % tc.log_every == 0 or step == tc.max_steps:
+        if job.step % tc.log_every == 0 or job.step == tc.max_steps:
             loss = float(distributed.all_reduce(loss_sum).cpu()) / max(label_tokens, 1.0)
-            # Throughput over training phases only: evals and checkpoints are timed apart.
-            tps = window_tokens / max(timer.step_seconds() - window_seconds, 1e-9)
-            window_tokens, window_seconds = 0, timer.step_seconds()
+            # Throughput over the step's phases only: evals and checkpoints are timed apart.
+            tps = window_tokens / max(timer.step_seconds() - window_s, 1e-9)
+            window_tokens, window_s = 0, timer.step_seconds()
+            lr = job.scheduler.get_last_lr()[0]
             record = {
-                "step": step,
+                "step": job.step,
                 "train/loss": loss,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_seen": tokens_seen,
+                "train/lr": lr,
+                "train/tokens_seen": job.tokens_seen,
                 "train/tokens_per_s": tps,
             }
             if grad_norm is not None:
                 record["train/grad_norm"] = float(grad_norm)
             logger.log(record)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['train/lr']:.2e}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
             if di.is_main and not show_bar:
-                lr = record["train/lr"]
-                log.info(f"step {step}/{tc.max_steps} loss {loss:.4f} lr {lr:.3e} tok/s {tps:.0f}")
+                log.info(
+                    f"step {job.step}/{tc.max_steps} loss {loss:.4f} lr {lr:.3e} tok/s {tps:.0f}"
+                )
         timer.mark("logging")
 
         stop = False
         if tc.max_time_s > 0:  # every rank must agree, so rank 0's clock decides
             stop = distributed.broadcast_object(time.perf_counter() - t_start > tc.max_time_s)
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and not stop:
-            ev = run_eval()
-            logger.log({"step": step, "eval/loss": ev["loss"], "eval/ppl": ev["ppl"]})
+        if tc.eval_every and job.step % tc.eval_every == 0 and job.step < tc.max_steps and not stop:
+            ev = job.evaluate()
+            logger.log({"step": job.step, "eval/loss": ev["loss"], "eval/ppl": ev["ppl"]})
             if di.is_main and not show_bar:
-                log.info(f"step {step} eval loss {ev['loss']:.4f} ppl {ev['ppl']:.2f}")
+                log.info(f"step {job.step} eval loss {ev['loss']:.4f} ppl {ev['ppl']:.2f}")
         timer.mark("eval")
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            save_checkpoint()
+        if cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0:
+            save(job, time.perf_counter() - t_start)
         timer.mark("checkpoint")
         if stop:
             if di.is_main:
-                log.info(f"trainer.max_time_s={tc.max_time_s} reached at step {step}")
+                log.info(f"trainer.max_time_s={tc.max_time_s} reached at step {job.step}")
             break
     bar.close()
 
-    if cfg.checkpoint.at_end and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-        save_checkpoint()
-    final = run_eval()
+    saved_now = cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0
+    if cfg.checkpoint.at_end and not saved_now:
+        save(job, time.perf_counter() - t_start)
+    final = job.evaluate()
     logger.log(
         {
-            "step": step,
+            "step": job.step,
             "eval/loss": final["loss"],
             "eval/ppl": final["ppl"],
             "eval/tokens": final["tokens"],
         }
     )
-    memory.measure_cuda_peaks(di.device)
-    tokens_per_s = loop_tokens / max(timer.step_seconds(), 1e-9)
-    summary = {
+    job.memory.measure_cuda_peaks(di.device)
+    summary = build_summary(
+        job,
+        initial,
+        final,
+        loop_tokens / max(timer.step_seconds(), 1e-9),
+        timer,
+        job.prior_wall_s + time.perf_counter() - t_start,
+    )
+    logger.summary(summary)
+    logger.close()
+    if di.is_main:
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def build_summary(
+    job: Job,
+    initial: dict | None,
+    final: dict,
+    tokens_per_s: float,
+    timer: PhaseTimer,
+    wall_s: float,
+) -> dict[str, Any]:
+    cfg, di = job.cfg, job.di
+    return {
         "status": "ok",
-        "run_dir": str(run_dir),
+        "run_dir": str(job.run_dir),
         "model": cfg.model.name,
         "optimizer": cfg.optimizer.name,
-        "params": model.num_params(),
+        "params": job.model.num_params(),
         "world_size": di.world_size,
-        "precision": precision,
-        "steps": step,
-        "tokens_seen": tokens_seen,
+        "precision": job.precision,
+        "steps": job.step,
+        "tokens_seen": job.tokens_seen,
         "tokens_per_s": tokens_per_s,
-        "mfu": mfu(model, cfg.data.seq_len, tokens_per_s / di.world_size, di.device, precision),
-        "wall_time_s": prior_wall + time.perf_counter() - t_start,
+        "mfu": mfu(
+            job.model, cfg.data.seq_len, tokens_per_s / di.world_size, di.device, job.precision
+        ),
+        "wall_time_s": wall_s,
         "eval": {
             "initial_loss": initial["loss"] if initial else None,
             "initial_ppl": initial["ppl"] if initial else None,
@@ -408,17 +497,12 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             "final_ppl": final["ppl"],
             "tokens": final["tokens"],
             "compat": cfg.eval.compat,
-            "source_entropy": entropy,
-            "gap_to_entropy": final["loss"] - entropy if entropy is not None else None,
+            "source_entropy": job.entropy,
+            "gap_to_entropy": final["loss"] - job.entropy if job.entropy is not None else None,
         },
-        "memory": memory.to_dict(),
+        "memory": job.memory.to_dict(),
         "timing": timer.summary(),
     }
-    logger.summary(summary)
-    logger.close()
-    if di.is_main:
-        print(format_summary(summary), flush=True)
-    return summary
 
 
 def _append_row(sweep_dir: Path, row: dict[str, Any]) -> None:

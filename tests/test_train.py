@@ -231,11 +231,17 @@ def test_failed_sweep_job_still_gets_a_row(tmp_path):
 def test_wandb_offline_logs_config_metrics_and_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    s = train(compose_cfg([*TINY, "trainer.max_steps=3", "logger=wandb"]), tmp_path)
+    base = [*TINY, "trainer.max_steps=3", "logger=wandb", "checkpoint.at_end=true"]
+    s = train(compose_cfg(base), tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb"))  # the offline run file `wandb sync` uploads
     assert s["status"] == "ok"
+    run_id = runs[0].name.rsplit("-", 1)[1]
+    # a resumed run keeps logging to the same wandb run id
+    train(compose_cfg([*base, "trainer.max_steps=5", "checkpoint.resume=auto"]), tmp_path)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {run_id}
 
 
 def test_readme_starts_with_the_two_commands():
