@@ -294,6 +294,17 @@ class Language:
         return [self.word_ids.get(w, UNK) for w in _WORD_RE.findall(text)]
 
 
+def document_rows(docs: list[list[int]], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Paper-layout rows (one document each, truncated, zero-padded) and their scored positions."""
+    rows = np.zeros((len(docs), seq_len), dtype=np.int64)
+    mask = np.zeros_like(rows, dtype=bool)
+    for r, d in enumerate(docs):
+        d = d[:seq_len]
+        rows[r, : len(d)] = d
+        mask[r, 1 : len(d)] = True
+    return rows, mask
+
+
 def describe(spec: LanguageSpec = LanguageSpec(), n_docs: int = 2000, seq_len: int = 128) -> dict:
     """Statistics of a language, for docs and sanity checks (``python -m llm_pretrain.corpus``)."""
     lang = Language(spec)
@@ -302,12 +313,7 @@ def describe(spec: LanguageSpec = LanguageSpec(), n_docs: int = 2000, seq_len: i
     freq = np.sort(counts)[::-1][10:1000].astype(float)
     slope = float(np.polyfit(np.log(np.arange(11, 1001)), np.log(freq + 1e-9), 1)[0])
     p = counts[counts > 0] / counts.sum()
-    rows = np.zeros((n_docs, seq_len), dtype=np.int64)
-    mask = np.zeros_like(rows, dtype=bool)
-    for r, d in enumerate(docs):
-        d = d[:seq_len]
-        rows[r, : len(d)] = d
-        mask[r, 1 : len(d)] = True
+    rows, mask = document_rows(docs, seq_len)
     nll = lang.optimal_nll(rows, mask, stationary=False)
     spans = [(1, 8), (8, 32), (32, 64), (64, seq_len)]
     return {

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from llm_pretrain.corpus import EOS, Language, LanguageSpec
+from llm_pretrain.corpus import EOS, Language, LanguageSpec, document_rows
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +40,7 @@ def test_predictive_distribution_sums_to_one(lang):
 
 def test_optimal_loss_is_an_entropy_with_long_range_structure(lang):
     docs = [lang.document([7, 1, i]) for i in range(400)]
-    L = 96
-    rows = np.zeros((len(docs), L), dtype=np.int64)
-    mask = np.zeros_like(rows, dtype=bool)
-    for r, d in enumerate(docs):
-        d = d[:L]
-        rows[r, : len(d)] = d
-        mask[r, 1 : len(d)] = True
+    rows, mask = document_rows(docs, 96)
     nll = lang.optimal_nll(rows, mask, stationary=False)
     h = nll.sum() / mask.sum()
     counts = np.bincount(rows[mask], minlength=lang.spec.vocab_size) / mask.sum()

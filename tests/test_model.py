@@ -49,18 +49,12 @@ def test_shapes_and_names_follow_hf_llama():
     assert sum("attn" in n or "mlp" in n for n in names) == 8 * 7
 
 
-def tiny_model(vocab=101, seed=0):
+def tiny_model(vocab=101, seed=0, **overrides):
     torch.manual_seed(seed)
-    cfg = ModelConfig(
-        name="t",
-        hidden_size=32,
-        intermediate_size=48,
-        num_heads=4,
-        num_layers=2,
-        vocab_size=vocab,
-        max_position_embeddings=64,
+    shape = dict(
+        hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2, max_position_embeddings=64
     )
-    return build_model(cfg)
+    return build_model(ModelConfig(name="t", vocab_size=vocab, **(shape | overrides)))
 
 
 def test_loss_is_shifted_masked_cross_entropy():
@@ -119,14 +113,6 @@ def test_bad_model_config_is_refused():
 
 
 def test_flash_request_without_flash_attn_explains():
-    cfg = ModelConfig(
-        name="t",
-        hidden_size=32,
-        intermediate_size=48,
-        num_heads=4,
-        num_layers=1,
-        vocab_size=11,
-        attention="flash",
-    )
+    model = tiny_model(vocab=11, num_layers=1, attention="flash")
     with pytest.raises(RuntimeError, match="model.attention=auto"):
-        build_model(cfg)(torch.zeros(1, 4, dtype=torch.long))
+        model(torch.zeros(1, 4, dtype=torch.long))
