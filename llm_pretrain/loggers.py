@@ -64,7 +64,7 @@ class RunLogger:
             return
         (self.run_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.summary.update(_flatten(summary))
+            self.wandb_run.summary.update(_flatten(_clean(summary)))
 
     def close(self) -> None:
         if not self.enabled:
