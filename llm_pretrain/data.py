@@ -133,12 +133,10 @@ class HFDocuments(DocumentSource):
                     f"(fields: {sorted(batch)}); set data.text_field"
                 )
             texts = batch[self.text_field]
-            if seen + len(texts) <= skip:  # resuming: discard without tokenizing
-                seen += len(texts)
-                continue
-            texts = texts[max(0, skip - seen) :]
-            seen += len(batch[self.text_field])
-            yield from self.tokenizer.encode_batch(texts)
+            drop = min(len(texts), max(0, skip - seen))  # resuming: discard without tokenizing
+            seen += len(texts)
+            if drop < len(texts):
+                yield from self.tokenizer.encode_batch(texts[drop:])
 
 
 def _resolve_files(spec: str, key: str) -> list[str]:
