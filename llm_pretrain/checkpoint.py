@@ -2,8 +2,8 @@
 
 One file per save, written by rank 0: model, optimizer, scheduler, every rank's data-loader
 position and RNG states, step counters and a fingerprint of the config that must not change
-across a resume. Everything is tensors and plain Python values, so ``torch.load(...,
-weights_only=True)`` reads it without unpickling code. A save goes to a temp file in the same
+across a resume. Everything is tensors and plain Python values, so loading with
+``weights_only=True`` reads it without unpickling code. A save goes to a temp file in the same
 directory, is fsynced, then renamed: a crash mid-save never leaves a truncated checkpoint under
 the final name.
 """

@@ -56,9 +56,10 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place."""
     if active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        dist.all_reduce(t)
     return t
 
 
@@ -86,11 +87,6 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
 
 
 def shutdown() -> None:

@@ -16,8 +16,6 @@ from torch import nn
 
 import optimizers
 
-MiB = 2**20
-
 
 def _unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
     seen: set[int] = set()

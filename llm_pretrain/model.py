@@ -217,7 +217,3 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Llama:
     """Build on ``device``; ``meta`` gives exact shapes and counts for any size without memory."""
     with torch.device(device):
         return Llama(cfg)
-
-
-def param_count_millions(cfg: ModelConfig) -> float:
-    return build_model(cfg, "meta").num_params() / 1e6
