@@ -63,6 +63,25 @@ class OptimizerConfig:
 
 
 @dataclass
+class GaLoreConfig(OptimizerConfig):
+    """Low-rank projection with an SVD basis (GaLore); Fira extends it."""
+
+    rank: int = 128
+    update_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"  # std | reverse_std | left | right | full
+    svd_backend: str = "exact"  # exact | randomized (torch.svd_lowrank)
+    # Linear weights whose qualified name contains one of these strings are projected.
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
+class FiraConfig(GaLoreConfig):
+    mode: str = "paper"  # paper | code (the pip fira 1.0.2 arithmetic)
+    limiter_gamma: float = 1.01
+
+
+@dataclass
 class TrainerConfig:
     lr: float | None = None  # peak lr; null: the optimizer config's own (its paper default)
     max_steps: int = 1000
@@ -144,5 +163,7 @@ def register_configs() -> None:
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="optimizer", name="base_optimizer", node=OptimizerConfig)
+    cs.store(group="optimizer", name="base_galore", node=GaLoreConfig)
+    cs.store(group="optimizer", name="base_fira", node=FiraConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)

@@ -361,6 +361,8 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             f"{di.world_size} rank(s), {job.accum} micro-batch(es) of {tc.micro_batch_size} per "
             f"step, precision {job.precision}, run dir {run_dir}"
         )
+        if hasattr(job.optimizer, "projection_report"):
+            log.info(f"optimizer {cfg.optimizer.name}: {job.optimizer.projection_report()}")
     logger = job.logger or RunLogger(None)
     job.train_model = (
         DDP(job.model, gradient_as_bucket_view=True, broadcast_buffers=False)

@@ -6,26 +6,61 @@ AdamW (torch's own) is the first entry; the memory-efficient methods join the sa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from llm_pretrain.config import OptimizerConfig
+from llm_pretrain.config import FiraConfig, GaLoreConfig, OptimizerConfig
+from optimizers.projectors import SvdProjector
+from optimizers.residuals import NormScaledResidual
+from optimizers.subspace import SubspaceOptimizer
+from optimizers.subspace import memory_formula as subspace_memory
 
 Builder = Callable[[OptimizerConfig, nn.Module], torch.optim.Optimizer]
+# (shape, projected?, config, dtype) -> state bytes by category, after the first step
+Formula = Callable[[tuple[int, ...], bool, OptimizerConfig, torch.dtype], dict[str, int]]
 REGISTRY: dict[str, Builder] = {}
+FORMULAS: dict[str, Formula] = {}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
+def register(name: str, formula: Formula) -> Callable[[Builder], Builder]:
     def deco(fn: Builder) -> Builder:
-        REGISTRY[name] = fn
+        REGISTRY[name], FORMULAS[name] = fn, formula
         return fn
 
     return deco
 
 
-@register("adamw")
+def _adamw_formula(shape, projected, cfg, dtype) -> dict[str, int]:
+    # torch.optim.AdamW: two moments in the parameter's dtype and a float32 step tensor.
+    size = torch.empty((), dtype=dtype).element_size()
+    return {"moments": 2 * math.prod(shape) * size, "other": 4}
+
+
+def _subspace_formula(residual: bool) -> Formula:
+    def formula(shape, projected, cfg, dtype) -> dict[str, int]:
+        projector = SvdProjector(cfg.rank, cfg.update_gap, cfg.proj_type, cfg.svd_backend)
+        return subspace_memory(shape, projected, projector, residual, dtype)
+
+    return formula
+
+
+def memory_formula(name: str, model: nn.Module, cfg: OptimizerConfig) -> dict[str, int]:
+    """Closed-form optimizer-state bytes of ``model`` under ``cfg``, by category; works on the
+    ``meta`` device, so any model size can be estimated without memory."""
+    projected = set()
+    if "target_modules" in cfg:
+        projected = {id(p) for _, p in split_targets(model, list(cfg.target_modules))[0]}
+    total: dict[str, int] = {}
+    for p in model.parameters():
+        for key, n in FORMULAS[name](tuple(p.shape), id(p) in projected, cfg, p.dtype).items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+@register("adamw", _adamw_formula)
 def build_adamw(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
     impl = {
         "auto": {},
@@ -47,6 +82,53 @@ def build_adamw(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer
         weight_decay=cfg.weight_decay,
         **impl[cfg.implementation],
     )
+
+
+def split_targets(model: nn.Module, targets: list[str]) -> tuple[list, list]:
+    """(projected, plain) named parameters: the weights of ``nn.Linear`` modules whose qualified
+    name contains one of ``targets`` (the papers' rule: "attn", "mlp"), and everything else."""
+    if not targets:
+        raise ValueError("optimizer.target_modules is empty: name the modules to project")
+    chosen = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(t in name for t in targets)
+    }
+    if not chosen:
+        raise ValueError(
+            f"optimizer.target_modules={list(targets)} matches no nn.Linear of the model; "
+            "use substrings of its module names (e.g. attn, mlp)"
+        )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in named if n in chosen], [(n, p) for n, p in named if n not in chosen]
+
+
+def build_subspace(cfg: GaLoreConfig, model: nn.Module, residual=None) -> SubspaceOptimizer:
+    projected, plain = split_targets(model, list(cfg.target_modules))
+    projector = SvdProjector(cfg.rank, cfg.update_gap, cfg.proj_type, cfg.svd_backend)
+    groups = [{"params": projected, "projected": True}]
+    if plain:
+        groups.append({"params": plain, "projected": False})
+    return SubspaceOptimizer(
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        projector=projector,
+        scale=cfg.scale,
+        residual=residual,
+    )
+
+
+@register("galore", _subspace_formula(residual=False))
+def build_galore(cfg: GaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return build_subspace(cfg, model)
+
+
+@register("fira", _subspace_formula(residual=True))
+def build_fira(cfg: FiraConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return build_subspace(cfg, model, NormScaledResidual(cfg.mode, cfg.limiter_gamma))
 
 
 def build(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:

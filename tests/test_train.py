@@ -274,3 +274,22 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     eager = losses_of(tmp_path / "eager", base)
     compiled = losses_of(tmp_path / "compiled", [*base, "trainer.compile=true"])
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["galore", "fira"])
+def test_low_rank_optimizers_train_the_model(tmp_path, name):
+    cfg = compose_cfg(
+        [
+            *TINY,
+            f"optimizer={name}",
+            "optimizer.rank=8",
+            "optimizer.update_gap=10",
+            "trainer.max_steps=40",
+            "trainer.warmup_steps=4",
+        ]
+    )
+    s = train(cfg, tmp_path)
+    assert s["optimizer"] == name
+    assert s["eval"]["final_ppl"] < 0.5 * s["eval"]["initial_ppl"]
+    by_cat = s["memory"]["optimizer_state_by_category"]
+    assert by_cat["projector"] > 0 and by_cat["moments"] > 0

@@ -1,0 +1,5 @@
+"""Residuals: what happens to the part of the gradient outside the subspace, G - P P^T G."""
+
+from optimizers.residuals.norm_scaled import NormScaledResidual
+
+__all__ = ["NormScaledResidual"]

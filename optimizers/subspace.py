@@ -1,0 +1,165 @@
+"""The generic low-rank optimizer: projector x rule x residual, one ``torch.optim.Optimizer``.
+
+For a targeted 2-D weight W with gradient G, one step is (GaLore Alg. 1 with Fira's residual):
+
+1. the projector refreshes its basis when due (its own per-matrix step counter);
+2. R = project(G); the rule turns R into a low-rank direction N (Adam: M / (sqrt(V) + eps));
+3. the residual combines them: ``drop`` gives scale * back(N) (GaLore); ``norm_scaled`` adds
+   Fira's scaled, limited G - back(R);
+4. W <- W - lr * correction * update, then decoupled weight decay W <- W - lr * wd * W.
+
+Every other parameter (embeddings, lm_head, norms) sits in a plain group of the same optimizer
+and takes the same Adam rule on its full gradient, as in the reference optimizers. All state is
+tensors, ints and strings, so ``state_dict()`` survives ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from optimizers.projectors import SvdProjector
+from optimizers.residuals import NormScaledResidual
+from optimizers.rules import AdamRule
+
+STATE_CATEGORIES = ("moments", "projector", "error", "indices", "other")
+
+
+class SubspaceOptimizer(torch.optim.Optimizer):
+    """``params``: param groups (named parameters welcome: errors then name the matrix); a group
+    with ``projected=True`` is projected, the others take plain Adam.
+
+    Components are shared by all projected matrices; per-matrix state lives in ``self.state``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict],
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        projector: SvdProjector,
+        scale: float,
+        residual: NormScaledResidual | None = None,
+    ) -> None:
+        if lr <= 0:
+            raise ValueError(f"optimizer.lr={lr} must be positive")
+        if weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, projected=False
+        )
+        super().__init__(params, defaults)
+        self.projector, self.scale, self.residual = projector, scale, residual
+        self.rule = AdamRule(tuple(betas), eps)
+        for group in self.param_groups:
+            if group["projected"]:
+                names = group.get("param_names") or ["a matrix"] * len(group["params"])
+                for name, p in zip(names, group["params"], strict=True):
+                    if p.dim() != 2:
+                        raise ValueError(
+                            f"{name}: a projected parameter must be a 2-D matrix, got shape "
+                            f"{tuple(p.shape)}; leave it out of optimizer.target_modules"
+                        )
+                    projector.check(tuple(p.shape), name)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("sparse gradients are not supported")
+                self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        step = state.get("step", 0)
+        grad = p.grad
+        if group["projected"]:
+            if self.projector.due(step) or "basis" not in state:
+                self.projector.refresh(state, grad)
+            low = self.projector.project(state, grad)
+        else:
+            low = grad
+        step += 1
+        state["step"] = step
+        direction, correction = self.rule.direction(state, low, step)
+        if not group["projected"]:
+            update = direction
+        elif self.residual is None:
+            update = self.projector.project_back(state, direction).mul_(self.scale)
+        else:
+            update = self.residual.combine(
+                state,
+                grad,
+                low,
+                direction,
+                lambda t: self.projector.project_back(state, t),
+                self.scale,
+            )
+        p.add_(update, alpha=-group["lr"] * correction)
+        if group["weight_decay"] > 0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    # ------------------------------------------------------------------ memory
+    def state_nbytes(self) -> dict[str, int]:
+        """Bytes of every state tensor, by category; the step counters are Python ints."""
+        out = dict.fromkeys(STATE_CATEGORIES, 0)
+        for state in self.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    out[CATEGORY_OF[key]] += value.numel() * value.element_size()
+        return out
+
+    def projection_report(self) -> str:
+        """One line for the start-up log: what is projected, at what rank."""
+        projected = [p for g in self.param_groups if g["projected"] for p in g["params"]]
+        plain = [p for g in self.param_groups if not g["projected"] for p in g["params"]]
+        n_proj = sum(p.numel() for p in projected)
+        n_plain = sum(p.numel() for p in plain)
+        return (
+            f"{len(projected)} matrices ({n_proj / 1e6:.2f}M params) projected at rank "
+            f"{self.projector.rank} ({self.projector.proj_type}, refresh every "
+            f"{self.projector.update_gap} steps); {len(plain)} tensors "
+            f"({n_plain / 1e6:.2f}M params) take plain Adam"
+        )
+
+
+CATEGORY_OF = {
+    "exp_avg": "moments",
+    "exp_avg_sq": "moments",
+    "basis": "projector",
+    "basis_right": "projector",
+    "residual_norm": "other",
+}
+
+
+def memory_formula(
+    shape: tuple[int, ...],
+    projected: bool,
+    projector: SvdProjector,
+    residual: bool,
+    dtype: torch.dtype,
+) -> dict[str, int]:
+    """Closed-form state bytes of one parameter after its first step (GaLore Sec. 4.1:
+    moments 2 x reduced numel, basis r x (side dim); Fira adds one scalar)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    out = dict.fromkeys(STATE_CATEGORIES, 0)
+    if not projected:
+        out["moments"] = 2 * math.prod(shape) * size
+        return out
+    out["moments"] = 2 * math.prod(projector.reduced_shape(shape)) * size
+    out["projector"] = projector.basis_numel(shape) * size
+    if residual:
+        out["other"] = size  # the limiter's previous residual norm
+    return out

@@ -1,0 +1,174 @@
+"""The contract every registered optimizer meets, run over the whole registry."""
+
+import copy
+import io
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import optimizers
+from llm_pretrain.config import ModelConfig, TrainerConfig
+from llm_pretrain.model import build_model
+from llm_pretrain.schedule import build_scheduler
+from tests.conftest import compose_cfg
+
+METHODS = sorted(optimizers.REGISTRY)
+
+
+def optimizer_cfg(name: str):
+    cfg = compose_cfg([f"optimizer={name}"]).optimizer
+    OmegaConf.set_struct(cfg, False)
+    cfg.lr = 3e-3
+    if "rank" in cfg:  # small enough for the toy model, refreshed within the test
+        cfg.rank, cfg.update_gap = 8, 2
+    return cfg
+
+
+def toy_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(
+        ModelConfig(
+            name="toy",
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            num_layers=2,
+            vocab_size=64,
+            max_position_embeddings=64,
+        )
+    )
+
+
+BATCH = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+def train_steps(model, opt, n, sched=None):
+    losses = []
+    for _ in range(n):
+        loss = model(BATCH, BATCH)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_decreases_the_loss(name):
+    model = toy_model()
+    opt = optimizers.build(optimizer_cfg(name), model)
+    losses = train_steps(model, opt, 40)
+    assert losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_dict_round_trip_resumes_bit_identically(name):
+    cfg = optimizer_cfg(name)
+    tc = TrainerConfig(max_steps=10, warmup_steps=2)
+    straight = toy_model()
+    opt = optimizers.build(cfg, straight)
+    train_steps(straight, opt, 6, build_scheduler(opt, tc))
+
+    first = toy_model()
+    opt1 = optimizers.build(cfg, first)
+    sched1 = build_scheduler(opt1, tc)
+    train_steps(first, opt1, 3, sched1)  # crosses a subspace refresh (update_gap=2)
+    buf = io.BytesIO()
+    torch.save(
+        {"opt": opt1.state_dict(), "sched": sched1.state_dict(), "model": first.state_dict()}, buf
+    )
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = toy_model(seed=99)
+    resumed.load_state_dict(saved["model"])
+    opt2 = optimizers.build(cfg, resumed)
+    sched2 = build_scheduler(opt2, tc)  # before loading: LambdaLR's constructor resets the lr
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    train_steps(resumed, opt2, 3, sched2)
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def real_state_bytes(opt) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", METHODS)
+def test_state_nbytes_is_exact_and_matches_the_formula(name, dtype):
+    cfg = optimizer_cfg(name)
+    model = toy_model().to(dtype)
+    opt = optimizers.build(cfg, model)
+    train_steps(model, opt, 3)
+    reported = optimizers.state_nbytes(opt)
+    assert sum(reported.values()) == real_state_bytes(opt)
+    formula = optimizers.memory_formula(name, model, cfg)
+    assert {k: v for k, v in formula.items() if v} == {k: v for k, v in reported.items() if v}
+    # and the formula needs no memory: the same numbers from a meta-device model
+    meta = build_model(copy.deepcopy(model.cfg), "meta").to(dtype)
+    assert optimizers.memory_formula(name, meta, cfg) == formula
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "adamw"])
+def test_only_targeted_matrices_are_projected(name):
+    model = toy_model()
+    opt = optimizers.build(optimizer_cfg(name), model)
+    train_steps(model, opt, 1)
+    names = {p: n for n, p in model.named_parameters()}
+    for p, state in opt.state.items():
+        targeted = "self_attn" in names[p] or "mlp" in names[p]
+        assert ("basis" in state) == targeted
+        if not targeted:  # embeddings, lm_head, norms: plain Adam on the full tensor
+            assert state["exp_avg"].shape == p.shape
+    report = opt.projection_report()
+    # 2 layers x 7 linears projected; embeddings, lm_head and 5 norms stay plain
+    assert report.startswith("14 matrices") and "rank 8" in report and "7 tensors" in report
+
+
+def test_rank_larger_than_a_matrix_is_refused():
+    cfg = optimizer_cfg("galore")
+    cfg.rank = 40
+    with pytest.raises(
+        ValueError,
+        match=r"optimizer.rank=40 exceeds min\(shape\)=32 of "
+        r"model.layers.0.self_attn.q_proj.weight",
+    ):
+        optimizers.build(cfg, toy_model())
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("rank", 0, "optimizer.rank=0 must be a positive integer"),
+        ("update_gap", 0, "optimizer.update_gap=0"),
+        ("proj_type", "diagonal", "optimizer.proj_type='diagonal'"),
+        ("svd_backend", "qr", "optimizer.svd_backend='qr'"),
+        ("target_modules", ["ffn"], r"optimizer.target_modules=\['ffn'\] matches no nn.Linear"),
+    ],
+)
+def test_bad_settings_are_explained(key, value, match):
+    cfg = optimizer_cfg("galore")
+    cfg[key] = value
+    with pytest.raises(ValueError, match=match):
+        optimizers.build(cfg, toy_model())
+
+
+def test_randomized_svd_spans_the_same_top_subspace():
+    g = torch.randn(64, 8) @ torch.randn(8, 48)  # rank 8: both backends find it
+    bases = {}
+    for backend in ("exact", "randomized"):
+        proj = optimizers.SvdProjector(8, 2, "std", backend)
+        state = {}
+        proj.refresh(state, g)
+        bases[backend] = state["basis"]  # (8, 48), right side
+    overlap = bases["exact"] @ bases["randomized"].T
+    assert torch.allclose(torch.linalg.svdvals(overlap), torch.ones(8), atol=1e-4)
