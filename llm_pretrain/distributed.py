@@ -89,6 +89,21 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def check_replicas(module: torch.nn.Module) -> None:
+    """Raise if the ranks' weights differ: DDP keeps them equal only if every optimizer step is
+    deterministic given the all-reduced gradients (SVD bases, seeds, sampling)."""
+    if not active():
+        return
+    sums = [float(p.detach().double().sum()) for p in module.parameters()]
+    ranks = gather_objects(sums)
+    diverged = [i for i, s in enumerate(ranks) if s != ranks[0]]
+    if diverged:
+        raise RuntimeError(
+            f"ranks {diverged} hold different weights from rank 0 after training: the optimizer "
+            "step is not identical on every rank"
+        )
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -443,6 +443,7 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     saved_now = cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0
     if cfg.checkpoint.at_end and not saved_now:
         save(job, time.perf_counter() - t_start)
+    distributed.check_replicas(job.model)
     final = job.evaluate()
     logger.log(
         {

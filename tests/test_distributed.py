@@ -27,8 +27,17 @@ def metrics(run_dir):
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank(tmp_path):
-    single = run_cli([*COMMON, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        [],
+        # GaLore: refreshes every 2 steps; every rank must compute the same SVD basis
+        ["optimizer=galore", "optimizer.rank=8", "optimizer.update_gap=2"],
+    ],
+)
+def test_two_ranks_match_one_rank(tmp_path, optimizer):
+    common = [*COMMON, *optimizer]
+    single = run_cli([*common, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     work = tmp_path / "ddp_cwd"
     work.mkdir()
@@ -41,7 +50,7 @@ def test_two_ranks_match_one_rank(tmp_path):
             "--nproc_per_node=2",
             "-m",
             "llm_pretrain.train",
-            *COMMON,
+            *common,
             f"hydra.run.dir={tmp_path / 'ddp'}",
         ],
         cwd=work,
@@ -60,3 +69,34 @@ def test_two_ranks_match_one_rank(tmp_path):
     # Only rank 0 wrote: one run directory, no stray outputs where the ranks were started.
     assert list(work.iterdir()) == []
     assert ddp.stdout.count("run summary") == 1
+
+
+def _replica_worker(rank: int, init_file: str, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from llm_pretrain import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    module = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+        module.bias.fill_(0.0)
+    distributed.check_replicas(module)  # identical: passes
+    with torch.no_grad():
+        module.bias.fill_(float(rank))
+    try:
+        distributed.check_replicas(module)
+        results[rank] = "no error"
+    except RuntimeError as e:
+        results[rank] = str(e)
+    dist.destroy_process_group()
+
+
+def test_diverged_replicas_are_detected(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_replica_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+        assert all("ranks [1] hold different weights" in results[r] for r in (0, 1))
