@@ -52,18 +52,40 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW; later optimizers extend this schema with their own keys."""
+    """What every optimizer has; each method's schema adds only the keys it reads."""
 
     name: str = MISSING
     lr: float = 1e-3
     weight_decay: float = 0.0
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
     implementation: str = "auto"  # auto | foreach | fused | for_loop
 
 
 @dataclass
-class GaLoreConfig(OptimizerConfig):
+class Adam8bitConfig(AdamConfig):
+    min_8bit_size: int = 4096  # smaller tensors keep 32-bit state (bitsandbytes' rule)
+    block_size: int = 256  # bitsandbytes' blockwise quantisation block (fixed on CPU and GPU)
+
+
+@dataclass
+class AdafactorConfig(OptimizerConfig):
+    beta2_decay: float = -0.8
+    eps1: float | None = None  # None: the parameter dtype's machine epsilon (torch's default)
+    eps2: float = 1e-3
+    clip_threshold: float = 1.0
+
+
+@dataclass
+class GaLoreConfig(AdamConfig):
     """Low-rank projection with an SVD basis (GaLore); Fira extends it."""
 
     rank: int = 128
@@ -162,7 +184,9 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
-    cs.store(group="optimizer", name="base_optimizer", node=OptimizerConfig)
+    cs.store(group="optimizer", name="base_adamw", node=AdamWConfig)
+    cs.store(group="optimizer", name="base_adam8bit", node=Adam8bitConfig)
+    cs.store(group="optimizer", name="base_adafactor", node=AdafactorConfig)
     cs.store(group="optimizer", name="base_galore", node=GaLoreConfig)
     cs.store(group="optimizer", name="base_fira", node=FiraConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)

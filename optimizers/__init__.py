@@ -12,7 +12,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llm_pretrain.config import FiraConfig, GaLoreConfig, OptimizerConfig
+from llm_pretrain.config import (
+    AdafactorConfig,
+    Adam8bitConfig,
+    AdamWConfig,
+    FiraConfig,
+    GaLoreConfig,
+    OptimizerConfig,
+)
+from optimizers import accounting
 from optimizers.projectors import SvdProjector
 from optimizers.residuals import NormScaledResidual
 from optimizers.subspace import SubspaceOptimizer
@@ -33,10 +41,29 @@ def register(name: str, formula: Formula) -> Callable[[Builder], Builder]:
     return deco
 
 
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _adamw_formula(shape, projected, cfg, dtype) -> dict[str, int]:
     # torch.optim.AdamW: two moments in the parameter's dtype and a float32 step tensor.
-    size = torch.empty((), dtype=dtype).element_size()
-    return {"moments": 2 * math.prod(shape) * size, "other": 4}
+    return {"moments": 2 * math.prod(shape) * _bytes(dtype), "other": 4}
+
+
+def _adam8bit_formula(shape, projected, cfg, dtype) -> dict[str, int]:
+    # bitsandbytes: uint8 codes for M and V, one fp32 absmax per block each, two 256-entry fp32
+    # code maps; tensors under min_8bit_size keep fp32 M and V. The step count is a Python int.
+    n = math.prod(shape)
+    if n < cfg.min_8bit_size:
+        return {"moments": 2 * n * 4}
+    return {"moments": 2 * n, "quantization": 2 * 4 * (math.ceil(n / cfg.block_size) + 256)}
+
+
+def _adafactor_formula(shape, projected, cfg, dtype) -> dict[str, int]:
+    # torch.optim.Adafactor: row and column statistics of a matrix (its full variance for a
+    # vector), in the parameter's dtype, and a float32 step tensor.
+    stats = shape[-2] * math.prod(shape[:-2]) + shape[-1] if len(shape) >= 2 else math.prod(shape)
+    return {"moments": stats * _bytes(dtype), "other": 4}
 
 
 def _subspace_formula(residual: bool) -> Formula:
@@ -61,7 +88,7 @@ def memory_formula(name: str, model: nn.Module, cfg: OptimizerConfig) -> dict[st
 
 
 @register("adamw", _adamw_formula)
-def build_adamw(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_adamw(cfg: AdamWConfig, model: nn.Module) -> torch.optim.Optimizer:
     impl = {
         "auto": {},
         "foreach": {"foreach": True},
@@ -121,6 +148,40 @@ def build_subspace(cfg: GaLoreConfig, model: nn.Module, residual=None) -> Subspa
     )
 
 
+@register("adamw8bit", _adam8bit_formula)
+def build_adamw8bit(cfg: Adam8bitConfig, model: nn.Module) -> torch.optim.Optimizer:
+    try:
+        import bitsandbytes as bnb  # runs on CPU and CUDA since 0.45
+    except ImportError as e:
+        raise ImportError("optimizer=adamw8bit needs bitsandbytes: pip install -e '.[bnb]'") from e
+
+    if cfg.block_size != 256:
+        raise ValueError(
+            "optimizer.block_size: bitsandbytes' 8-bit optimizers use 256-value "
+            f"blocks on every device; got {cfg.block_size}"
+        )
+    return bnb.optim.AdamW8bit(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        min_8bit_size=cfg.min_8bit_size,
+    )
+
+
+@register("adafactor", _adafactor_formula)
+def build_adafactor(cfg: AdafactorConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adafactor(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        beta2_decay=cfg.beta2_decay,
+        eps=(cfg.eps1, cfg.eps2),
+        d=cfg.clip_threshold,
+        weight_decay=cfg.weight_decay,
+    )
+
+
 @register("galore", _subspace_formula(residual=False))
 def build_galore(cfg: GaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
     return build_subspace(cfg, model)
@@ -141,25 +202,8 @@ def build(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
     return REGISTRY[cfg.name](cfg, model)
 
 
-MOMENT_KEYS = {"exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq"}
-
-
 def state_nbytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of optimizer state by category, each storage counted once.
-
-    Optimizers that know their own layout expose ``state_nbytes()``; for the others the state
-    dict is walked: Adam moments are "moments", step counters and anything else "other".
-    """
+    """Bytes of optimizer state by category (see ``optimizers.accounting``)."""
     if hasattr(optimizer, "state_nbytes"):
         return dict(optimizer.state_nbytes())
-    seen: set[int] = set()
-    out = {"moments": 0, "other": 0}
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                if storage.data_ptr() in seen and storage.nbytes():
-                    continue
-                seen.add(storage.data_ptr())
-                out["moments" if key in MOMENT_KEYS else "other"] += storage.nbytes()
-    return out
+    return accounting.state_nbytes(optimizer.state.values())

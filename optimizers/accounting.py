@@ -1,0 +1,49 @@
+"""Optimizer-state bytes by category: one table of state keys for every optimizer here.
+
+Categories: ``moments`` (Adam's M and V, Adafactor's factored statistics, 8-bit codes),
+``projector`` (subspace bases), ``quantization`` (blockwise absmax and code maps), ``error``
+(error-feedback buffers), ``indices`` (selected rows/columns), ``other`` (step counters, scalars).
+Python numbers in the state (step counts, seeds, side flags) cost no tensor memory and are not
+counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+CATEGORIES = ("moments", "projector", "quantization", "error", "indices", "other")
+KEY_CATEGORY = {
+    "exp_avg": "moments",
+    "exp_avg_sq": "moments",
+    "max_exp_avg_sq": "moments",
+    "momentum_buffer": "moments",
+    "state1": "moments",
+    "state2": "moments",
+    "row_var": "moments",
+    "col_var": "moments",
+    "variance": "moments",
+    "basis": "projector",
+    "basis_right": "projector",
+    "qmap1": "quantization",
+    "qmap2": "quantization",
+    "absmax1": "quantization",
+    "absmax2": "quantization",
+}
+
+
+def state_nbytes(states: Iterable[dict]) -> dict[str, int]:
+    """Bytes of the tensors in per-parameter state dicts, each storage counted once."""
+    out = dict.fromkeys(CATEGORIES, 0)
+    seen: set[int] = set()
+    for state in states:
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            storage = value.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            out[KEY_CATEGORY.get(key, "other")] += storage.nbytes()
+    return out
