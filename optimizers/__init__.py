@@ -29,13 +29,18 @@ from optimizers.subspace import memory_formula as subspace_memory
 Builder = Callable[[OptimizerConfig, nn.Module], torch.optim.Optimizer]
 # (shape, projected?, config, dtype) -> state bytes by category, after the first step
 Formula = Callable[[tuple[int, ...], bool, OptimizerConfig, torch.dtype], dict[str, int]]
+# (all parameter shapes, config) -> bytes held once per optimizer (e.g. shared code maps)
+Shared = Callable[[list[tuple[int, ...]], OptimizerConfig], dict[str, int]]
 REGISTRY: dict[str, Builder] = {}
 FORMULAS: dict[str, Formula] = {}
+SHARED: dict[str, Shared] = {}
 
 
-def register(name: str, formula: Formula) -> Callable[[Builder], Builder]:
+def register(name: str, formula: Formula, shared: Shared | None = None):
     def deco(fn: Builder) -> Builder:
         REGISTRY[name], FORMULAS[name] = fn, formula
+        if shared is not None:
+            SHARED[name] = shared
         return fn
 
     return deco
@@ -51,12 +56,18 @@ def _adamw_formula(shape, projected, cfg, dtype) -> dict[str, int]:
 
 
 def _adam8bit_formula(shape, projected, cfg, dtype) -> dict[str, int]:
-    # bitsandbytes: uint8 codes for M and V, one fp32 absmax per block each, two 256-entry fp32
-    # code maps; tensors under min_8bit_size keep fp32 M and V. The step count is a Python int.
+    # bitsandbytes: uint8 codes for M and V and one fp32 absmax per block each; tensors under
+    # min_8bit_size keep fp32 M and V. The step count is a Python int. The two 256-entry code
+    # maps are shared by all parameters: see _adam8bit_shared.
     n = math.prod(shape)
     if n < cfg.min_8bit_size:
         return {"moments": 2 * n * 4}
-    return {"moments": 2 * n, "quantization": 2 * 4 * (math.ceil(n / cfg.block_size) + 256)}
+    return {"moments": 2 * n, "quantization": 2 * 4 * math.ceil(n / cfg.block_size)}
+
+
+def _adam8bit_shared(shapes, cfg) -> dict[str, int]:
+    quantized = any(math.prod(s) >= cfg.min_8bit_size for s in shapes)
+    return {"quantization": 2 * 256 * 4} if quantized else {}
 
 
 def _adafactor_formula(shape, projected, cfg, dtype) -> dict[str, int]:
@@ -80,9 +91,13 @@ def memory_formula(name: str, model: nn.Module, cfg: OptimizerConfig) -> dict[st
     projected = set()
     if "target_modules" in cfg:
         projected = {id(p) for _, p in split_targets(model, list(cfg.target_modules))[0]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    parts = [FORMULAS[name](tuple(p.shape), id(p) in projected, cfg, p.dtype) for p in params]
+    if name in SHARED:
+        parts.append(SHARED[name]([tuple(p.shape) for p in params], cfg))
     total: dict[str, int] = {}
-    for p in model.parameters():
-        for key, n in FORMULAS[name](tuple(p.shape), id(p) in projected, cfg, p.dtype).items():
+    for part in parts:
+        for key, n in part.items():
             total[key] = total.get(key, 0) + n
     return total
 
@@ -148,7 +163,7 @@ def build_subspace(cfg: GaLoreConfig, model: nn.Module, residual=None) -> Subspa
     )
 
 
-@register("adamw8bit", _adam8bit_formula)
+@register("adamw8bit", _adam8bit_formula, _adam8bit_shared)
 def build_adamw8bit(cfg: Adam8bitConfig, model: nn.Module) -> torch.optim.Optimizer:
     try:
         import bitsandbytes as bnb  # runs on CPU and CUDA since 0.45
