@@ -98,6 +98,11 @@ class GaLoreConfig(AdamConfig):
 
 
 @dataclass
+class GaLore8bitConfig(GaLoreConfig):
+    min_8bit_size: int = 4096  # smaller (projected) tensors keep fp32 moments
+
+
+@dataclass
 class FiraConfig(GaLoreConfig):
     mode: str = "paper"  # paper | code (the pip fira 1.0.2 arithmetic)
     limiter_gamma: float = 1.01
@@ -189,5 +194,6 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_adafactor", node=AdafactorConfig)
     cs.store(group="optimizer", name="base_galore", node=GaLoreConfig)
     cs.store(group="optimizer", name="base_fira", node=FiraConfig)
+    cs.store(group="optimizer", name="base_galore_8bit", node=GaLore8bitConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)

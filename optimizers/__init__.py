@@ -17,12 +17,14 @@ from llm_pretrain.config import (
     Adam8bitConfig,
     AdamWConfig,
     FiraConfig,
+    GaLore8bitConfig,
     GaLoreConfig,
     OptimizerConfig,
 )
 from optimizers import accounting
 from optimizers.projectors import SvdProjector
 from optimizers.residuals import NormScaledResidual
+from optimizers.rules import BlockwiseAdam8bitRule
 from optimizers.subspace import SubspaceOptimizer
 from optimizers.subspace import memory_formula as subspace_memory
 
@@ -77,12 +79,21 @@ def _adafactor_formula(shape, projected, cfg, dtype) -> dict[str, int]:
     return {"moments": stats * _bytes(dtype), "other": 4}
 
 
-def _subspace_formula(residual: bool) -> Formula:
+def _subspace_formula(residual: bool, eight_bit: bool = False) -> Formula:
     def formula(shape, projected, cfg, dtype) -> dict[str, int]:
         projector = SvdProjector(cfg.rank, cfg.update_gap, cfg.proj_type, cfg.svd_backend)
-        return subspace_memory(shape, projected, projector, residual, dtype)
+        rule = _rule_8bit(cfg) if eight_bit else None
+        return subspace_memory(shape, projected, projector, residual, dtype, rule)
 
     return formula
+
+
+def _rule_8bit(cfg) -> BlockwiseAdam8bitRule:
+    return BlockwiseAdam8bitRule(tuple(cfg.betas), cfg.eps, cfg.min_8bit_size)
+
+
+def _galore_8bit_shared(shapes, cfg) -> dict[str, int]:
+    return _rule_8bit(cfg).shared_nbytes()
 
 
 def memory_formula(name: str, model: nn.Module, cfg: OptimizerConfig) -> dict[str, int]:
@@ -145,7 +156,9 @@ def split_targets(model: nn.Module, targets: list[str]) -> tuple[list, list]:
     return [(n, p) for n, p in named if n in chosen], [(n, p) for n, p in named if n not in chosen]
 
 
-def build_subspace(cfg: GaLoreConfig, model: nn.Module, residual=None) -> SubspaceOptimizer:
+def build_subspace(
+    cfg: GaLoreConfig, model: nn.Module, residual=None, rule=None
+) -> SubspaceOptimizer:
     projected, plain = split_targets(model, list(cfg.target_modules))
     projector = SvdProjector(cfg.rank, cfg.update_gap, cfg.proj_type, cfg.svd_backend)
     groups = [{"params": projected, "projected": True}]
@@ -160,6 +173,7 @@ def build_subspace(cfg: GaLoreConfig, model: nn.Module, residual=None) -> Subspa
         projector=projector,
         scale=cfg.scale,
         residual=residual,
+        rule=rule,
     )
 
 
@@ -200,6 +214,11 @@ def build_adafactor(cfg: AdafactorConfig, model: nn.Module) -> torch.optim.Optim
 @register("galore", _subspace_formula(residual=False))
 def build_galore(cfg: GaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
     return build_subspace(cfg, model)
+
+
+@register("galore_8bit", _subspace_formula(residual=False, eight_bit=True), _galore_8bit_shared)
+def build_galore_8bit(cfg: GaLore8bitConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return build_subspace(cfg, model, rule=_rule_8bit(cfg))
 
 
 @register("fira", _subspace_formula(residual=True))

@@ -23,7 +23,7 @@ import torch
 from optimizers.accounting import CATEGORIES, state_nbytes
 from optimizers.projectors import SvdProjector
 from optimizers.residuals import NormScaledResidual
-from optimizers.rules import AdamRule
+from optimizers.rules import AdamRule, BlockwiseAdam8bitRule
 
 
 class SubspaceOptimizer(torch.optim.Optimizer):
@@ -43,6 +43,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         projector: SvdProjector,
         scale: float,
         residual: NormScaledResidual | None = None,
+        rule: AdamRule | BlockwiseAdam8bitRule | None = None,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"optimizer.lr={lr} must be positive")
@@ -53,7 +54,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.projector, self.scale, self.residual = projector, scale, residual
-        self.rule = AdamRule(tuple(betas), eps)
+        self.rule = rule if rule is not None else AdamRule(tuple(betas), eps)
         for group in self.param_groups:
             if group["projected"]:
                 names = group.get("param_names") or ["a matrix"] * len(group["params"])
@@ -111,8 +112,29 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
     # ------------------------------------------------------------------ memory
+    def shared_state(self) -> dict[str, list[torch.Tensor]]:
+        """Tensors the components hold once for every parameter (e.g. 8-bit code maps)."""
+        if not self.state or not hasattr(self.rule, "shared_tensors"):
+            return {}
+        return self.rule.shared_tensors()
+
     def state_nbytes(self) -> dict[str, int]:
-        return state_nbytes(self.state.values())
+        out = state_nbytes(self.state.values())
+        for key, tensors in self.shared_state().items():
+            out[key] += sum(t.nbytes for t in tensors)
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but every state tensor keeps the dtype it was saved with: torch casts
+        floating-point state to the parameter's dtype, which would turn fp32 block scales or
+        fp32 moments of a bf16 model into bf16 and break an exact resume."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            live = self.state[params[index]]
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor) and live[key].dtype != value.dtype:
+                    live[key] = value.to(device=params[index].device)
 
     def projection_report(self) -> str:
         """One line for the start-up log: what is projected, at what rank."""
@@ -134,16 +156,20 @@ def memory_formula(
     projector: SvdProjector,
     residual: bool,
     dtype: torch.dtype,
+    rule: BlockwiseAdam8bitRule | None = None,
 ) -> dict[str, int]:
     """Closed-form state bytes of one parameter after its first step (GaLore Sec. 4.1:
-    moments 2 x reduced numel, basis r x (side dim); Fira adds one scalar)."""
+    moments 2 x reduced numel, basis r x (side dim); Fira adds one scalar; an 8-bit ``rule``
+    stores the moments as codes plus block scales)."""
     size = torch.empty((), dtype=dtype).element_size()
     out = dict.fromkeys(CATEGORIES, 0)
-    if not projected:
-        out["moments"] = 2 * math.prod(shape) * size
-        return out
-    out["moments"] = 2 * math.prod(projector.reduced_shape(shape)) * size
-    out["projector"] = projector.basis_numel(shape) * size
-    if residual:
-        out["other"] = size  # the limiter's previous residual norm
+    moment_shape = projector.reduced_shape(shape) if projected else shape
+    if rule is None:
+        out["moments"] = 2 * math.prod(moment_shape) * size
+    else:
+        out.update(rule.state_nbytes(moment_shape))
+    if projected:
+        out["projector"] = projector.basis_numel(shape) * size
+        if residual:
+            out["other"] = size  # the limiter's previous residual norm
     return out

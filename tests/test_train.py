@@ -276,7 +276,7 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["galore", "fira"])
+@pytest.mark.parametrize("name", ["galore", "galore_8bit", "fira"])
 def test_low_rank_optimizers_train_the_model(tmp_path, name):
     cfg = compose_cfg(
         [

@@ -1,5 +1,6 @@
 """Rules: turn a (projected) gradient into an update using their own state."""
 
 from optimizers.rules.adam import AdamRule
+from optimizers.rules.adam8bit import BlockwiseAdam8bitRule
 
-__all__ = ["AdamRule"]
+__all__ = ["AdamRule", "BlockwiseAdam8bitRule"]

@@ -1,0 +1,107 @@
+"""Adam with blockwise 8-bit moments (Dettmers et al. 2022), for 8-bit GaLore (Zhao et al. 2024,
+Sec. 4.3), using bitsandbytes' own update kernels, which run on CPU and CUDA.
+
+Tensors with at least ``min_8bit_size`` values keep M and V as uint8 codes with one fp32 absmax
+per 256-value block (``state1``/``state2``, ``absmax1``/``absmax2``); smaller ones keep fp32 M and
+V, as bitsandbytes does. The two 256-entry code maps are constants of the rule, shared by every
+tensor (2 KiB per optimizer), not per-parameter state. The kernel applies Adam's bias
+correction itself, so the direction comes back with a correction factor of 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK = 256
+
+
+class BlockwiseAdam8bitRule:
+    def __init__(self, betas: tuple[float, float], eps: float, min_8bit_size: int = 4096) -> None:
+        try:
+            import bitsandbytes.functional as bnbf
+        except ImportError as e:
+            raise ImportError(
+                "8-bit optimizer states need bitsandbytes: pip install -e '.[bnb]'"
+            ) from e
+        self.F = bnbf
+        self.beta1, self.beta2 = betas
+        self.eps, self.min_8bit_size = eps, min_8bit_size
+        self.qmap1 = bnbf.create_dynamic_map(signed=True)
+        self.qmap2 = bnbf.create_dynamic_map(signed=False)
+
+    def quantized(self, numel: int) -> bool:
+        return numel >= self.min_8bit_size
+
+    def direction(self, state: dict, grad: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
+        grad = grad.contiguous()
+        if "state1" not in state:
+            self._init(state, grad)
+        if self.qmap1.device != grad.device:
+            self.qmap1, self.qmap2 = self.qmap1.to(grad.device), self.qmap2.to(grad.device)
+        out = torch.zeros_like(grad)  # the kernel writes -1.0 x (corrected Adam update) here
+        if state["state1"].dtype == torch.uint8:
+            self.F.optimizer_update_8bit_blockwise(
+                "adam",
+                grad,
+                out,
+                state["state1"],
+                state["state2"],
+                self.beta1,
+                self.beta2,
+                0.0,
+                0.0,
+                self.eps,
+                step,
+                1.0,
+                self.qmap1,
+                self.qmap2,
+                state["absmax1"],
+                state["absmax2"],
+                0.0,
+            )
+        else:
+            self.F.optimizer_update_32bit(
+                "adam",
+                grad,
+                out,
+                state["state1"],
+                self.beta1,
+                self.eps,
+                step,
+                1.0,
+                state["state2"],
+                self.beta2,
+                0.0,
+                0.0,
+                0.0,
+                1.0,
+            )
+        return out.neg_(), 1.0
+
+    def _init(self, state: dict, grad: torch.Tensor) -> None:
+        n = grad.numel()
+        if not self.quantized(n):
+            state["state1"] = torch.zeros_like(grad, dtype=torch.float32)
+            state["state2"] = torch.zeros_like(grad, dtype=torch.float32)
+            return
+        blocks = math.ceil(n / BLOCK)
+        state["state1"] = torch.zeros_like(grad, dtype=torch.uint8)
+        state["state2"] = torch.zeros_like(grad, dtype=torch.uint8)
+        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+
+    def shared_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """State held once for all tensors, by category."""
+        return {"quantization": [self.qmap1, self.qmap2]}
+
+    def shared_nbytes(self) -> dict[str, int]:
+        return {k: sum(t.nbytes for t in ts) for k, ts in self.shared_tensors().items()}
+
+    def state_nbytes(self, shape: tuple[int, ...]) -> dict[str, int]:
+        """Closed form for a tensor of ``shape`` after its first step."""
+        n = math.prod(shape)
+        if not self.quantized(n):
+            return {"moments": 2 * 4 * n}
+        return {"moments": 2 * n, "quantization": 2 * 4 * math.ceil(n / BLOCK)}
