@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench bench-optim clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ BENCH_20M := model=llama_20m data=files data.path=$(SHARED)/c4/c4_en_sample_2000
 bench: $(STAMP)
 	$(PY) -m llm_pretrain.train $(BENCH_20M) data.layout=paper hydra.run.dir=outputs/bench/llama_20m_paper
 	$(PY) -m llm_pretrain.train $(BENCH_20M) data.layout=packed hydra.run.dir=outputs/bench/llama_20m_packed
+
+# Optimizer step cost on llama_60m shapes vs torch AdamW and the reference packages.
+bench-optim: $(STAMP)
+	$(PY) -m optimizers.bench $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -93,6 +93,7 @@ class GaLoreConfig(AdamConfig):
     scale: float = 0.25
     proj_type: str = "std"  # std | reverse_std | left | right | full
     svd_backend: str = "exact"  # exact | randomized (torch.svd_lowrank)
+    svd_power_iters: int = 1  # randomized only: subspace (power) iterations
     # Linear weights whose qualified name contains one of these strings are projected.
     target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
 

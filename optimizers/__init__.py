@@ -81,11 +81,17 @@ def _adafactor_formula(shape, projected, cfg, dtype) -> dict[str, int]:
 
 def _subspace_formula(residual: bool, eight_bit: bool = False) -> Formula:
     def formula(shape, projected, cfg, dtype) -> dict[str, int]:
-        projector = SvdProjector(cfg.rank, cfg.update_gap, cfg.proj_type, cfg.svd_backend)
+        projector = _projector(cfg)
         rule = _rule_8bit(cfg) if eight_bit else None
         return subspace_memory(shape, projected, projector, residual, dtype, rule)
 
     return formula
+
+
+def _projector(cfg: GaLoreConfig) -> SvdProjector:
+    return SvdProjector(
+        cfg.rank, cfg.update_gap, cfg.proj_type, cfg.svd_backend, niter=cfg.svd_power_iters
+    )
 
 
 def _rule_8bit(cfg) -> BlockwiseAdam8bitRule:
@@ -160,7 +166,7 @@ def build_subspace(
     cfg: GaLoreConfig, model: nn.Module, residual=None, rule=None
 ) -> SubspaceOptimizer:
     projected, plain = split_targets(model, list(cfg.target_modules))
-    projector = SvdProjector(cfg.rank, cfg.update_gap, cfg.proj_type, cfg.svd_backend)
+    projector = _projector(cfg)
     groups = [{"params": projected, "projected": True}]
     if plain:
         groups.append({"params": plain, "projected": False})

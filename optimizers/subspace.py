@@ -94,10 +94,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         step += 1
         state["step"] = step
         direction, correction = self.rule.direction(state, low, step)
+        step_size = -group["lr"] * correction
         if not group["projected"]:
-            update = direction
-        elif self.residual is None:
-            update = self.projector.project_back(state, direction).mul_(self.scale)
+            p.add_(direction, alpha=step_size)
+        elif self.residual is None:  # GaLore: W += step_size * scale * back(N), in one GEMM
+            self.projector.add_back(state, p, direction, step_size * self.scale)
         else:
             update = self.residual.combine(
                 state,
@@ -107,7 +108,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 lambda t: self.projector.project_back(state, t),
                 self.scale,
             )
-        p.add_(update, alpha=-group["lr"] * correction)
+            p.add_(update, alpha=step_size)
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 

@@ -28,10 +28,12 @@ class SvdProjector:
         proj_type: str = "std",
         svd_backend: str = "exact",
         oversample: int = 8,
-        niter: int = 2,
+        niter: int = 1,
     ) -> None:
         if rank <= 0:
             raise ValueError(f"optimizer.rank={rank} must be a positive integer")
+        if niter < 0:
+            raise ValueError(f"optimizer.svd_power_iters={niter} must be >= 0")
         if update_gap <= 0:
             raise ValueError(f"optimizer.update_gap={update_gap} must be a positive integer")
         if proj_type not in SIDES:
@@ -104,6 +106,18 @@ class SvdProjector:
         if side == RIGHT:
             return grad @ basis.T  # (m, r)
         return basis.T @ grad @ state["basis_right"].T  # (r, r)
+
+    @staticmethod
+    def add_back(state: dict, out: torch.Tensor, low: torch.Tensor, alpha: float) -> None:
+        """out += alpha * project_back(low), as one GEMM that accumulates into ``out``: no
+        full-size temporary and no separate scale and add passes over the weight."""
+        side, basis = state["side"], state["basis"]
+        if side == LEFT:
+            out.addmm_(basis, low, alpha=alpha)
+        elif side == RIGHT:
+            out.addmm_(low, basis, alpha=alpha)
+        else:
+            out.addmm_(basis @ low, state["basis_right"], alpha=alpha)
 
     @staticmethod
     def project_back(state: dict, low: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""Optimizer step cost on LLaMA-60M shapes, side by side (``make bench-optim``).
+
+The 56 projected matrices of llama_60m (8 layers x q, k, v, o of 512 x 512, gate and up of
+1376 x 512, down of 512 x 1376) get fixed random gradients; every method steps them in the same
+process. Reported per method: the mean time of a step without a subspace refresh, as a ratio to
+``torch.optim.AdamW``; the extra time of a refresh step (all 56 bases at once, as in the
+references); the step time with that refresh amortised over ``--gap`` steps; and the state bytes.
+
+    python -m optimizers.bench [--steps 6] [--rank 128] [--gap 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+import optimizers
+from llm_pretrain.config import (
+    Adam8bitConfig,
+    AdamWConfig,
+    FiraConfig,
+    GaLore8bitConfig,
+    GaLoreConfig,
+)
+
+SHAPES = [(512, 512)] * 4 + [(1376, 512)] * 2 + [(512, 1376)]
+LAYERS = 8
+
+
+class Matrices(torch.nn.Module):
+    """llama_60m's targeted linears, named so the papers' target rule selects all of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.mlp = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(s, generator=g) * 0.02)
+            for _ in range(LAYERS)
+            for s in SHAPES
+        )
+
+
+def _as_linears(model: Matrices) -> torch.nn.Module:
+    """Wrap the matrices as nn.Linear modules so ``split_targets`` sees them."""
+    root = torch.nn.Module()
+    root.mlp = torch.nn.ModuleList()
+    for p in model.mlp:
+        lin = torch.nn.Linear(p.shape[1], p.shape[0], bias=False)
+        lin.weight = p
+        root.mlp.append(lin)
+    return root
+
+
+def _reference_galore(kind: str, rank: int, gap: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import fira
+        import galore_torch
+
+    def build(params):
+        group = {"params": params, "rank": rank, "update_proj_gap": gap, "proj_type": "std"}
+        if kind == "galore":
+            return galore_torch.GaLoreAdamW([group | {"scale": 0.25}], lr=0.01)
+        if kind == "galore_8bit":
+            return galore_torch.GaLoreAdamW8bit(
+                [group | {"scale": 0.25}], lr=0.01, weight_decay=0.0
+            )
+        return fira.FiraAdamW([group | {"alpha": 0.25}], lr=0.01)
+
+    return build
+
+
+def _reference_bytes(opt: torch.optim.Optimizer) -> int:
+    """State bytes of a reference optimizer, including the basis inside its projector object."""
+    total, seen = 0, set()
+    for state in opt.state.values():
+        tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+        proj = state.get("projector")
+        if proj is not None:
+            basis = proj.ortho_matrix
+            tensors += basis if isinstance(basis, list) else [basis]
+        for t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.numel() * t.element_size()  # the view, as a contiguous copy would
+    return total
+
+
+def measure(
+    builds: dict[str, tuple[Callable, Callable]], steps: int, gap: int
+) -> dict[str, dict[str, float]]:
+    """Build every optimizer, time its refresh step (step 0), then time ``steps`` more steps
+    round-robin across methods, rotating the order each round, so that the machine's drift
+    (a shared VM) falls on every method alike; report medians."""
+    setups = {}
+    for label, (build, byte_count) in builds.items():
+        model = Matrices()
+        params = list(model.mlp)
+        grads = [torch.randn_like(p) * 1e-3 for p in params]
+        setups[label] = (params, grads, build(model), byte_count)
+    times: dict[str, list[float]] = {label: [] for label in setups}
+    for round_ in range(steps + 1):  # round 0: every basis is computed, the refresh step
+        labels = list(setups)
+        labels = labels[round_ % len(labels) :] + labels[: round_ % len(labels)]
+        for label in labels:
+            params, grads, opt, _ = setups[label]
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            start = time.perf_counter()
+            opt.step()
+            times[label].append(time.perf_counter() - start)
+    out = {}
+    for label, ts in times.items():
+        plain = statistics.median(ts[1:])
+        refresh = max(ts[0] - plain, 0.0)
+        out[label] = {
+            "step_s": plain,
+            "refresh_s": refresh,
+            "amortised_s": plain + refresh / gap,
+            "bytes": setups[label][3](setups[label][2]),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=15, help="timed steps after the refresh step")
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--gap", type=int, default=200, help="refresh interval for amortisation")
+    args = ap.parse_args(argv)
+    r, gap = args.rank, args.gap
+    if args.steps >= gap:
+        raise SystemExit("--steps must be below --gap, so that only step 0 refreshes")
+    sub = dict(rank=r, update_gap=gap, lr=0.01, scale=0.25, target_modules=["mlp"])
+    ours = {
+        "adamw (torch default)": AdamWConfig(name="adamw", lr=0.01),
+        "adamw8bit (bitsandbytes)": Adam8bitConfig(name="adamw8bit", lr=0.01),
+        "galore (ours, exact SVD)": GaLoreConfig(name="galore", **sub),
+        "galore (ours, randomized SVD)": GaLoreConfig(
+            name="galore", svd_backend="randomized", **sub
+        ),
+        "galore_8bit (ours)": GaLore8bitConfig(name="galore_8bit", **sub),
+        "fira (ours)": FiraConfig(name="fira", **sub),
+    }
+    builds = {}
+    for label, cfg in ours.items():
+        builds[label] = (
+            lambda m, c=cfg: optimizers.build(c, _as_linears(m)),
+            lambda o: sum(optimizers.state_nbytes(o).values()),
+        )
+    if not torch.cuda.is_available():  # the reference 8-bit GaLore calls it unconditionally
+        torch.cuda.synchronize = lambda *a, **k: None
+    for kind, label in (
+        ("galore", "galore-torch GaLoreAdamW"),
+        ("galore_8bit", "galore-torch GaLoreAdamW8bit"),
+        ("fira", "fira FiraAdamW"),
+    ):
+        build = _reference_galore(kind, r, gap)
+        builds[label] = (lambda m, b=build: b(list(m.mlp)), _reference_bytes)
+    rows = list(measure(builds, args.steps, gap).items())
+    base = rows[0][1]["step_s"]
+    n_params = sum(p.numel() for p in Matrices().parameters())
+    print(
+        f"llama_60m projected matrices: {LAYERS * len(SHAPES)} matrices, {n_params / 1e6:.1f}M "
+        f"params; rank {r}, refresh every {gap} steps, median of {args.steps} steps; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+    )
+    print(
+        "| method | step (ms) | step / AdamW | refresh (s) | step incl. amortised refresh / AdamW "
+        "| state bytes per param |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for label, m in rows:
+        print(
+            f"| {label} | {m['step_s'] * 1e3:.1f} | {m['step_s'] / base:.2f}x | "
+            f"{m['refresh_s']:.2f} | {m['amortised_s'] / base:.2f}x | {m['bytes'] / n_params:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
