@@ -129,6 +129,9 @@ class TrainerConfig:
     progress: bool = True
     max_time_s: float = 0.0  # stop early (and still evaluate) after this wall time; 0: off
     phase_timing: bool = True  # time data / fwd+bwd / step (syncs the GPU between phases)
+    # Step each parameter inside backward, as soon as its gradient is complete, and free that
+    # gradient: full gradients never coexist. One micro-batch per step, one rank, no clipping.
+    per_layer_update: bool = False
 
 
 @dataclass

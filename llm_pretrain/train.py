@@ -82,7 +82,20 @@ def check_config(cfg: DictConfig, world_size: int) -> int:
         raise ValueError(f"data.seq_len={d.seq_len}: need at least 2 tokens to predict one")
     if t.max_steps <= 0:
         raise ValueError(f"trainer.max_steps={t.max_steps} must be positive")
-    return t.global_batch_size // per_pass
+    accum = t.global_batch_size // per_pass
+    if t.per_layer_update and accum > 1:
+        raise ValueError(
+            f"trainer.per_layer_update=true steps each parameter as soon as its gradient is "
+            f"complete, but {accum} micro-batches per step would keep every gradient until the "
+            "last one, saving nothing; set trainer.micro_batch_size=trainer.global_batch_size "
+            "(divided by the world size) or trainer.per_layer_update=false"
+        )
+    if t.per_layer_update and world_size > 1:
+        raise ValueError(
+            "trainer.per_layer_update=true is single-process only: the per-parameter hook fires "
+            "before DDP has all-reduced the gradient; run on one rank or turn it off"
+        )
+    return accum
 
 
 def fingerprint(cfg: DictConfig, world_size: int, precision: str) -> dict[str, Any]:
@@ -291,6 +304,30 @@ def save(job: Job, wall_s: float) -> None:
     log.info(f"saved {path}")
 
 
+def attach_per_layer_updates(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, memory: MemoryReport
+) -> None:
+    """Step each parameter in a post-accumulate-grad hook, then free its gradient.
+
+    With one micro-batch per step, when a parameter's hook fires every other parameter's
+    gradient is either already consumed (None) or not computed yet (None after zero_grad), so a
+    plain ``optimizer.step()`` updates exactly this parameter: any torch optimizer works, with its
+    own state and one learning-rate schedule. The gradient bytes alive at each hook are recorded,
+    so the memory report shows the peak this mode actually reaches.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def hook(p: torch.Tensor) -> None:
+        if memory.weights == 0:  # measured during the first step only: it costs O(params)
+            alive = sum(q.grad.nbytes for q in params if q.grad is not None)
+            memory.gradients = max(memory.gradients, alive)
+        optimizer.step()
+        p.grad = None
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
+
 def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torch.Tensor, Any]:
     """One optimizer step over ``accum`` micro-batches per rank.
 
@@ -323,9 +360,10 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torc
     timer.mark("forward_backward")
 
     grad_norm = None
-    if tc.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
-    job.optimizer.step()
+    if not tc.per_layer_update:  # (per-layer: the hooks stepped every parameter in backward)
+        if tc.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
+        job.optimizer.step()
     job.scheduler.step()
     if job.memory.weights == 0:  # first step of this process: optimizer state now exists
         job.memory.measure_training_state(job.model, job.optimizer)
@@ -364,6 +402,14 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
         if hasattr(job.optimizer, "projection_report"):
             log.info(f"optimizer {cfg.optimizer.name}: {job.optimizer.projection_report()}")
     logger = job.logger or RunLogger(None)
+    if tc.per_layer_update:
+        attach_per_layer_updates(job.model, job.optimizer, job.memory)
+        if tc.grad_clip > 0 and di.is_main:
+            log.warning(
+                f"trainer.grad_clip={tc.grad_clip} is not applied: with "
+                "trainer.per_layer_update=true a parameter is updated before the global gradient "
+                "norm exists, so clipping is off (set trainer.grad_clip=0 to silence this)"
+            )
     job.train_model = (
         DDP(job.model, gradient_as_bucket_view=True, broadcast_buffers=False)
         if di.world_size > 1

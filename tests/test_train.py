@@ -293,3 +293,61 @@ def test_low_rank_optimizers_train_the_model(tmp_path, name):
     assert s["eval"]["final_ppl"] < 0.5 * s["eval"]["initial_ppl"]
     by_cat = s["memory"]["optimizer_state_by_category"]
     assert by_cat["projector"] > 0 and by_cat["moments"] > 0
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore", "galore_8bit", "fira"])
+def test_per_layer_updates_match_the_normal_path(tmp_path, name):
+    base = [
+        *TINY,
+        f"optimizer={name}",
+        "trainer.max_steps=5",
+        "trainer.global_batch_size=4",
+        "trainer.grad_clip=0",
+        "trainer.eval_at_start=false",
+        "checkpoint.at_end=true",
+    ]
+    if name != "adamw":
+        base += ["optimizer.rank=8", "optimizer.update_gap=2"]
+    normal = train(compose_cfg(base), tmp_path / "normal")
+    layered = train(compose_cfg([*base, "trainer.per_layer_update=true"]), tmp_path / "layered")
+    weights = [
+        checkpoint.load(checkpoint.checkpoint_path(tmp_path / d, 5))["model"]
+        for d in ("normal", "layered")
+    ]
+    for key, w in weights[0].items():
+        assert (w - weights[1][key]).abs().max() <= 1e-6, key
+    # gradients never coexist: the peak is far below one full set of gradients
+    assert layered["memory"]["gradients"] < 0.5 * normal["memory"]["gradients"]
+
+
+def test_per_layer_updates_refuse_accumulation_and_ddp(tmp_path):
+    from llm_pretrain.train import check_config
+
+    cfg = compose_cfg([*TINY, "trainer.per_layer_update=true"])  # 8 sequences as 2 x 4
+    with pytest.raises(ValueError, match="2 micro-batches per step would keep every gradient"):
+        check_config(cfg, world_size=1)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "trainer.per_layer_update=true",
+            "trainer.micro_batch_size=4",
+            "trainer.global_batch_size=8",
+        ]
+    )
+    with pytest.raises(ValueError, match="single-process only"):
+        check_config(cfg, world_size=2)
+
+
+def test_per_layer_updates_say_clipping_is_off(tmp_path, caplog):
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "trainer.per_layer_update=true",
+            "trainer.global_batch_size=4",
+            "trainer.grad_clip=1.0",
+            "trainer.max_steps=1",
+        ]
+    )
+    with caplog.at_level("WARNING", logger="llm_pretrain"):
+        train(cfg, tmp_path)
+    assert "clipping is off" in caplog.text
