@@ -119,6 +119,16 @@ def memory_formula(name: str, model: nn.Module, cfg: OptimizerConfig) -> dict[st
     return total
 
 
+def _trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _adam_kwargs(cfg) -> dict:
+    if len(cfg.betas) != 2:
+        raise ValueError(f"optimizer.betas={list(cfg.betas)} must have two values")
+    return dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
 @register("adamw", _adamw_formula)
 def build_adamw(cfg: AdamWConfig, model: nn.Module) -> torch.optim.Optimizer:
     impl = {
@@ -131,16 +141,7 @@ def build_adamw(cfg: AdamWConfig, model: nn.Module) -> torch.optim.Optimizer:
         raise ValueError(
             f"optimizer.implementation={cfg.implementation!r}: use auto, foreach, fused or for_loop"
         )
-    if len(cfg.betas) != 2:
-        raise ValueError(f"optimizer.betas={list(cfg.betas)} must have two values")
-    return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        **impl[cfg.implementation],
-    )
+    return torch.optim.AdamW(_trainable(model), **_adam_kwargs(cfg), **impl[cfg.implementation])
 
 
 def split_targets(model: nn.Module, targets: list[str]) -> tuple[list, list]:
@@ -196,19 +197,14 @@ def build_adamw8bit(cfg: Adam8bitConfig, model: nn.Module) -> torch.optim.Optimi
             f"blocks on every device; got {cfg.block_size}"
         )
     return bnb.optim.AdamW8bit(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        min_8bit_size=cfg.min_8bit_size,
+        _trainable(model), **_adam_kwargs(cfg), min_8bit_size=cfg.min_8bit_size
     )
 
 
 @register("adafactor", _adafactor_formula)
 def build_adafactor(cfg: AdafactorConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adafactor(
-        [p for p in model.parameters() if p.requires_grad],
+        _trainable(model),
         lr=cfg.lr,
         beta2_decay=cfg.beta2_decay,
         eps=(cfg.eps1, cfg.eps2),

@@ -37,6 +37,11 @@ def run(opt, params, steps=STEPS):
     return [p.detach().clone() for p in params]
 
 
+def reference_groups(mats, vec, **projection):
+    """The references' param groups: projected matrices with their settings, and the rest."""
+    return [{"params": mats, "rank": RANK, "update_proj_gap": GAP, **projection}, {"params": [vec]}]
+
+
 def ours(mats, vec, proj_type, residual=None, scale=0.25, wd=0.0):
     groups = [{"params": mats, "projected": True}, {"params": [vec], "projected": False}]
     return SubspaceOptimizer(
@@ -58,18 +63,7 @@ def test_galore_matches_galore_torch(proj_type):
         from galore_torch import GaLoreAdamW
     mats, vec = make_params()
     ref_opt = GaLoreAdamW(
-        [
-            {
-                "params": mats,
-                "rank": RANK,
-                "update_proj_gap": GAP,
-                "scale": 0.25,
-                "proj_type": proj_type,
-            },
-            {"params": [vec]},
-        ],
-        lr=0.01,
-        weight_decay=0.1,
+        reference_groups(mats, vec, scale=0.25, proj_type=proj_type), lr=0.01, weight_decay=0.1
     )
     ref = run(ref_opt, mats + [vec])
     mats, vec = make_params()
@@ -88,19 +82,7 @@ def test_fira_code_mode_matches_pip_fira(scale):
         warnings.simplefilter("ignore")
         from fira import FiraAdamW
     mats, vec = make_params()
-    ref_opt = FiraAdamW(
-        [
-            {
-                "params": mats,
-                "rank": RANK,
-                "update_proj_gap": GAP,
-                "alpha": scale,
-                "proj_type": "std",
-            },
-            {"params": [vec]},
-        ],
-        lr=0.01,
-    )
+    ref_opt = FiraAdamW(reference_groups(mats, vec, alpha=scale, proj_type="std"), lr=0.01)
     ref = run(ref_opt, mats + [vec])
     mats, vec = make_params()
     got = run(ours(mats, vec, "std", NormScaledResidual("code"), scale=scale), mats + [vec])
