@@ -94,6 +94,7 @@ class GaLoreConfig(AdamConfig):
     proj_type: str = "std"  # std | reverse_std | left | right | full
     svd_backend: str = "exact"  # exact | randomized (torch.svd_lowrank)
     svd_power_iters: int = 1  # randomized only: subspace (power) iterations
+    refresh_phase: int = 0  # 1 reproduces pytorch-optimizer's GaLore (refresh at T-1, 2T-1, ...)
     # Linear weights whose qualified name contains one of these strings are projected.
     target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
 

@@ -90,7 +90,12 @@ def _subspace_formula(residual: bool, eight_bit: bool = False) -> Formula:
 
 def _projector(cfg: GaLoreConfig) -> SvdProjector:
     return SvdProjector(
-        cfg.rank, cfg.update_gap, cfg.proj_type, cfg.svd_backend, niter=cfg.svd_power_iters
+        cfg.rank,
+        cfg.update_gap,
+        cfg.proj_type,
+        cfg.svd_backend,
+        niter=cfg.svd_power_iters,
+        refresh_phase=cfg.refresh_phase,
     )
 
 

@@ -29,6 +29,7 @@ class SvdProjector:
         svd_backend: str = "exact",
         oversample: int = 8,
         niter: int = 1,
+        refresh_phase: int = 0,
     ) -> None:
         if rank <= 0:
             raise ValueError(f"optimizer.rank={rank} must be a positive integer")
@@ -42,6 +43,9 @@ class SvdProjector:
             raise ValueError(f"optimizer.svd_backend={svd_backend!r}: use exact or randomized")
         self.rank, self.update_gap, self.proj_type = rank, update_gap, proj_type
         self.svd_backend, self.oversample, self.niter = svd_backend, oversample, niter
+        if not 0 <= refresh_phase < update_gap:
+            raise ValueError(f"optimizer.refresh_phase={refresh_phase} must lie in [0, update_gap)")
+        self.refresh_phase = refresh_phase
 
     # -------------------------------------------------------------- shapes and memory
     def side(self, shape: tuple[int, int]) -> int:
@@ -74,8 +78,10 @@ class SvdProjector:
 
     # -------------------------------------------------------------- the step
     def due(self, step: int) -> bool:
-        """Refresh at steps 0, T, 2T, ... of this matrix's own counter (GaLore Alg. 1)."""
-        return step % self.update_gap == 0
+        """Refresh at steps 0, T, 2T, ... of this matrix's own counter (GaLore Alg. 1 and
+        galore-torch), shifted back by ``refresh_phase``; the first step always computes a basis.
+        pytorch-optimizer's GaLore refreshes at T-1, 2T-1, ...: ``refresh_phase=1``."""
+        return (step + self.refresh_phase) % self.update_gap == 0
 
     def refresh(self, state: dict, grad: torch.Tensor) -> None:
         side = self.side(tuple(grad.shape))

@@ -156,6 +156,7 @@ def test_rank_larger_than_a_matrix_is_refused():
         ("update_gap", 0, "optimizer.update_gap=0"),
         ("proj_type", "diagonal", "optimizer.proj_type='diagonal'"),
         ("svd_backend", "qr", "optimizer.svd_backend='qr'"),
+        ("refresh_phase", 2, r"optimizer.refresh_phase=2 must lie in \[0, update_gap\)"),
         ("target_modules", ["ffn"], r"optimizer.target_modules=\['ffn'\] matches no nn.Linear"),
     ],
 )

@@ -42,7 +42,7 @@ def reference_groups(mats, vec, **projection):
     return [{"params": mats, "rank": RANK, "update_proj_gap": GAP, **projection}, {"params": [vec]}]
 
 
-def ours(mats, vec, proj_type, residual=None, scale=0.25, wd=0.0):
+def ours(mats, vec, proj_type, residual=None, scale=0.25, wd=0.0, phase=0):
     groups = [{"params": mats, "projected": True}, {"params": [vec], "projected": False}]
     return SubspaceOptimizer(
         groups,
@@ -50,7 +50,7 @@ def ours(mats, vec, proj_type, residual=None, scale=0.25, wd=0.0):
         betas=(0.9, 0.999),
         eps=1e-6,
         weight_decay=wd,
-        projector=SvdProjector(RANK, GAP, proj_type),
+        projector=SvdProjector(RANK, GAP, proj_type, refresh_phase=phase),
         scale=scale,
         residual=residual,
     )
@@ -74,6 +74,26 @@ def test_galore_matches_galore_torch(proj_type):
     tol = 1e-5 if proj_type == "full" else 1e-6
     for a, b in zip(ref, got, strict=True):
         assert (a - b).abs().max() <= tol
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+def test_galore_matches_pytorch_optimizer(proj_type):
+    """pytorch-optimizer 4.x GaLore: same algorithm, refreshing at T-1, 2T-1 (refresh_phase=1)."""
+    from pytorch_optimizer import GaLore
+
+    mats, vec = make_params()
+    ref_opt = GaLore(
+        reference_groups(mats, vec, scale=0.25, projection_type=proj_type),
+        lr=0.01,
+        weight_decay=0.1,
+        eps=1e-6,
+        foreach=False,
+    )
+    ref = run(ref_opt, mats + [vec])
+    mats, vec = make_params()
+    got = run(ours(mats, vec, proj_type, wd=0.1, phase=1), mats + [vec])
+    for a, b in zip(ref, got, strict=True):
+        assert (a - b).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("scale", [0.25, 1.0])
