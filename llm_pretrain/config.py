@@ -85,6 +85,14 @@ class AdafactorConfig(OptimizerConfig):
 
 
 @dataclass
+class CameConfig(OptimizerConfig):
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999, 0.9999])
+    eps1: float = 1e-30
+    eps2: float = 1e-16
+    clip_threshold: float = 1.0
+
+
+@dataclass
 class GaLoreConfig(AdamConfig):
     """Low-rank projection with an SVD basis (GaLore); Fira extends it."""
 
@@ -197,6 +205,7 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_adamw", node=AdamWConfig)
     cs.store(group="optimizer", name="base_adam8bit", node=Adam8bitConfig)
     cs.store(group="optimizer", name="base_adafactor", node=AdafactorConfig)
+    cs.store(group="optimizer", name="base_came", node=CameConfig)
     cs.store(group="optimizer", name="base_galore", node=GaLoreConfig)
     cs.store(group="optimizer", name="base_fira", node=FiraConfig)
     cs.store(group="optimizer", name="base_galore_8bit", node=GaLore8bitConfig)

@@ -16,6 +16,7 @@ from llm_pretrain.config import (
     AdafactorConfig,
     Adam8bitConfig,
     AdamWConfig,
+    CameConfig,
     FiraConfig,
     GaLore8bitConfig,
     GaLoreConfig,
@@ -215,6 +216,34 @@ def build_adafactor(cfg: AdafactorConfig, model: nn.Module) -> torch.optim.Optim
         eps=(cfg.eps1, cfg.eps2),
         d=cfg.clip_threshold,
         weight_decay=cfg.weight_decay,
+    )
+
+
+def _came_formula(shape, projected, cfg, dtype) -> dict[str, int]:
+    # pytorch-optimizer's CAME: the full first moment; for tensors of 2+ dims, row and column
+    # statistics of the second moment and of the confidence residual; a vector keeps its full
+    # second moment. Plus one RMS scalar; all in the parameter's dtype.
+    n = math.prod(shape)
+    if len(shape) < 2:
+        return {"moments": 2 * n * _bytes(dtype), "other": _bytes(dtype)}
+    rows, cols = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
+    return {"moments": (n + 2 * rows + 2 * cols) * _bytes(dtype), "other": _bytes(dtype)}
+
+
+@register("came", _came_formula)
+def build_came(cfg: CameConfig, model: nn.Module) -> torch.optim.Optimizer:
+    from pytorch_optimizer import CAME
+
+    if len(cfg.betas) != 3:
+        raise ValueError(f"optimizer.betas={list(cfg.betas)}: CAME takes three betas")
+    return CAME(
+        _trainable(model),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
+        clip_threshold=cfg.clip_threshold,
+        eps1=cfg.eps1,
+        eps2=cfg.eps2,
     )
 
 
