@@ -93,6 +93,20 @@ class CameConfig(OptimizerConfig):
 
 
 @dataclass
+class MuonConfig(OptimizerConfig):
+    """Muon on the targeted matrices, AdamW on everything else (embeddings, lm_head, norms)."""
+
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    adjust_lr_fn: str = "match_rms_adamw"  # original | match_rms_adamw (torch.optim.Muon)
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    adamw_lr: float | None = None  # None: the same lr
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adamw_eps: float = 1e-8
+
+
+@dataclass
 class GaLoreConfig(AdamConfig):
     """Low-rank projection with an SVD basis (GaLore); Fira extends it."""
 
@@ -206,6 +220,7 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_adam8bit", node=Adam8bitConfig)
     cs.store(group="optimizer", name="base_adafactor", node=AdafactorConfig)
     cs.store(group="optimizer", name="base_came", node=CameConfig)
+    cs.store(group="optimizer", name="base_muon", node=MuonConfig)
     cs.store(group="optimizer", name="base_galore", node=GaLoreConfig)
     cs.store(group="optimizer", name="base_fira", node=FiraConfig)
     cs.store(group="optimizer", name="base_galore_8bit", node=GaLore8bitConfig)

@@ -20,9 +20,11 @@ from llm_pretrain.config import (
     FiraConfig,
     GaLore8bitConfig,
     GaLoreConfig,
+    MuonConfig,
     OptimizerConfig,
 )
 from optimizers import accounting
+from optimizers.composite import CompositeOptimizer
 from optimizers.projectors import SvdProjector
 from optimizers.residuals import NormScaledResidual
 from optimizers.rules import BlockwiseAdam8bitRule
@@ -245,6 +247,44 @@ def build_came(cfg: CameConfig, model: nn.Module) -> torch.optim.Optimizer:
         eps1=cfg.eps1,
         eps2=cfg.eps2,
     )
+
+
+def _muon_formula(shape, projected, cfg, dtype) -> dict[str, int]:
+    # torch.optim.Muon keeps one momentum buffer per matrix; the AdamW part two moments and a
+    # float32 step tensor per tensor.
+    if projected:
+        return {"moments": math.prod(shape) * _bytes(dtype)}
+    return _adamw_formula(shape, projected, cfg, dtype)
+
+
+@register("muon", _muon_formula)
+def build_muon(cfg: MuonConfig, model: nn.Module) -> torch.optim.Optimizer:
+    matrices, rest = split_targets(model, list(cfg.target_modules))
+    if cfg.adjust_lr_fn not in ("original", "match_rms_adamw"):
+        raise ValueError(
+            f"optimizer.adjust_lr_fn={cfg.adjust_lr_fn!r}: use original or match_rms_adamw"
+        )
+    if len(cfg.adamw_betas) != 2:
+        raise ValueError(f"optimizer.adamw_betas={list(cfg.adamw_betas)} must have two values")
+    muon = torch.optim.Muon(
+        matrices,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        ns_steps=cfg.ns_steps,
+        adjust_lr_fn=cfg.adjust_lr_fn,
+    )
+    parts = {"muon": muon}
+    if rest:
+        parts["adamw"] = torch.optim.AdamW(
+            rest,
+            lr=cfg.adamw_lr if cfg.adamw_lr is not None else cfg.lr,
+            betas=tuple(cfg.adamw_betas),
+            eps=cfg.adamw_eps,
+            weight_decay=cfg.weight_decay,
+        )
+    return CompositeOptimizer(parts)
 
 
 @register("galore", _subspace_formula(residual=False))

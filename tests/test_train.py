@@ -295,7 +295,7 @@ def test_low_rank_optimizers_train_the_model(tmp_path, name):
     assert by_cat["projector"] > 0 and by_cat["moments"] > 0
 
 
-@pytest.mark.parametrize("name", ["adamw", "galore", "galore_8bit", "fira"])
+@pytest.mark.parametrize("name", ["adamw", "galore", "galore_8bit", "fira", "muon"])
 def test_per_layer_updates_match_the_normal_path(tmp_path, name):
     base = [
         *TINY,
@@ -306,7 +306,7 @@ def test_per_layer_updates_match_the_normal_path(tmp_path, name):
         "trainer.eval_at_start=false",
         "checkpoint.at_end=true",
     ]
-    if name != "adamw":
+    if name not in ("adamw", "muon"):
         base += ["optimizer.rank=8", "optimizer.update_gap=2"]
     normal = train(compose_cfg(base), tmp_path / "normal")
     layered = train(compose_cfg([*base, "trainer.per_layer_update=true"]), tmp_path / "layered")

@@ -177,3 +177,14 @@ def test_randomized_svd_spans_the_same_top_subspace():
         bases[backend] = state["basis"]  # (8, 48), right side
     overlap = bases["exact"] @ bases["randomized"].T
     assert torch.allclose(torch.linalg.svdvals(overlap), torch.ones(8), atol=1e-4)
+
+
+def test_muon_takes_the_targeted_matrices_and_adamw_the_rest():
+    model = toy_model()
+    opt = optimizers.build(optimizer_cfg("muon"), model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [names[id(p)] for g in opt.parts["muon"].param_groups for p in g["params"]]
+    adamw = [names[id(p)] for g in opt.parts["adamw"].param_groups for p in g["params"]]
+    assert len(muon) == 14 and all("self_attn" in n or "mlp" in n for n in muon)
+    assert sorted(adamw) == sorted(n for n in names.values() if n not in muon)
+    assert opt.param_groups == opt.parts["muon"].param_groups + opt.parts["adamw"].param_groups
