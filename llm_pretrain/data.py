@@ -31,7 +31,7 @@ import glob
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -235,7 +235,7 @@ def document_source(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Docume
 class NodeState:
     epoch: int = 0
     docs: int = 0  # documents of this epoch fully taken from the source
-    carry: list[int] | None = None  # packed layout: tokens waiting for the next row
+    carry: list[int] = field(default_factory=list)  # packed layout: tokens for the next row
 
 
 class TokenRows(IterableDataset):
@@ -264,7 +264,7 @@ class TokenRows(IterableDataset):
         return {
             "epoch": self.state.epoch,
             "docs": self.state.docs,
-            "carry": list(self.state.carry or []),
+            "carry": list(self.state.carry),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -277,27 +277,22 @@ class TokenRows(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         node, num_nodes = self._node()
-        st = self.state
-        carry = list(st.carry or [])
+        st, L = self.state, self.seq_len
         while True:
-            produced = 0
+            # The state is current at every yield: a snapshot then resumes after this row.
             for ids in self.source.iterate(node, num_nodes, st.epoch, st.docs):
                 self._check_ids(ids)
                 st.docs += 1
                 if self.layout == "paper":
-                    produced += 1
-                    yield self._row(ids[: self.seq_len])
+                    yield self._row(ids[:L])
                     continue
-                carry.extend(ids)
-                st.carry = carry
-                while len(carry) >= self.seq_len:
-                    row, carry = carry[: self.seq_len], carry[self.seq_len :]
-                    st.carry = carry
-                    produced += 1
+                st.carry.extend(ids)
+                while len(st.carry) >= L:
+                    row, st.carry = st.carry[:L], st.carry[L:]
                     yield self._row(row)
             if not self.epochs:
                 return
-            if produced == 0 and st.docs == 0:
+            if st.docs == 0:
                 raise ValueError(
                     f"data node {node} of {num_nodes} received no documents: the corpus is empty "
                     "or has fewer documents than world_size x data.num_workers"

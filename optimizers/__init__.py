@@ -28,6 +28,7 @@ from optimizers.composite import CompositeOptimizer
 from optimizers.projectors import SvdProjector
 from optimizers.residuals import NormScaledResidual
 from optimizers.rules import BlockwiseAdam8bitRule
+from optimizers.rules.adam8bit import BLOCK, CODE_MAP_BYTES, blockwise_state_nbytes
 from optimizers.subspace import SubspaceOptimizer
 from optimizers.subspace import memory_formula as subspace_memory
 
@@ -64,15 +65,13 @@ def _adam8bit_formula(shape, projected, cfg, dtype) -> dict[str, int]:
     # bitsandbytes: uint8 codes for M and V and one fp32 absmax per block each; tensors under
     # min_8bit_size keep fp32 M and V. The step count is a Python int. The two 256-entry code
     # maps are shared by all parameters: see _adam8bit_shared.
-    n = math.prod(shape)
-    if n < cfg.min_8bit_size:
-        return {"moments": 2 * n * 4}
-    return {"moments": 2 * n, "quantization": 2 * 4 * math.ceil(n / cfg.block_size)}
+    return blockwise_state_nbytes(shape, cfg.min_8bit_size)
 
 
 def _adam8bit_shared(shapes, cfg) -> dict[str, int]:
+    # bitsandbytes creates its code maps only once some tensor is quantised
     quantized = any(math.prod(s) >= cfg.min_8bit_size for s in shapes)
-    return {"quantization": 2 * 256 * 4} if quantized else {}
+    return {"quantization": CODE_MAP_BYTES} if quantized else {}
 
 
 def _adafactor_formula(shape, projected, cfg, dtype) -> dict[str, int]:
@@ -85,8 +84,8 @@ def _adafactor_formula(shape, projected, cfg, dtype) -> dict[str, int]:
 def _subspace_formula(residual: bool, eight_bit: bool = False) -> Formula:
     def formula(shape, projected, cfg, dtype) -> dict[str, int]:
         projector = _projector(cfg)
-        rule = _rule_8bit(cfg) if eight_bit else None
-        return subspace_memory(shape, projected, projector, residual, dtype, rule)
+        min_8bit = cfg.min_8bit_size if eight_bit else None
+        return subspace_memory(shape, projected, projector, residual, dtype, min_8bit)
 
     return formula
 
@@ -107,7 +106,8 @@ def _rule_8bit(cfg) -> BlockwiseAdam8bitRule:
 
 
 def _galore_8bit_shared(shapes, cfg) -> dict[str, int]:
-    return _rule_8bit(cfg).shared_nbytes()
+    # our 8-bit rule holds its code maps from construction on
+    return {"quantization": CODE_MAP_BYTES}
 
 
 def memory_formula(name: str, model: nn.Module, cfg: OptimizerConfig) -> dict[str, int]:
@@ -199,7 +199,7 @@ def build_adamw8bit(cfg: Adam8bitConfig, model: nn.Module) -> torch.optim.Optimi
     except ImportError as e:
         raise ImportError("optimizer=adamw8bit needs bitsandbytes: pip install -e '.[bnb]'") from e
 
-    if cfg.block_size != 256:
+    if cfg.block_size != BLOCK:
         raise ValueError(
             "optimizer.block_size: bitsandbytes' 8-bit optimizers use 256-value "
             f"blocks on every device; got {cfg.block_size}"

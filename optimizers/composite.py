@@ -34,13 +34,11 @@ class CompositeOptimizer(torch.optim.Optimizer):
         if value:
             raise AttributeError("a composite optimizer's state lives in its parts")
 
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for opt in self.parts.values():
+        """Step every part; a closure is evaluated once, by the first part (torch's rule)."""
+        parts = iter(self.parts.values())
+        loss = next(parts).step(closure)
+        for opt in parts:
             opt.step()
         return loss
 

@@ -24,6 +24,7 @@ from optimizers.accounting import CATEGORIES, state_nbytes
 from optimizers.projectors import SvdProjector
 from optimizers.residuals import NormScaledResidual
 from optimizers.rules import AdamRule, BlockwiseAdam8bitRule
+from optimizers.rules.adam8bit import blockwise_state_nbytes
 
 
 class SubspaceOptimizer(torch.optim.Optimizer):
@@ -53,6 +54,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, projected=False
         )
         super().__init__(params, defaults)
+        if residual is not None and projector.proj_type == "full":
+            raise ValueError(
+                "optimizer.proj_type=full: Fira's residual needs a one-sided projection; "
+                "use std, reverse_std, left or right"
+            )
         self.projector, self.scale, self.residual = projector, scale, residual
         self.rule = rule if rule is not None else AdamRule(tuple(betas), eps)
         for group in self.param_groups:
@@ -100,14 +106,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         elif self.residual is None:  # GaLore: W += step_size * scale * back(N), in one GEMM
             self.projector.add_back(state, p, direction, step_size * self.scale)
         else:
-            update = self.residual.combine(
-                state,
-                grad,
-                low,
-                direction,
-                lambda t: self.projector.project_back(state, t),
-                self.scale,
-            )
+            update = self.residual.combine(state, grad, low, direction, self.projector, self.scale)
             p.add_(update, alpha=step_size)
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
@@ -157,18 +156,18 @@ def memory_formula(
     projector: SvdProjector,
     residual: bool,
     dtype: torch.dtype,
-    rule: BlockwiseAdam8bitRule | None = None,
+    min_8bit_size: int | None = None,
 ) -> dict[str, int]:
     """Closed-form state bytes of one parameter after its first step (GaLore Sec. 4.1:
-    moments 2 x reduced numel, basis r x (side dim); Fira adds one scalar; an 8-bit ``rule``
-    stores the moments as codes plus block scales)."""
+    moments 2 x reduced numel, basis r x (side dim); Fira adds one scalar; with
+    ``min_8bit_size`` the moments are 8-bit codes plus block scales)."""
     size = torch.empty((), dtype=dtype).element_size()
     out = dict.fromkeys(CATEGORIES, 0)
     moment_shape = projector.reduced_shape(shape) if projected else shape
-    if rule is None:
+    if min_8bit_size is None:
         out["moments"] = 2 * math.prod(moment_shape) * size
     else:
-        out.update(rule.state_nbytes(moment_shape))
+        out.update(blockwise_state_nbytes(moment_shape, min_8bit_size))
     if projected:
         out["projector"] = projector.basis_numel(shape) * size
         if residual:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from optimizers.projectors import FULL, LEFT
+from optimizers.projectors import LEFT
 
 LIMITER_EPS = 1e-8
 
@@ -35,32 +35,27 @@ class NormScaledResidual:
         grad: torch.Tensor,
         low_grad: torch.Tensor,
         low_dir: torch.Tensor,
-        back,
+        projector,
         scale: float,
     ) -> torch.Tensor:
-        """The full-size update from the gradient, its projection, Adam's low-rank direction and
-        the back-projection ``back``."""
-        if state["side"] == FULL:
-            raise ValueError(
-                "Fira needs a one-sided projector; optimizer.proj_type=full is not supported"
-            )
+        """The full-size update from the gradient, its projection and Adam's low-rank direction.
+
+        One full-size buffer: the residual is built and limited in place, and the back-projected
+        direction is accumulated into it by one GEMM."""
         # Norms along the rank dimension: one ratio per kept row (right side) or column (left).
         dim = 0 if state["side"] == LEFT else 1
-        phi = low_dir.norm(dim=dim) / (low_grad.norm(dim=dim) + LIMITER_EPS)
-        phi = phi.unsqueeze(dim)
-        in_subspace = back(low_grad)
-        if self.mode == "code":
-            residual = phi * (grad - scale * in_subspace)
-        else:
-            residual = phi * (grad - in_subspace)
+        phi = (low_dir.norm(dim=dim) / (low_grad.norm(dim=dim) + LIMITER_EPS)).unsqueeze(dim)
+        residual = projector.project_back(state, low_grad)
+        # code: G - scale * P P^T G; paper: G - P P^T G
+        residual.mul_(-scale if self.mode == "code" else -1.0).add_(grad).mul_(phi)
         norm = residual.norm()
         if "residual_norm" in state:
             limiter = torch.clamp(norm / (state["residual_norm"] + LIMITER_EPS), min=self.gamma)
             limiter = limiter / self.gamma  # 1 unless the norm grew by more than gamma
-            residual = residual / limiter
+            residual.div_(limiter)
             norm = norm / limiter
         state["residual_norm"] = norm.detach().reshape(())
-        update = back(low_dir)
-        if self.mode == "code":
-            return scale * update + residual
-        return scale * (update + residual)
+        if self.mode == "paper":  # scale * (P N + S)
+            residual.mul_(scale)
+        projector.add_back(state, residual, low_dir, scale)  # code: scale * P N + S
+        return residual

@@ -15,6 +15,17 @@ import math
 import torch
 
 BLOCK = 256
+CODE_MAP_BYTES = 2 * 256 * 4  # the signed and unsigned 256-entry fp32 code maps
+
+
+def blockwise_state_nbytes(shape: tuple[int, ...], min_8bit_size: int) -> dict[str, int]:
+    """Closed-form bytes of 8-bit Adam state for one tensor of ``shape`` (bitsandbytes' layout,
+    shared code maps excluded): uint8 M and V plus an fp32 absmax per block each, or fp32 M and V
+    below ``min_8bit_size`` values."""
+    n = math.prod(shape)
+    if n < min_8bit_size:
+        return {"moments": 2 * 4 * n}
+    return {"moments": 2 * n, "quantization": 2 * 4 * math.ceil(n / BLOCK)}
 
 
 class BlockwiseAdam8bitRule:
@@ -95,13 +106,3 @@ class BlockwiseAdam8bitRule:
     def shared_tensors(self) -> dict[str, list[torch.Tensor]]:
         """State held once for all tensors, by category."""
         return {"quantization": [self.qmap1, self.qmap2]}
-
-    def shared_nbytes(self) -> dict[str, int]:
-        return {k: sum(t.nbytes for t in ts) for k, ts in self.shared_tensors().items()}
-
-    def state_nbytes(self, shape: tuple[int, ...]) -> dict[str, int]:
-        """Closed form for a tensor of ``shape`` after its first step."""
-        n = math.prod(shape)
-        if not self.quantized(n):
-            return {"moments": 2 * 4 * n}
-        return {"moments": 2 * n, "quantization": 2 * 4 * math.ceil(n / BLOCK)}

@@ -188,3 +188,10 @@ def test_muon_takes_the_targeted_matrices_and_adamw_the_rest():
     assert len(muon) == 14 and all("self_attn" in n or "mlp" in n for n in muon)
     assert sorted(adamw) == sorted(n for n in names.values() if n not in muon)
     assert opt.param_groups == opt.parts["muon"].param_groups + opt.parts["adamw"].param_groups
+
+
+def test_fira_refuses_a_two_sided_projection_when_built():
+    cfg = optimizer_cfg("fira")
+    cfg.proj_type = "full"
+    with pytest.raises(ValueError, match="optimizer.proj_type=full: Fira's residual needs"):
+        optimizers.build(cfg, toy_model())
