@@ -92,7 +92,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         step = state.get("step", 0)
         grad = p.grad
         if group["projected"]:
-            if self.projector.due(step) or "basis" not in state:
+            if self.projector.due(state, step):
                 self.projector.refresh(state, grad)
             low = self.projector.project(state, grad)
         else:

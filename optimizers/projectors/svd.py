@@ -77,11 +77,12 @@ class SvdProjector:
         return {LEFT: m * r, RIGHT: r * n, FULL: r * (m + n)}[self.side(shape)]
 
     # -------------------------------------------------------------- the step
-    def due(self, step: int) -> bool:
+    def due(self, state: dict, step: int) -> bool:
         """Refresh at steps 0, T, 2T, ... of this matrix's own counter (GaLore Alg. 1 and
         galore-torch), shifted back by ``refresh_phase``; the first step always computes a basis.
-        pytorch-optimizer's GaLore refreshes at T-1, 2T-1, ...: ``refresh_phase=1``."""
-        return (step + self.refresh_phase) % self.update_gap == 0
+        pytorch-optimizer's GaLore refreshes at T-1, 2T-1, ...: ``refresh_phase=1``.
+        ``state`` lets a subclass keep a per-matrix schedule (Q-GaLore's lazy refresh)."""
+        return "basis" not in state or (step + self.refresh_phase) % self.update_gap == 0
 
     def refresh(self, state: dict, grad: torch.Tensor) -> None:
         side = self.side(tuple(grad.shape))
