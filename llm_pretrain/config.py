@@ -71,6 +71,11 @@ class AdamWConfig(AdamConfig):
 
 
 @dataclass
+class AdamMiniConfig(AdamConfig):
+    """Adam-mini: dim and heads come from the model config."""
+
+
+@dataclass
 class Adam8bitConfig(AdamConfig):
     min_8bit_size: int = 4096  # smaller tensors keep 32-bit state (bitsandbytes' rule)
     block_size: int = 256  # bitsandbytes' blockwise quantisation block (fixed on CPU and GPU)
@@ -130,6 +135,73 @@ class GaLore8bitConfig(GaLoreConfig):
 class FiraConfig(GaLoreConfig):
     mode: str = "paper"  # paper | code (the pip fira 1.0.2 arithmetic)
     limiter_gamma: float = 1.01
+
+
+@dataclass
+class FrugalConfig(AdamConfig):
+    """FRUGAL: Adam on a state-full subspace, a state-free step (signSGD) on the rest."""
+
+    projection: str = "block"  # block | svd | random | columns | rows
+    density: float = 0.25  # fraction of matrices (block) or of the projected dimension
+    update_gap: int = 200
+    proj_type: str = "std"  # svd / random: which side is projected
+    block_order: str = "descending"  # block: random | ascending | descending | mirror
+    inactive_rule: str = "sign"  # sign | sgd | none (none: GaLore-like or BAdam-like)
+    inactive_lr_scale: float = 1.0
+    proj_lr_scale: float = 1.0  # lr multiplier of the projectable matrices (both parts)
+    reset_statistics: bool = True  # fresh moments at every subspace change
+    seed: int = 0
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
+class LisaConfig(AdamConfig):
+    """LISA: full AdamW on a few sampled decoder layers, the others frozen."""
+
+    active_layers: int = 2
+    interval: int = 20  # steps between layer switches
+    sampling_order: str = "uniform"  # uniform | shuffled | ascending | descending
+    seed: int = 0
+
+
+@dataclass
+class BAdamConfig(LisaConfig):
+    """BAdam: block coordinate Adam, one block of layers at a time, state cleared at a switch."""
+
+    active_layers: int = 1
+    interval: int = 50
+    sampling_order: str = "shuffled"  # shuffled (BAdam's random) | ascending | descending
+
+
+@dataclass
+class OwLoreConfig(GaLoreConfig):
+    """OwLore: GaLore on sampled layers, drawn with outlier-weighted probabilities."""
+
+    active_layers: int = 2
+    interval: int = 200
+    outlier_ratio: float = 13.0  # OWL's M: a score is an outlier above M x the layer mean
+    sampling_order: str = "weighted"  # weighted | uniform (LISA's draw with GaLore)
+    seed: int = 0
+
+
+@dataclass
+class GumConfig(OptimizerConfig):
+    """GUM: GaLore with Muon and unbiased layerwise sampling of full-rank complements."""
+
+    momentum: float = 0.95
+    ns_steps: int = 5
+    adjust_lr_fn: str = "match_rms_adamw"  # original | match_rms_adamw (as torch.optim.Muon)
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    adamw_lr: float | None = None  # embeddings, lm_head, norms; None: the same lr
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adamw_eps: float = 1e-8
+    rank: int = 128
+    update_gap: int = 200  # K: projector and layer sample both refresh every K steps
+    proj_type: str = "left"
+    svd_backend: str = "exact"
+    svd_power_iters: int = 1
+    active_layers: int = 2  # gamma: layers in the full-rank branch per period, q = gamma / layers
+    seed: int = 0
 
 
 @dataclass
@@ -218,11 +290,17 @@ def register_configs() -> None:
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="optimizer", name="base_adamw", node=AdamWConfig)
     cs.store(group="optimizer", name="base_adam8bit", node=Adam8bitConfig)
+    cs.store(group="optimizer", name="base_adam_mini", node=AdamMiniConfig)
     cs.store(group="optimizer", name="base_adafactor", node=AdafactorConfig)
     cs.store(group="optimizer", name="base_came", node=CameConfig)
     cs.store(group="optimizer", name="base_muon", node=MuonConfig)
     cs.store(group="optimizer", name="base_galore", node=GaLoreConfig)
     cs.store(group="optimizer", name="base_fira", node=FiraConfig)
     cs.store(group="optimizer", name="base_galore_8bit", node=GaLore8bitConfig)
+    cs.store(group="optimizer", name="base_frugal", node=FrugalConfig)
+    cs.store(group="optimizer", name="base_lisa", node=LisaConfig)
+    cs.store(group="optimizer", name="base_badam", node=BAdamConfig)
+    cs.store(group="optimizer", name="base_owlore", node=OwLoreConfig)
+    cs.store(group="optimizer", name="base_gum", node=GumConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)

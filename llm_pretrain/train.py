@@ -43,6 +43,7 @@ from llm_pretrain.model import IGNORE_INDEX, Llama, build_model
 from llm_pretrain.schedule import build_scheduler
 from llm_pretrain.summary import format_summary, sweep_row
 from llm_pretrain.tokenizer import load_tokenizer
+from optimizers.sampling import trainable
 
 log = logging.getLogger("llm_pretrain")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -315,17 +316,28 @@ def attach_per_layer_updates(
     own state and one learning-rate schedule. The gradient bytes alive at each hook are recorded,
     so the memory report shows the peak this mode actually reaches.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    # every trained parameter, also those a layer sampler has frozen for now
+    params = [p for p in model.parameters() if trainable(p)]
+
+    # our optimizers step one parameter at a time here and count the step once, in the
+    # gradient-free optimizer.step() of train_step: layer samplers switch on optimizer steps
+    step_one = getattr(optimizer, "update_parameter", None)
 
     def hook(p: torch.Tensor) -> None:
         if memory.weights == 0:  # measured during the first step only: it costs O(params)
             alive = sum(q.grad.nbytes for q in params if q.grad is not None)
             memory.gradients = max(memory.gradients, alive)
-        optimizer.step()
+        if step_one is not None:
+            step_one(p)
+        else:
+            optimizer.step()
         p.grad = None
 
     for p in params:
+        frozen = not p.requires_grad  # (torch hooks only tensors that require grad)
+        p.requires_grad_(True)
         p.register_post_accumulate_grad_hook(hook)
+        p.requires_grad_(not frozen)
 
 
 def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torch.Tensor, Any]:
@@ -363,6 +375,8 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torc
     if not tc.per_layer_update:  # (per-layer: the hooks stepped every parameter in backward)
         if tc.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
+        job.optimizer.step()
+    else:  # every gradient is consumed: this only counts the step (and lets samplers switch)
         job.optimizer.step()
     job.scheduler.step()
     if job.memory.weights == 0:  # first step of this process: optimizer state now exists

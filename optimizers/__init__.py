@@ -15,38 +15,53 @@ from torch import nn
 from llm_pretrain.config import (
     AdafactorConfig,
     Adam8bitConfig,
+    AdamMiniConfig,
     AdamWConfig,
+    BAdamConfig,
     CameConfig,
     FiraConfig,
+    FrugalConfig,
     GaLore8bitConfig,
     GaLoreConfig,
+    GumConfig,
+    LisaConfig,
     MuonConfig,
     OptimizerConfig,
+    OwLoreConfig,
 )
 from optimizers import accounting
+from optimizers.adam_mini import AdamMini, second_moment_numel
 from optimizers.composite import CompositeOptimizer
-from optimizers.projectors import SvdProjector
-from optimizers.residuals import NormScaledResidual
-from optimizers.rules import BlockwiseAdam8bitRule
+from optimizers.projectors import CoordinateProjector, SvdProjector
+from optimizers.residuals import NormScaledResidual, StateFreeResidual
+from optimizers.rules import AdamRule, BlockwiseAdam8bitRule, MuonRule
 from optimizers.rules.adam8bit import BLOCK, CODE_MAP_BYTES, blockwise_state_nbytes
-from optimizers.subspace import SubspaceOptimizer
-from optimizers.subspace import memory_formula as subspace_memory
+from optimizers.sampling import LayerSampler, OutlierWeights, decoder_layers, trainable
+from optimizers.subspace import Sampling, SubspaceOptimizer
 
 Builder = Callable[[OptimizerConfig, nn.Module], torch.optim.Optimizer]
 # (shape, projected?, config, dtype) -> state bytes by category, after the first step
 Formula = Callable[[tuple[int, ...], bool, OptimizerConfig, torch.dtype], dict[str, int]]
 # (all parameter shapes, config) -> bytes held once per optimizer (e.g. shared code maps)
 Shared = Callable[[list[tuple[int, ...]], OptimizerConfig], dict[str, int]]
+# (model, config, optimizer steps taken) -> state bytes by category, for methods whose state
+# depends on parameter names or on which layers a sampler has active
+ModelFormula = Callable[[nn.Module, OptimizerConfig, int], dict[str, int]]
 REGISTRY: dict[str, Builder] = {}
-FORMULAS: dict[str, Formula] = {}
+FORMULAS: dict[str, Formula | ModelFormula] = {}
 SHARED: dict[str, Shared] = {}
+MODEL_LEVEL: set[str] = set()
 
 
-def register(name: str, formula: Formula, shared: Shared | None = None):
+def register(
+    name: str, formula: Formula | ModelFormula, shared: Shared | None = None, model_level=False
+):
     def deco(fn: Builder) -> Builder:
         REGISTRY[name], FORMULAS[name] = fn, formula
         if shared is not None:
             SHARED[name] = shared
+        if model_level:
+            MODEL_LEVEL.add(name)
         return fn
 
     return deco
@@ -81,13 +96,21 @@ def _adafactor_formula(shape, projected, cfg, dtype) -> dict[str, int]:
     return {"moments": stats * _bytes(dtype), "other": 4}
 
 
-def _subspace_formula(residual: bool, eight_bit: bool = False) -> Formula:
-    def formula(shape, projected, cfg, dtype) -> dict[str, int]:
-        projector = _projector(cfg)
-        min_8bit = cfg.min_8bit_size if eight_bit else None
-        return subspace_memory(shape, projected, projector, residual, dtype, min_8bit)
+def _adam_mini_formula(model, cfg, steps) -> dict[str, int]:
+    # the full first moment and one second-moment value per block (head, row or tensor), both
+    # in the parameter's dtype; step counts and flags are Python numbers
+    dim, heads = model.cfg.hidden_size, model.cfg.num_heads
+    total = 0
+    for name, p in model.named_parameters():
+        if trainable(p):
+            v = second_moment_numel(name, tuple(p.shape), dim, heads)
+            total += (p.numel() + v) * _bytes(p.dtype)
+    return {"moments": total}
 
-    return formula
+
+@register("adam_mini", _adam_mini_formula, model_level=True)
+def build_adam_mini(cfg: AdamMiniConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return AdamMini(model, **_adam_kwargs(cfg))
 
 
 def _projector(cfg: GaLoreConfig) -> SvdProjector:
@@ -105,18 +128,20 @@ def _rule_8bit(cfg) -> BlockwiseAdam8bitRule:
     return BlockwiseAdam8bitRule(tuple(cfg.betas), cfg.eps, cfg.min_8bit_size)
 
 
-def _galore_8bit_shared(shapes, cfg) -> dict[str, int]:
-    # our 8-bit rule holds its code maps from construction on
-    return {"quantization": CODE_MAP_BYTES}
-
-
-def memory_formula(name: str, model: nn.Module, cfg: OptimizerConfig) -> dict[str, int]:
-    """Closed-form optimizer-state bytes of ``model`` under ``cfg``, by category; works on the
-    ``meta`` device, so any model size can be estimated without memory."""
+def memory_formula(
+    name: str, model: nn.Module, cfg: OptimizerConfig, steps: int = 1
+) -> dict[str, int]:
+    """Closed-form optimizer-state bytes of ``model`` under ``cfg`` after ``steps`` optimizer
+    steps (>= 1), by category; works on the ``meta`` device, so any model size can be estimated
+    without memory. ``steps`` matters only to methods that sample layers."""
+    if steps < 1:
+        raise ValueError(f"memory_formula: steps={steps} must be >= 1 (state exists after a step)")
+    if name in MODEL_LEVEL:
+        return FORMULAS[name](model, cfg, steps)
     projected = set()
     if "target_modules" in cfg:
         projected = {id(p) for _, p in split_targets(model, list(cfg.target_modules))[0]}
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if trainable(p)]
     parts = [FORMULAS[name](tuple(p.shape), id(p) in projected, cfg, p.dtype) for p in params]
     if name in SHARED:
         parts.append(SHARED[name]([tuple(p.shape) for p in params], cfg))
@@ -128,7 +153,7 @@ def memory_formula(name: str, model: nn.Module, cfg: OptimizerConfig) -> dict[st
 
 
 def _trainable(model: nn.Module) -> list[torch.Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
+    return [p for p in model.parameters() if trainable(p)]
 
 
 def _adam_kwargs(cfg) -> dict:
@@ -167,12 +192,12 @@ def split_targets(model: nn.Module, targets: list[str]) -> tuple[list, list]:
             f"optimizer.target_modules={list(targets)} matches no nn.Linear of the model; "
             "use substrings of its module names (e.g. attn, mlp)"
         )
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if trainable(p)]
     return [(n, p) for n, p in named if n in chosen], [(n, p) for n, p in named if n not in chosen]
 
 
 def build_subspace(
-    cfg: GaLoreConfig, model: nn.Module, residual=None, rule=None
+    cfg: GaLoreConfig, model: nn.Module, residual=None, rule=None, sampling=None
 ) -> SubspaceOptimizer:
     projected, plain = split_targets(model, list(cfg.target_modules))
     projector = _projector(cfg)
@@ -189,6 +214,8 @@ def build_subspace(
         scale=cfg.scale,
         residual=residual,
         rule=rule,
+        sampling=sampling,
+        seed=getattr(cfg, "seed", 0),
     )
 
 
@@ -287,19 +314,239 @@ def build_muon(cfg: MuonConfig, model: nn.Module) -> torch.optim.Optimizer:
     return CompositeOptimizer(parts)
 
 
-@register("galore", _subspace_formula(residual=False))
+def _built(name: str) -> ModelFormula:
+    """The formula of a SubspaceOptimizer method: its components' declared sizes under the
+    sampler's schedule (building it allocates no state and leaves the model untouched)."""
+
+    def formula(model, cfg, steps) -> dict[str, int]:
+        return REGISTRY[name](cfg, model).memory_formula(steps)
+
+    return formula
+
+
+@register("galore", _built("galore"), model_level=True)
 def build_galore(cfg: GaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
     return build_subspace(cfg, model)
 
 
-@register("galore_8bit", _subspace_formula(residual=False, eight_bit=True), _galore_8bit_shared)
+@register("galore_8bit", _built("galore_8bit"), model_level=True)
 def build_galore_8bit(cfg: GaLore8bitConfig, model: nn.Module) -> torch.optim.Optimizer:
     return build_subspace(cfg, model, rule=_rule_8bit(cfg))
 
 
-@register("fira", _subspace_formula(residual=True))
+@register("fira", _built("fira"), model_level=True)
 def build_fira(cfg: FiraConfig, model: nn.Module) -> torch.optim.Optimizer:
     return build_subspace(cfg, model, NormScaledResidual(cfg.mode, cfg.limiter_gamma))
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+FRUGAL_PROJECTIONS = ("block", "svd", "random", "columns", "rows")
+FRUGAL_BLOCK_ORDERS = {"random": "uniform", "ascending": "ascending", "descending": "descending"}
+FRUGAL_BLOCK_ORDERS["mirror"] = "mirror"
+
+
+@register("frugal", _built("frugal"), model_level=True)
+def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """FRUGAL (Zmushko et al. 2025): torch-style Adam on the state-full part, signSGD (or SGD)
+    on the state-free rest, weight decay first; regular parameters take full Adam."""
+    if cfg.projection not in FRUGAL_PROJECTIONS:
+        raise ValueError(
+            f"optimizer.projection={cfg.projection!r}: use one of {', '.join(FRUGAL_PROJECTIONS)}"
+        )
+    if cfg.inactive_rule not in ("sign", "sgd", "none"):
+        raise ValueError(f"optimizer.inactive_rule={cfg.inactive_rule!r}: use sign, sgd or none")
+    if cfg.proj_lr_scale < 0:
+        raise ValueError(f"optimizer.proj_lr_scale={cfg.proj_lr_scale} must be >= 0")
+    projectable, regular = split_targets(model, list(cfg.target_modules))
+    state_free = None
+    if cfg.inactive_rule != "none":
+        state_free = StateFreeResidual(cfg.inactive_rule, cfg.inactive_lr_scale)
+    kwargs = dict(
+        lr=cfg.lr,
+        betas=tuple(_adam_kwargs(cfg)["betas"]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        scale=1.0,
+        rule=AdamRule(tuple(cfg.betas), cfg.eps, "torch"),
+        reset_on_refresh=cfg.reset_statistics,
+        decay_first=True,
+        seed=cfg.seed,
+        state_free=state_free,
+    )
+    proj_lr = cfg.lr * cfg.proj_lr_scale
+    if cfg.projection == "block":
+        if not 0.0 <= cfg.density <= 1.0:
+            raise ValueError(f"optimizer.density={cfg.density} must lie in [0, 1]")
+        if cfg.block_order not in FRUGAL_BLOCK_ORDERS:
+            raise ValueError(
+                f"optimizer.block_order={cfg.block_order!r}: use one of "
+                f"{', '.join(FRUGAL_BLOCK_ORDERS)}"
+            )
+        n = len(projectable)
+        sampler = LayerSampler(
+            n,
+            round(n * cfg.density),
+            cfg.update_gap,
+            FRUGAL_BLOCK_ORDERS[cfg.block_order],
+            cfg.seed,
+        )
+        sampling = Sampling(
+            sampler,
+            [[p] for _, p in projectable],
+            inactive_mode="state_free" if state_free is not None else "frozen",
+            reset_active=True,
+            freeze_grads=not _distributed(),
+            unit_names=[name for name, _ in projectable],
+        )
+        groups = [{"params": projectable, "projected": False, "lr": proj_lr}]
+        projector, residual = None, None
+    else:
+        if cfg.projection in ("columns", "rows"):
+            projector = CoordinateProjector(cfg.density, cfg.update_gap, cfg.projection)
+        else:
+            projector = SvdProjector(
+                None, cfg.update_gap, cfg.proj_type, density=cfg.density, basis=cfg.projection
+            )
+        groups = [{"params": projectable, "projected": True, "lr": proj_lr}]
+        sampling, residual = None, state_free
+    if regular:
+        groups.append({"params": regular, "projected": False})
+    return SubspaceOptimizer(
+        groups, projector=projector, residual=residual, sampling=sampling, **kwargs
+    )
+
+
+def _layer_sampler(cfg, n_layers: int, order: str | None = None) -> LayerSampler:
+    if not 1 <= cfg.active_layers <= n_layers:
+        raise ValueError(
+            f"optimizer.active_layers={cfg.active_layers} must lie in [1, {n_layers}] "
+            f"(the model has {n_layers} decoder layers)"
+        )
+    return LayerSampler(
+        n_layers, cfg.active_layers, cfg.interval, order or cfg.sampling_order, cfg.seed
+    )
+
+
+def _layer_wise(cfg: LisaConfig, model: nn.Module, reset_active: bool) -> SubspaceOptimizer:
+    """LISA and BAdam: full Adam (torch's form) on the active decoder layers, the others frozen;
+    embeddings, lm_head and the final norm are always trained."""
+    if cfg.sampling_order == "weighted":
+        raise ValueError(
+            "optimizer.sampling_order=weighted needs OwLore's outlier scores: use optimizer=owlore"
+        )
+    layers = decoder_layers(model)
+    units = [[p for p in layer.parameters() if trainable(p)] for _, layer in layers]
+    sampling = Sampling(
+        _layer_sampler(cfg, len(layers)),
+        units,
+        inactive_mode="frozen",
+        reset_active=reset_active,
+        freeze_grads=not _distributed(),
+        unit_names=[name for name, _ in layers],
+    )
+    named = [(n, p) for n, p in model.named_parameters() if trainable(p)]
+    return SubspaceOptimizer(
+        [{"params": named, "projected": False}],
+        **_adam_kwargs(cfg),
+        projector=None,
+        scale=1.0,
+        rule=AdamRule(tuple(cfg.betas), cfg.eps, "torch"),
+        decay_first=True,
+        sampling=sampling,
+        seed=cfg.seed,
+    )
+
+
+@register("lisa", _built("lisa"), model_level=True)
+def build_lisa(cfg: LisaConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return _layer_wise(cfg, model, reset_active=False)
+
+
+@register("badam", _built("badam"), model_level=True)
+def build_badam(cfg: BAdamConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return _layer_wise(cfg, model, reset_active=True)
+
+
+@register("owlore", _built("owlore"), model_level=True)
+def build_owlore(cfg: OwLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """OwLore (Li et al. 2024): GaLore on the active decoder layers, which are drawn with
+    probabilities from their outlier ratio; inactive layers are frozen and their state freed."""
+    if cfg.sampling_order not in ("weighted", "uniform"):
+        raise ValueError(
+            f"optimizer.sampling_order={cfg.sampling_order!r}: use weighted or uniform"
+        )
+    layers = decoder_layers(model)
+    outliers = OutlierWeights(layers, cfg.outlier_ratio)
+    weighted = cfg.sampling_order == "weighted"
+    sampling = Sampling(
+        _layer_sampler(cfg, len(layers)),
+        [[p for p in layer.parameters() if trainable(p)] for _, layer in layers],
+        inactive_mode="frozen",
+        freeze_grads=not _distributed(),
+        weights=outliers.weights if weighted else None,
+        collect=outliers.collect if weighted else None,
+        attach=outliers.attach if weighted else None,
+        unit_names=[name for name, _ in layers],
+    )
+    opt = build_subspace(cfg, model, sampling=sampling)
+    return opt
+
+
+@register("gum", _built("gum"), model_level=True)
+def build_gum(cfg: GumConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """GUM (Pan et al. 2025): Muon on the GaLore projection of every targeted matrix, except in
+    gamma sampled layers per period, which take Muon on the full-rank complement G - P P^T G;
+    the importance weights 1/(1-q) and 1/q make the momentum's input unbiased."""
+    if len(cfg.adamw_betas) != 2:
+        raise ValueError(f"optimizer.adamw_betas={list(cfg.adamw_betas)} must have two values")
+    projected, plain = split_targets(model, list(cfg.target_modules))
+    layers = decoder_layers(model)
+    n = len(layers)
+    if not 1 <= cfg.active_layers < n:
+        raise ValueError(
+            f"optimizer.active_layers={cfg.active_layers}: GUM samples q = active_layers / "
+            f"layers in (0, 1), so it must lie in [1, {n - 1}] for {n} decoder layers"
+        )
+    units = [[p for name, p in projected if name.startswith(prefix + ".")] for prefix, _ in layers]
+    if sum(len(u) for u in units) != len(projected):
+        raise ValueError("GUM: every targeted matrix must belong to a decoder layer")
+    q = cfg.active_layers / n
+    sampling = Sampling(
+        LayerSampler(n, cfg.active_layers, cfg.update_gap, "uniform", cfg.seed),
+        units,
+        active_mode="complement",
+        inactive_mode="inherit",
+        active_weight=1.0 / q,
+        inactive_weight=1.0 / (1.0 - q),
+        unit_names=[name for name, _ in layers],
+    )
+    projector = SvdProjector(
+        cfg.rank,
+        cfg.update_gap,
+        cfg.proj_type,
+        cfg.svd_backend,
+        niter=cfg.svd_power_iters,
+    )
+    groups = [{"params": projected, "projected": True}]
+    if plain:
+        groups.append({"params": plain, "projected": False, "lr": cfg.adamw_lr or cfg.lr})
+    return SubspaceOptimizer(
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.adamw_betas),
+        eps=cfg.adamw_eps,
+        weight_decay=cfg.weight_decay,
+        projector=projector,
+        scale=1.0,
+        rule=MuonRule(cfg.momentum, cfg.ns_steps, cfg.adjust_lr_fn),
+        plain_rule=AdamRule(tuple(cfg.adamw_betas), cfg.adamw_eps, "torch"),
+        decay_first=True,
+        sampling=sampling,
+        seed=cfg.seed,
+    )
 
 
 def build(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -309,7 +556,10 @@ def build(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
         )
     if cfg.lr <= 0:
         raise ValueError(f"optimizer.lr={cfg.lr} must be positive")
-    return REGISTRY[cfg.name](cfg, model)
+    optimizer = REGISTRY[cfg.name](cfg, model)
+    if hasattr(optimizer, "start"):  # freeze inactive layers, attach statistics hooks
+        optimizer.start()
+    return optimizer
 
 
 def state_nbytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:

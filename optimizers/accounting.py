@@ -19,6 +19,8 @@ KEY_CATEGORY = {
     "exp_avg_sq": "moments",
     "max_exp_avg_sq": "moments",
     "momentum_buffer": "moments",
+    "m": "moments",  # Adam-mini
+    "vmean": "moments",
     "state1": "moments",
     "state2": "moments",
     "row_var": "moments",
@@ -30,6 +32,9 @@ KEY_CATEGORY = {
     "exp_avg_res_col": "moments",
     "basis": "projector",
     "basis_right": "projector",
+    "basis_codes": "projector",
+    "basis_scale": "quantization",
+    "basis_zero": "quantization",
     "qmap1": "quantization",
     "qmap2": "quantization",
     "absmax1": "quantization",

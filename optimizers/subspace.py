@@ -1,37 +1,85 @@
-"""The generic low-rank optimizer: projector x rule x residual, one ``torch.optim.Optimizer``.
+"""The generic low-rank optimizer: projector x rule x residual x layer sampling, one
+``torch.optim.Optimizer``.
 
-For a targeted 2-D weight W with gradient G, one step is (GaLore Alg. 1 with Fira's residual):
+For a targeted 2-D weight W with gradient G, one step is (GaLore Alg. 1 with Fira's or FRUGAL's
+residual):
 
-1. the projector refreshes its basis when due (its own per-matrix step counter);
+1. the projector refreshes its basis when due (its own per-matrix step counter); with
+   ``reset_on_refresh`` the rule's state and step counter restart (FRUGAL), else they are kept
+   (GaLore);
 2. R = project(G); the rule turns R into a low-rank direction N (Adam: M / (sqrt(V) + eps));
-3. the residual combines them: ``drop`` gives scale * back(N) (GaLore); ``norm_scaled`` adds
-   Fira's scaled, limited G - back(R);
-4. W <- W - lr * correction * update, then decoupled weight decay W <- W - lr * wd * W.
+3. the residual decides the update: none gives scale * back(N) (GaLore); ``norm_scaled`` adds
+   Fira's scaled, limited G - back(R); ``state_free`` adds FRUGAL's signSGD step on it;
+4. W <- W - lr * correction * update, with decoupled weight decay before (``decay_first``,
+   torch's and FRUGAL's order) or after it (GaLore's).
 
 Every other parameter (embeddings, lm_head, norms) sits in a plain group of the same optimizer
-and takes the same Adam rule on its full gradient, as in the reference optimizers. All state is
-tensors, ints and strings, so ``state_dict()`` survives ``torch.load(weights_only=True)``.
+and takes ``plain_rule`` (Adam) on its full gradient, as in the reference optimizers.
+
+With a ``Sampling`` policy, some parameters are grouped into units (decoder layers or single
+matrices) and a ``LayerSampler`` activates some units per period: active units take their
+group's step (``inherit``) or GUM's full-rank complement step (``complement``); inactive ones
+are frozen (LISA, OwLore, BAdam), take a state-free step (FRUGAL's block mode) or take their
+group's step (GUM's low-rank branch). State of units that leave the active set is freed.
+
+All state is tensors, ints and strings, so ``state_dict()`` survives
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 
 from optimizers.accounting import CATEGORIES, state_nbytes
-from optimizers.projectors import SvdProjector
-from optimizers.residuals import NormScaledResidual
-from optimizers.rules import AdamRule, BlockwiseAdam8bitRule
-from optimizers.rules.adam8bit import blockwise_state_nbytes
+from optimizers.rules import AdamRule
+from optimizers.sampling import LayerSampler
+
+ACTIVE_MODES = ("inherit", "complement")
+INACTIVE_MODES = ("frozen", "state_free", "inherit")
+
+
+@dataclass
+class Sampling:
+    """What a method does with sampled units.
+
+    ``units``: lists of parameters sampled together; ``active_weight`` / ``inactive_weight``
+    multiply the gradient of active / inactive units (GUM's importance weights 1/q, 1/(1-q));
+    ``reset_active``: clear the state of every unit at each switch, also of those that stay
+    active (BAdam, FRUGAL's block mode); ``weights``: sampling probabilities for the
+    ``weighted`` order (OwLore), with ``attach()`` to hook the model and ``collect(bool)`` to
+    switch its statistics on and off.
+    """
+
+    sampler: LayerSampler
+    units: list[list[torch.Tensor]]
+    active_mode: str = "inherit"
+    inactive_mode: str = "frozen"
+    active_weight: float = 1.0
+    inactive_weight: float = 1.0
+    reset_active: bool = False
+    freeze_grads: bool = True
+    weights: Callable[[], torch.Tensor | None] | None = None
+    collect: Callable[[bool], None] | None = None
+    attach: Callable[[], None] | None = None
+    unit_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.active_mode not in ACTIVE_MODES:
+            raise ValueError(f"active mode {self.active_mode!r}: use {ACTIVE_MODES}")
+        if self.inactive_mode not in INACTIVE_MODES:
+            raise ValueError(f"inactive mode {self.inactive_mode!r}: use {INACTIVE_MODES}")
+        if len(self.units) != self.sampler.n_units:
+            raise ValueError(f"{len(self.units)} units for a sampler of {self.sampler.n_units}")
 
 
 class SubspaceOptimizer(torch.optim.Optimizer):
     """``params``: param groups (named parameters welcome: errors then name the matrix); a group
-    with ``projected=True`` is projected, the others take plain Adam.
+    with ``projected=True`` is projected, the others take ``plain_rule``.
 
-    Components are shared by all projected matrices; per-matrix state lives in ``self.state``.
+    Components are shared by all parameters; per-parameter state lives in ``self.state``.
     """
 
     def __init__(
@@ -41,10 +89,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         betas: tuple[float, float],
         eps: float,
         weight_decay: float,
-        projector: SvdProjector,
+        projector,
         scale: float,
-        residual: NormScaledResidual | None = None,
-        rule: AdamRule | BlockwiseAdam8bitRule | None = None,
+        residual=None,
+        rule=None,
+        plain_rule=None,
+        reset_on_refresh: bool = False,
+        decay_first: bool = False,
+        sampling: Sampling | None = None,
+        seed: int = 0,
+        state_free=None,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"optimizer.lr={lr} must be positive")
@@ -54,15 +108,22 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, projected=False
         )
         super().__init__(params, defaults)
-        if residual is not None and projector.proj_type == "full":
+        if residual is not None and projector is not None and projector.proj_type == "full":
             raise ValueError(
-                "optimizer.proj_type=full: Fira's residual needs a one-sided projection; "
+                "optimizer.proj_type=full: a residual needs a one-sided projection; "
                 "use std, reverse_std, left or right"
             )
         self.projector, self.scale, self.residual = projector, scale, residual
         self.rule = rule if rule is not None else AdamRule(tuple(betas), eps)
+        self.plain_rule = plain_rule if plain_rule is not None else self.rule
+        self.reset_on_refresh, self.decay_first, self.seed = reset_on_refresh, decay_first, seed
+        self.sampling, self.state_free = sampling, state_free
+        self._index = {p: i for i, p in enumerate(self._all_params())}
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         for group in self.param_groups:
             if group["projected"]:
+                if projector is None:
+                    raise ValueError("a projected group needs a projector")
                 names = group.get("param_names") or ["a matrix"] * len(group["params"])
                 for name, p in zip(names, group["params"], strict=True):
                     if p.dim() != 2:
@@ -71,7 +132,23 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                             f"{tuple(p.shape)}; leave it out of optimizer.target_modules"
                         )
                     projector.check(tuple(p.shape), name)
+        self._steps = 0  # optimizer steps taken: drives the sampler's periods
+        self._unit: dict[torch.Tensor, int] = {}
+        self._active: set[int] = set()
+        if sampling is not None:
+            if sampling.inactive_mode == "state_free" and state_free is None:
+                raise ValueError("a state-free inactive mode needs a state_free rule")
+            for u, unit in enumerate(sampling.units):
+                for p in unit:
+                    if p not in self._group_of:
+                        raise ValueError("a sampled unit holds a parameter not in the optimizer")
+                    self._unit[p] = u
+            self._active = set(sampling.sampler.choose(0))
 
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    # ------------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -80,96 +157,243 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("sparse gradients are not supported")
-                self._update(p, group)
+                if p.grad is not None:
+                    self._update(p, group)
+        self.end_step()
         return loss
 
+    @torch.no_grad()
+    def update_parameter(self, p: torch.Tensor) -> None:
+        """Step one parameter (per-layer updates, from its post-accumulate-grad hook); the
+        training loop calls ``end_step`` once all of them are done."""
+        if p.grad is not None:
+            self._update(p, self._group_of[p])
+
+    def end_step(self) -> None:
+        """Count the step; at a period boundary, switch the sampled units for the next one."""
+        self._steps += 1
+        if self.sampling is None:
+            return
+        interval = self.sampling.sampler.interval
+        if self._steps % interval == 0:
+            self._switch(self._steps // interval)
+        self._set_collecting()
+
+    def _set_collecting(self) -> None:
+        """OwLore's statistics are gathered during the last step of each period."""
+        if self.sampling is not None and self.sampling.collect is not None:
+            self.sampling.collect((self._steps + 1) % self.sampling.sampler.interval == 0)
+
+    def _mode(self, p: torch.Tensor, group: dict) -> tuple[str, float]:
+        """How ``p`` steps now, and the weight on its gradient."""
+        mode = "projected" if group["projected"] else "plain"
+        if self.sampling is None or p not in self._unit:
+            return mode, 1.0
+        s = self.sampling
+        if self._unit[p] in self._active:
+            return ("complement" if s.active_mode == "complement" else mode), s.active_weight
+        if s.inactive_mode == "inherit":
+            return mode, s.inactive_weight
+        return s.inactive_mode, 1.0
+
     def _update(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        step = state.get("step", 0)
-        grad = p.grad
-        if group["projected"]:
-            if self.projector.due(state, step):
-                self.projector.refresh(state, grad)
-            low = self.projector.project(state, grad)
+        if p.grad.is_sparse:
+            raise RuntimeError("sparse gradients are not supported")
+        mode, weight = self._mode(p, group)
+        if mode == "frozen":
+            return
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd > 0 and self.decay_first:
+            p.mul_(1.0 - lr * wd)
+        grad = p.grad if weight == 1.0 else p.grad * weight
+        if mode == "state_free":
+            self.state_free.step(p, grad, lr)
         else:
-            low = grad
-        step += 1
-        state["step"] = step
+            self._stateful_update(p, grad, mode, lr)
+        if wd > 0 and not self.decay_first:
+            p.add_(p, alpha=-lr * wd)
+
+    def _stateful_update(self, p: torch.Tensor, grad: torch.Tensor, mode: str, lr: float) -> None:
+        state = self.state[p]
+        state.setdefault("seed", self.seed * 1_000_003 + self._index[p])
+        step = state.get("step", 0)
+        if mode == "plain":
+            state["step"] = step = step + 1
+            direction, correction = self.plain_rule.direction(state, grad, step)
+            p.add_(direction, alpha=-lr * correction)
+            return
+        if self.projector.due(state, step):
+            self.projector.refresh(state, grad)
+            if self.reset_on_refresh:  # FRUGAL: fresh moments, bias correction restarts
+                for key in self.rule.state_keys:
+                    state.pop(key, None)
+                step = 0
+        low = self.projector.project(state, grad)
+        state["step"] = step = step + 1
+        factor = self.rule.lr_factor(tuple(p.shape)) if hasattr(self.rule, "lr_factor") else 1.0
+        if mode == "complement":  # GUM's full-rank branch: the rule on G - P P^T G
+            residual = grad - self.projector.project_back(state, low)
+            direction, correction = self.rule.direction(state, residual, step)
+            p.add_(direction, alpha=-lr * correction * factor)
+            return
         direction, correction = self.rule.direction(state, low, step)
-        step_size = -group["lr"] * correction
-        if not group["projected"]:
-            p.add_(direction, alpha=step_size)
-        elif self.residual is None:  # GaLore: W += step_size * scale * back(N), in one GEMM
+        step_size = -lr * correction * factor
+        if self.residual is None:  # GaLore: W += step_size * scale * back(N), in one GEMM
             self.projector.add_back(state, p, direction, step_size * self.scale)
         else:
-            update = self.residual.combine(state, grad, low, direction, self.projector, self.scale)
-            p.add_(update, alpha=step_size)
-        if group["weight_decay"] > 0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            self.residual.apply(
+                p, state, grad, low, direction, self.projector, self.scale, step_size, lr
+            )
 
-    # ------------------------------------------------------------------ memory
-    def shared_state(self) -> dict[str, list[torch.Tensor]]:
-        """Tensors the components hold once for every parameter (e.g. 8-bit code maps)."""
-        if not self.state or not hasattr(self.rule, "shared_tensors"):
-            return {}
-        return self.rule.shared_tensors()
+    # ------------------------------------------------------------------ sampling
+    def _switch(self, period: int) -> None:
+        s = self.sampling
+        weights = s.weights() if s.weights is not None else None
+        new = set(s.sampler.choose(period, weights))
+        for u, unit in enumerate(s.units):
+            was, now = u in self._active, u in new
+            for p in unit:
+                if not now and s.inactive_mode != "inherit":
+                    self.state.pop(p, None)  # frozen or state-free from now on: free it
+                elif now and (s.reset_active or not was):
+                    self.state.pop(p, None)  # a fresh start for a newly active unit
+                elif was != now:  # GUM: the branch changed, the momentum changes shape
+                    for key in self.rule.state_keys:
+                        self.state[p].pop(key, None)
+        self._active = new
+        self.apply_freeze()
 
-    def state_nbytes(self) -> dict[str, int]:
-        out = state_nbytes(self.state.values())
-        for key, tensors in self.shared_state().items():
-            out[key] += sum(t.nbytes for t in tensors)
+    def start(self) -> None:
+        """Act on the model for training (not done for a memory estimate): freeze the inactive
+        units and attach the sampler's statistics hooks."""
+        if self.sampling is not None and self.sampling.attach is not None:
+            self.sampling.attach()
+        self.apply_freeze()
+        self._set_collecting()
+
+    def apply_freeze(self) -> None:
+        """Stop autograd computing gradients of frozen units (the memory LISA, OwLore and BAdam
+        save). Not under DDP, which must see the same parameters in every backward."""
+        s = self.sampling
+        if s is None or s.inactive_mode != "frozen" or not s.freeze_grads:
+            return
+        for u, unit in enumerate(s.units):
+            for p in unit:
+                p.requires_grad_(u in self._active)
+                p.frozen_by_sampler = u not in self._active
+                if u not in self._active:
+                    p.grad = None
+
+    def active_units(self) -> list[int]:
+        return sorted(self._active)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["sampling"] = {
+            "steps": self._steps,
+            "active": torch.tensor(sorted(self._active), dtype=torch.int64),
+        }
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but every state tensor keeps the dtype it was saved with: torch casts
         floating-point state to the parameter's dtype, which would turn fp32 block scales or
         fp32 moments of a bf16 model into bf16 and break an exact resume."""
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
+        extra = state_dict.get("sampling")
+        if extra is None:
+            raise ValueError("optimizer state has no 'sampling' entry: not from this optimizer")
+        base = {k: v for k, v in state_dict.items() if k != "sampling"}
+        super().load_state_dict(base)
+        params = self._all_params()
         for index, saved in state_dict["state"].items():
             live = self.state[params[index]]
             for key, value in saved.items():
                 if isinstance(value, torch.Tensor) and live[key].dtype != value.dtype:
                     live[key] = value.to(device=params[index].device)
+        self._steps = int(extra["steps"])
+        if self.sampling is not None:
+            self._active = set(extra["active"].tolist())
+            self.apply_freeze()
+            self._set_collecting()
+
+    # ------------------------------------------------------------------ memory
+    def shared_state(self) -> dict[str, list[torch.Tensor]]:
+        """Tensors the components hold once for every parameter (e.g. 8-bit code maps)."""
+        return self._shared_tensors() if self.state else {}
+
+    def _shared_tensors(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {}
+        for rule in {id(r): r for r in (self.rule, self.plain_rule)}.values():
+            if hasattr(rule, "shared_tensors"):
+                for key, tensors in rule.shared_tensors().items():
+                    out.setdefault(key, []).extend(tensors)
+        return out
+
+    def state_nbytes(self) -> dict[str, int]:
+        out = state_nbytes(self.state.values())
+        seen = set()
+        for key, tensors in self.shared_state().items():
+            for t in tensors:
+                if t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    out[key] += t.nbytes
+        return out
+
+    def memory_formula(self, steps: int = 1) -> dict[str, int]:
+        """Closed-form state bytes after ``steps`` steps, from the components' declared sizes
+        and the sampler's schedule: no state is touched, so this works on a ``meta`` model.
+        For the ``weighted`` order the units of the period are taken as drawn uniformly (exact
+        when the units have equal sizes, as LLaMA's decoder layers do)."""
+        active = self._active
+        if self.sampling is not None:
+            interval = self.sampling.sampler.interval
+            active = set(self.sampling.sampler.choose((steps - 1) // interval))
+        total = dict.fromkeys(CATEGORIES, 0)
+        saved, self._active = self._active, active
+        try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    mode, _ = self._mode(p, group)
+                    for key, n in self._param_memory(tuple(p.shape), mode, p.dtype).items():
+                        total[key] += n
+        finally:
+            self._active = saved
+        for key, tensors in self._shared_tensors().items():
+            total[key] += sum(t.nbytes for t in tensors)
+        return total
+
+    def _param_memory(self, shape, mode: str, dtype: torch.dtype) -> dict[str, int]:
+        if mode in ("frozen", "state_free"):
+            return {}
+        if mode == "plain":
+            return self.plain_rule.memory(shape, dtype)
+        out = dict(self.projector.memory(shape, dtype))
+        moment_shape = shape if mode == "complement" else self.projector.reduced_shape(shape)
+        for key, n in self.rule.memory(moment_shape, dtype).items():
+            out[key] = out.get(key, 0) + n
+        if mode == "projected" and self.residual is not None:
+            for key, n in self.residual.extra_memory(dtype).items():
+                out[key] = out.get(key, 0) + n
+        return out
 
     def projection_report(self) -> str:
-        """One line for the start-up log: what is projected, at what rank."""
+        """One line for the start-up log: what is projected, at what rank, what is sampled."""
         projected = [p for g in self.param_groups if g["projected"] for p in g["params"]]
         plain = [p for g in self.param_groups if not g["projected"] for p in g["params"]]
         n_proj = sum(p.numel() for p in projected)
         n_plain = sum(p.numel() for p in plain)
-        return (
-            f"{len(projected)} matrices ({n_proj / 1e6:.2f}M params) projected at rank "
-            f"{self.projector.rank} ({self.projector.proj_type}, refresh every "
-            f"{self.projector.update_gap} steps); {len(plain)} tensors "
-            f"({n_plain / 1e6:.2f}M params) take plain Adam"
-        )
-
-
-def memory_formula(
-    shape: tuple[int, ...],
-    projected: bool,
-    projector: SvdProjector,
-    residual: bool,
-    dtype: torch.dtype,
-    min_8bit_size: int | None = None,
-) -> dict[str, int]:
-    """Closed-form state bytes of one parameter after its first step (GaLore Sec. 4.1:
-    moments 2 x reduced numel, basis r x (side dim); Fira adds one scalar; with
-    ``min_8bit_size`` the moments are 8-bit codes plus block scales)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    out = dict.fromkeys(CATEGORIES, 0)
-    moment_shape = projector.reduced_shape(shape) if projected else shape
-    if min_8bit_size is None:
-        out["moments"] = 2 * math.prod(moment_shape) * size
-    else:
-        out.update(blockwise_state_nbytes(moment_shape, min_8bit_size))
-    if projected:
-        out["projector"] = projector.basis_numel(shape) * size
-        if residual:
-            out["other"] = size  # the limiter's previous residual norm
-    return out
+        parts = []
+        if projected:
+            parts.append(
+                f"{len(projected)} matrices ({n_proj / 1e6:.2f}M params) projected: "
+                f"{self.projector.describe()}, refresh every {self.projector.update_gap} steps"
+            )
+        parts.append(f"{len(plain)} tensors ({n_plain / 1e6:.2f}M params) take plain Adam")
+        if self.sampling is not None:
+            s = self.sampling
+            parts.append(
+                f"sampling: {s.sampler.describe()}; active units {s.active_mode}, inactive "
+                f"{s.inactive_mode}"
+            )
+        return "; ".join(parts)

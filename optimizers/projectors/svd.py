@@ -21,18 +21,29 @@ LEFT, RIGHT, FULL = 0, 1, 2
 
 
 class SvdProjector:
+    """``rank`` fixes r for every matrix; ``density`` (FRUGAL) instead sets r = round(density x
+    the projected dimension). ``basis="svd"`` takes the top singular vectors of the gradient;
+    ``basis="random"`` (FRUGAL's random orthogonal projection) draws an orthonormal basis from a
+    generator seeded by the matrix's ``seed`` and step, so ranks and resumes draw the same one."""
+
     def __init__(
         self,
-        rank: int,
+        rank: int | None,
         update_gap: int,
         proj_type: str = "std",
         svd_backend: str = "exact",
         oversample: int = 8,
         niter: int = 1,
         refresh_phase: int = 0,
+        density: float | None = None,
+        basis: str = "svd",
     ) -> None:
-        if rank <= 0:
+        if (rank is None) == (density is None):
+            raise ValueError("a projector takes either optimizer.rank or optimizer.density")
+        if rank is not None and rank <= 0:
             raise ValueError(f"optimizer.rank={rank} must be a positive integer")
+        if density is not None and not 0.0 < density < 1.0:
+            raise ValueError(f"optimizer.density={density} must lie in (0, 1)")
         if niter < 0:
             raise ValueError(f"optimizer.svd_power_iters={niter} must be >= 0")
         if update_gap <= 0:
@@ -41,11 +52,27 @@ class SvdProjector:
             raise ValueError(f"optimizer.proj_type={proj_type!r}: use one of {', '.join(SIDES)}")
         if svd_backend not in ("exact", "randomized"):
             raise ValueError(f"optimizer.svd_backend={svd_backend!r}: use exact or randomized")
-        self.rank, self.update_gap, self.proj_type = rank, update_gap, proj_type
-        self.svd_backend, self.oversample, self.niter = svd_backend, oversample, niter
+        if basis not in ("svd", "random"):
+            raise ValueError(f"optimizer.projection={basis!r}: use svd or random")
+        self.rank, self.density, self.update_gap, self.proj_type = (
+            rank,
+            density,
+            update_gap,
+            proj_type,
+        )
+        self.svd_backend, self.oversample, self.niter, self.basis = (
+            svd_backend,
+            oversample,
+            niter,
+            basis,
+        )
         if not 0 <= refresh_phase < update_gap:
             raise ValueError(f"optimizer.refresh_phase={refresh_phase} must lie in [0, update_gap)")
         self.refresh_phase = refresh_phase
+
+    def describe(self) -> str:
+        r = f"rank {self.rank}" if self.rank is not None else f"density {self.density}"
+        return f"{self.basis} basis at {r} ({self.proj_type})"
 
     # -------------------------------------------------------------- shapes and memory
     def side(self, shape: tuple[int, int]) -> int:
@@ -58,8 +85,18 @@ class SvdProjector:
             "full": FULL,
         }[self.proj_type]
 
+    def rank_for(self, shape: tuple[int, int]) -> int:
+        """r for this matrix: ``rank``, or round(density x the dimension being reduced), the
+        dimension FRUGAL's projector scales (n on the right side, m on the left)."""
+        if self.rank is not None:
+            return self.rank
+        m, n = shape
+        side = self.side(shape)
+        dim = {LEFT: m, RIGHT: n, FULL: min(m, n)}[side]
+        return max(1, round(self.density * dim))
+
     def check(self, shape: tuple[int, int], name: str) -> None:
-        if self.rank > min(shape):
+        if self.rank is not None and self.rank > min(shape):
             raise ValueError(
                 f"optimizer.rank={self.rank} exceeds min(shape)={min(shape)} of {name} "
                 f"{tuple(shape)}; lower optimizer.rank or leave this matrix out of "
@@ -68,13 +105,17 @@ class SvdProjector:
 
     def reduced_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         m, n = shape
-        r = self.rank
+        r = self.rank_for(shape)
         return {LEFT: (r, n), RIGHT: (m, r), FULL: (r, r)}[self.side(shape)]
 
     def basis_numel(self, shape: tuple[int, int]) -> int:
         m, n = shape
-        r = self.rank
+        r = self.rank_for(shape)
         return {LEFT: m * r, RIGHT: r * n, FULL: r * (m + n)}[self.side(shape)]
+
+    def memory(self, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, int]:
+        """Bytes this projector stores for one matrix, by category."""
+        return {"projector": self.basis_numel(shape) * torch.empty((), dtype=dtype).element_size()}
 
     # -------------------------------------------------------------- the step
     def due(self, state: dict, step: int) -> bool:
@@ -85,9 +126,12 @@ class SvdProjector:
         return "basis" not in state or (step + self.refresh_phase) % self.update_gap == 0
 
     def refresh(self, state: dict, grad: torch.Tensor) -> None:
-        side = self.side(tuple(grad.shape))
-        u, vh = self._svd(grad.float())
-        r = self.rank
+        shape = tuple(grad.shape)
+        side, r = self.side(shape), self.rank_for(shape)
+        if self.basis == "random":
+            u, vh = self._random(shape, r, state, grad.device)
+        else:
+            u, vh = self._svd(grad.float(), r)
         state["side"] = side
         if side == LEFT:
             state["basis"] = u[:, :r].to(grad.dtype).contiguous()
@@ -97,13 +141,25 @@ class SvdProjector:
             state["basis"] = u[:, :r].to(grad.dtype).contiguous()
             state["basis_right"] = vh[:r, :].to(grad.dtype).contiguous()
 
-    def _svd(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _svd(self, g: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.svd_backend == "exact":
             u, _, vh = torch.linalg.svd(g, full_matrices=False)
             return u, vh
-        q = min(self.rank + self.oversample, *g.shape)
+        q = min(r + self.oversample, *g.shape)
         u, _, v = torch.svd_lowrank(g, q=q, niter=self.niter)
         return u, v.T
+
+    @staticmethod
+    def _random(shape, r, state, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Orthonormal (m x r) and (r x n) factors from Gaussian draws, seeded by the matrix's
+        seed and how many bases it has drawn: the same on every rank and after a resume."""
+        draw = state.get("draws", 0)
+        state["draws"] = draw + 1
+        g = torch.Generator().manual_seed(state.get("seed", 0) * 1_000_003 + draw)
+        m, n = shape
+        u = torch.linalg.qr(torch.randn(m, r, generator=g))[0]
+        v = torch.linalg.qr(torch.randn(n, r, generator=g))[0]
+        return u.to(device), v.T.to(device)
 
     @staticmethod
     def project(state: dict, grad: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,14 @@ class NormScaledResidual:
             raise ValueError(f"optimizer.limiter_gamma={gamma} must exceed 1")
         self.mode, self.gamma = mode, gamma
 
+    def apply(self, p, state, grad, low, direction, projector, scale, step_size, lr) -> None:
+        p.add_(self.combine(state, grad, low, direction, projector, scale), alpha=step_size)
+
+    @staticmethod
+    def extra_memory(dtype: torch.dtype) -> dict[str, int]:
+        """The limiter's previous residual norm: one scalar in the parameter's dtype."""
+        return {"other": torch.empty((), dtype=dtype).element_size()}
+
     def combine(
         self,
         state: dict,

@@ -2,5 +2,6 @@
 
 from optimizers.rules.adam import AdamRule
 from optimizers.rules.adam8bit import BlockwiseAdam8bitRule
+from optimizers.rules.muon import MuonRule
 
-__all__ = ["AdamRule", "BlockwiseAdam8bitRule"]
+__all__ = ["MuonRule", "AdamRule", "BlockwiseAdam8bitRule"]

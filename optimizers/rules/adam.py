@@ -1,7 +1,8 @@
-"""Adam in whatever space it is handed (GaLore Alg. 1, lines 8-12; HF ``AdamW`` form).
+"""Adam in whatever space it is handed (GaLore Alg. 1, lines 8-12).
 
-eps is added to sqrt(v) before bias correction and the step size carries the correction,
-exactly as GaLoreAdamW and FiraAdamW do (torch's AdamW places eps after the correction).
+``eps="hf"`` (HF ``AdamW`` form, as GaLoreAdamW and FiraAdamW): eps is added to sqrt(v) before
+bias correction and the step size carries the whole correction. ``eps="torch"`` (torch's AdamW,
+FRUGAL): eps is added to sqrt(v / (1 - beta2^t)), and the step size carries 1 / (1 - beta1^t).
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ import torch
 
 
 class AdamRule:
-    def __init__(self, betas: tuple[float, float], eps: float) -> None:
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, betas: tuple[float, float], eps: float, eps_placement: str = "hf") -> None:
+        if eps_placement not in ("hf", "torch"):
+            raise ValueError(f"eps placement {eps_placement!r}: use hf or torch")
+        self.torch_eps = eps_placement == "torch"
         b1, b2 = betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"optimizer.betas={list(betas)} must lie in [0, 1)")
@@ -29,9 +35,13 @@ class AdamRule:
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.mul_(self.beta1).add_(grad, alpha=1.0 - self.beta1)
         v.mul_(self.beta2).addcmul_(grad, grad, value=1.0 - self.beta2)
+        if self.torch_eps:
+            denom = v.sqrt().div_(math.sqrt(1.0 - self.beta2**step)).add_(self.eps)
+            return m / denom, 1.0 / (1.0 - self.beta1**step)
         correction = math.sqrt(1.0 - self.beta2**step) / (1.0 - self.beta1**step)
         return m / (v.sqrt().add_(self.eps)), correction
 
     @staticmethod
-    def state_numel(shape: tuple[int, ...]) -> int:
-        return 2 * math.prod(shape)
+    def memory(shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, int]:
+        """M and V in the dtype of the tensor they follow."""
+        return {"moments": 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()}

@@ -45,6 +45,12 @@ class BlockwiseAdam8bitRule:
     def quantized(self, numel: int) -> bool:
         return numel >= self.min_8bit_size
 
+    state_keys = ("state1", "state2", "absmax1", "absmax2")
+
+    def memory(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, int]:
+        """Codes and block scales (or fp32 moments for small tensors), whatever ``dtype``."""
+        return blockwise_state_nbytes(shape, self.min_8bit_size)
+
     def direction(self, state: dict, grad: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
         grad = grad.contiguous()
         if "state1" not in state:

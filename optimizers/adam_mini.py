@@ -1,0 +1,99 @@
+"""Adam-mini (Zhang et al. 2024) from the official ``adam-mini`` package (v1.1.1), which assigns
+one second-moment value per block, classifying parameters by name substrings.
+
+The official class decides everything from names, and a wrong name silently changes the
+algorithm; so ``classify`` mirrors its rules, the start-up report says how many tensors fell in
+each block kind, and a LLaMA whose names are not recognised is refused instead of warned about.
+"""
+
+from __future__ import annotations
+
+import math
+
+from adam_mini import Adam_mini
+from torch import nn
+
+# v1.1.1's name substrings, in the order its step() tests them
+BIAS = ("bias",)
+QUERY_KEY = ("k_proj", "q_proj", "wq", "wk", "query", "key")
+PER_ROW = (
+    ("embed", "embd", "wte"),  # embeddings: one v per token
+    ("lm_head", "output", "final_layer"),  # output layer: one v per token
+    ("v_proj", "wv", "value"),  # values: one v per neuron
+    ("mlp", "feed_forward", "linear"),  # MLP: one v per neuron
+    ("o_proj", "wo", "attn.proj"),  # attention output: one v per neuron
+)
+KINDS = ("bias", "query_key", "per_row", "per_tensor")
+
+
+def classify(name: str) -> str:
+    """The block kind Adam-mini v1.1.1 gives the parameter called ``name``."""
+    name = name.lower()
+    if any(s in name for s in BIAS):
+        return "bias"
+    if any(s in name for s in QUERY_KEY):
+        return "query_key"
+    if any(s in name for group in PER_ROW for s in group):
+        return "per_row"
+    return "per_tensor"
+
+
+def second_moment_numel(name: str, shape: tuple[int, ...], dim: int, n_heads: int) -> int:
+    """Values of ``vmean`` (or of the full ``v`` for biases) Adam-mini keeps for one tensor."""
+    kind = classify(name)
+    if kind == "bias":
+        return math.prod(shape)
+    if kind == "query_key":
+        return math.prod(shape) // (dim * dim // n_heads)
+    if kind == "per_row":
+        return shape[0]
+    return 1
+
+
+class AdamMini(Adam_mini):
+    """The official optimizer, built from a model: ``dim`` and ``n_heads`` come from its config,
+    unrecognised names are refused, and the block split is reported at start-up."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+    ) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.kinds = dict.fromkeys(KINDS, 0)
+        for name, p in named:
+            kind = classify(name)
+            self.kinds[kind] += 1
+            if kind in ("query_key", "per_row") and p.dim() != 2:
+                raise ValueError(
+                    f"{name}: Adam-mini gives a {kind} block one v per row or head, which needs "
+                    f"a 2-D matrix; got shape {tuple(p.shape)}"
+                )
+        if not self.kinds["query_key"] or not self.kinds["per_row"]:
+            raise ValueError(
+                f"optimizer=adam_mini recognises no query/key or MLP matrices by name "
+                f"({self.kinds}); it needs LLaMA names such as q_proj, k_proj, v_proj, o_proj, "
+                "mlp, embed_tokens, lm_head"
+            )
+        super().__init__(
+            named,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            dim=model.cfg.hidden_size,
+            n_heads=model.cfg.num_heads,
+            verbose=False,
+        )
+        # v1.1.1 takes torch.cuda.device_count() as its shard count and all-reduces per-tensor
+        # statistics over it; parameters here are replicated (single process or DDP), never
+        # sharded, so its statistics are already complete on every rank.
+        self.world_size = 1
+        self.check_block_name = False  # its name check only prints; ours above refuses
+
+    def projection_report(self) -> str:
+        split = ", ".join(f"{n} {k.replace('_', '/')}" for k, n in self.kinds.items() if n)
+        return f"Adam-mini blocks: {split} tensors (one v per head / row / tensor; biases Adam)"
