@@ -132,6 +132,21 @@ class GaLore8bitConfig(GaLoreConfig):
 
 
 @dataclass
+class QGaLoreConfig(GaLore8bitConfig):
+    """Q-GaLore: 8-bit GaLore with a 4-bit projector, lazy refresh and INT8 weights."""
+
+    proj_bits: int = 4  # 4 (codes packed two per byte) | 8
+    proj_group_size: int = 256
+    cos_threshold: float = 0.4  # lazy refresh: grow the gap when the mean cosine reaches this
+    queue_size: int = 5  # over the last this many refreshes
+    growth: float = 2.0  # gap <- floor(gap x growth)
+    abs_cos: bool = True  # |cos| (SVD signs are arbitrary); false: the reference's signed cos
+    weight_quant: bool = True  # INT8 (simulated) weights for the projected matrices
+    stochastic_round: bool = True
+    weight_group_size: int = 256
+
+
+@dataclass
 class FiraConfig(GaLoreConfig):
     mode: str = "paper"  # paper | code (the pip fira 1.0.2 arithmetic)
     limiter_gamma: float = 1.01
@@ -297,6 +312,7 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_galore", node=GaLoreConfig)
     cs.store(group="optimizer", name="base_fira", node=FiraConfig)
     cs.store(group="optimizer", name="base_galore_8bit", node=GaLore8bitConfig)
+    cs.store(group="optimizer", name="base_q_galore", node=QGaLoreConfig)
     cs.store(group="optimizer", name="base_frugal", node=FrugalConfig)
     cs.store(group="optimizer", name="base_lisa", node=LisaConfig)
     cs.store(group="optimizer", name="base_badam", node=BAdamConfig)

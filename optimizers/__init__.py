@@ -28,16 +28,19 @@ from llm_pretrain.config import (
     MuonConfig,
     OptimizerConfig,
     OwLoreConfig,
+    QGaLoreConfig,
 )
 from optimizers import accounting
 from optimizers.adam_mini import AdamMini, second_moment_numel
 from optimizers.composite import CompositeOptimizer
 from optimizers.projectors import CoordinateProjector, SvdProjector
+from optimizers.projectors.quantized import QuantizedSvdProjector
 from optimizers.residuals import NormScaledResidual, StateFreeResidual
 from optimizers.rules import AdamRule, BlockwiseAdam8bitRule, MuonRule
 from optimizers.rules.adam8bit import BLOCK, CODE_MAP_BYTES, blockwise_state_nbytes
 from optimizers.sampling import LayerSampler, OutlierWeights, decoder_layers, trainable
 from optimizers.subspace import Sampling, SubspaceOptimizer
+from optimizers.weight_quant import Int8Weights
 
 Builder = Callable[[OptimizerConfig, nn.Module], torch.optim.Optimizer]
 # (shape, projected?, config, dtype) -> state bytes by category, after the first step
@@ -197,10 +200,16 @@ def split_targets(model: nn.Module, targets: list[str]) -> tuple[list, list]:
 
 
 def build_subspace(
-    cfg: GaLoreConfig, model: nn.Module, residual=None, rule=None, sampling=None
+    cfg: GaLoreConfig,
+    model: nn.Module,
+    residual=None,
+    rule=None,
+    sampling=None,
+    projector=None,
+    weight_quant=None,
 ) -> SubspaceOptimizer:
     projected, plain = split_targets(model, list(cfg.target_modules))
-    projector = _projector(cfg)
+    projector = projector if projector is not None else _projector(cfg)
     groups = [{"params": projected, "projected": True}]
     if plain:
         groups.append({"params": plain, "projected": False})
@@ -216,6 +225,7 @@ def build_subspace(
         rule=rule,
         sampling=sampling,
         seed=getattr(cfg, "seed", 0),
+        weight_quant=weight_quant,
     )
 
 
@@ -332,6 +342,31 @@ def build_galore(cfg: GaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
 @register("galore_8bit", _built("galore_8bit"), model_level=True)
 def build_galore_8bit(cfg: GaLore8bitConfig, model: nn.Module) -> torch.optim.Optimizer:
     return build_subspace(cfg, model, rule=_rule_8bit(cfg))
+
+
+@register("q_galore", _built("q_galore"), model_level=True)
+def build_q_galore(cfg: QGaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Q-GaLore (Zhang et al. 2024): 8-bit GaLore whose projector is stored in 4 bits and
+    refreshed lazily, with the projected weights kept on an INT8 grid."""
+    if cfg.refresh_phase:
+        raise ValueError("optimizer.refresh_phase: Q-GaLore's lazy refresh keeps its own schedule")
+    projector = QuantizedSvdProjector(
+        cfg.rank,
+        cfg.update_gap,
+        cfg.proj_type,
+        cfg.svd_backend,
+        niter=cfg.svd_power_iters,
+        proj_bits=cfg.proj_bits,
+        proj_group_size=cfg.proj_group_size,
+        cos_threshold=cfg.cos_threshold,
+        queue_size=cfg.queue_size,
+        growth=cfg.growth,
+        abs_cos=cfg.abs_cos,
+    )
+    weights = Int8Weights(cfg.weight_group_size, cfg.stochastic_round) if cfg.weight_quant else None
+    return build_subspace(
+        cfg, model, rule=_rule_8bit(cfg), projector=projector, weight_quant=weights
+    )
 
 
 @register("fira", _built("fira"), model_level=True)

@@ -99,6 +99,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         sampling: Sampling | None = None,
         seed: int = 0,
         state_free=None,
+        weight_quant=None,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"optimizer.lr={lr} must be positive")
@@ -117,7 +118,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.rule = rule if rule is not None else AdamRule(tuple(betas), eps)
         self.plain_rule = plain_rule if plain_rule is not None else self.rule
         self.reset_on_refresh, self.decay_first, self.seed = reset_on_refresh, decay_first, seed
-        self.sampling, self.state_free = sampling, state_free
+        self.sampling, self.state_free, self.weight_quant = sampling, state_free, weight_quant
         self._index = {p: i for i, p in enumerate(self._all_params())}
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         for group in self.param_groups:
@@ -212,6 +213,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             self._stateful_update(p, grad, mode, lr)
         if wd > 0 and not self.decay_first:
             p.add_(p, alpha=-lr * wd)
+        if self.weight_quant is not None and group["projected"]:
+            self.weight_quant.apply(p, self.state[p])  # Q-GaLore: back onto the INT8 grid
 
     def _stateful_update(self, p: torch.Tensor, grad: torch.Tensor, mode: str, lr: float) -> None:
         state = self.state[p]
@@ -390,6 +393,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 f"{self.projector.describe()}, refresh every {self.projector.update_gap} steps"
             )
         parts.append(f"{len(plain)} tensors ({n_plain / 1e6:.2f}M params) take plain Adam")
+        if self.weight_quant is not None:
+            parts.append(f"projected matrices as {self.weight_quant.describe()}")
         if self.sampling is not None:
             s = self.sampling
             parts.append(

@@ -9,17 +9,16 @@ Lazy refresh: each matrix starts with gap T_l = ``update_gap``. At every refresh
 the cosine between the new and the previous top-1 singular vector (first row of V^T on the right
 side, first column of U on the left) goes into a FIFO of the last ``queue_size`` values. Once the
 FIFO is full and its mean is >= ``cos_threshold``, T_l <- floor(T_l * ``growth``); the FIFO is
-not cleared, so a stable subspace doubles the gap at every later refresh. The next refresh is
-scheduled at (this step + T_l). The reference uses the signed cosine, which SVD's sign ambiguity
+not cleared, so a stable subspace doubles the gap at every later refresh. Refreshes fall on the
+steps that are multiples of the current T_l (the reference's ``iter % T_l == 0``). The reference uses the signed cosine, which SVD's sign ambiguity
 can make negative for an unchanged subspace; ``abs_cos=True`` (default) uses |cos|.
 
 State per matrix (tensors and ints, so ``weights_only`` checkpoints hold it): ``side`` (LEFT or
 RIGHT, as in SvdProjector), ``basis_shape`` (the dense basis shape, a tuple of ints),
 ``basis_codes`` (uint8), ``basis_scale`` and ``basis_zero`` (one per group, gradient dtype),
-``gap`` (T_l), ``next_refresh`` (the step of the next SVD), ``cos_queue`` (fp32, oldest first,
-the valid values are the last ``min(cos_count, queue_size)``) and ``cos_count`` (cosines seen).
-``next_refresh`` counts in the matrix's own step counter, ``state["step"]``, so a caller that
-restarts that counter at a refresh (``reset_on_refresh``) would delay every later refresh.
+``gap`` (T_l; a refresh is due when the matrix's own step counter is a multiple of it, as in the
+reference), ``cos_queue`` (fp32, oldest first, the valid values are the last
+``min(cos_count, queue_size)``) and ``cos_count`` (cosines seen).
 """
 
 from __future__ import annotations
@@ -92,14 +91,13 @@ class QuantizedSvdProjector(SvdProjector):
 
     # -------------------------------------------------------------- refresh
     def due(self, state: dict, step: int) -> bool:
-        """The first step, then whenever the matrix's own step counter reaches the scheduled
-        refresh (the gap may have grown since the last one)."""
-        return "basis_codes" not in state or step >= state["next_refresh"]
+        """The first step, then whenever the matrix's own step counter is a multiple of its
+        current gap (Q-GaLore checks s mod T_l = 0, with T_l as grown so far)."""
+        return "basis_codes" not in state or step % state["gap"] == 0
 
     def refresh(self, state: dict, grad: torch.Tensor) -> None:
         """SVD, lazy-schedule bookkeeping, quantized basis. The step is the matrix's counter as
         SubspaceOptimizer keeps it, ``state["step"]`` (absent = 0): the value ``due`` was given."""
-        step = state.get("step", 0)
         shape = tuple(grad.shape)
         side, r = self.side(shape), self.rank_for(shape)
         u, vh = self._svd(grad.float(), r)
@@ -115,7 +113,6 @@ class QuantizedSvdProjector(SvdProjector):
         q = quantize(basis, self.proj_bits, self.proj_group_size, scale_dtype=grad.dtype)
         state["side"], state["basis_shape"] = side, q.shape
         state["basis_codes"], state["basis_scale"], state["basis_zero"] = q.codes, q.scale, q.zero
-        state["next_refresh"] = step + state["gap"]
 
     def _observe(self, state: dict, basis: torch.Tensor) -> None:
         """Q-GaLore Sec. 3.3: push cos(new top-1, previous top-1) and grow the gap when the
