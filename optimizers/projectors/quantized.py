@@ -10,8 +10,10 @@ the cosine between the new and the previous top-1 singular vector (first row of 
 side, first column of U on the left) goes into a FIFO of the last ``queue_size`` values. Once the
 FIFO is full and its mean is >= ``cos_threshold``, T_l <- floor(T_l * ``growth``); the FIFO is
 not cleared, so a stable subspace doubles the gap at every later refresh. Refreshes fall on the
-steps that are multiples of the current T_l (the reference's ``iter % T_l == 0``). The reference uses the signed cosine, which SVD's sign ambiguity
-can make negative for an unchanged subspace; ``abs_cos=True`` (default) uses |cos|.
+steps that are multiples of the current T_l (the reference's ``iter % T_l == 0``). The
+reference uses the signed cosine, which SVD's sign ambiguity can make negative for an unchanged
+subspace; ``abs_cos=True`` (default) uses |cos|. The previous top vector is read from the
+stored (quantized) basis; the reference keeps an fp32 copy of it.
 
 State per matrix (tensors and ints, so ``weights_only`` checkpoints hold it): ``side`` (LEFT or
 RIGHT, as in SvdProjector), ``basis_shape`` (the dense basis shape, a tuple of ints),
