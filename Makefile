@@ -35,9 +35,11 @@ bench: $(STAMP)
 	$(PY) -m llm_pretrain.train $(BENCH_20M) data.layout=paper hydra.run.dir=outputs/bench/llama_20m_paper
 	$(PY) -m llm_pretrain.train $(BENCH_20M) data.layout=packed hydra.run.dir=outputs/bench/llama_20m_packed
 
-# Optimizer step cost on llama_60m shapes vs torch AdamW and the reference packages.
+# Optimizer step cost on llama_60m shapes vs torch AdamW and the reference packages, then every
+# registered method's state memory and step cost on the whole llama_60m.
 bench-optim: $(STAMP)
 	$(PY) -m optimizers.bench $(ARGS)
+	$(PY) -m optimizers.bench_registry
 
 clean:
 	rm -rf outputs multirun .pytest_cache
