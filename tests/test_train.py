@@ -303,10 +303,14 @@ SAMPLED = ["optimizer.active_layers=1", "optimizer.interval=2"]
     "name, overrides",
     [
         ("adamw", []),
+        ("adamw8bit", []),
+        ("adafactor", []),
+        ("came", []),
         ("adam_mini", []),
         ("muon", []),
         ("galore", LOW_RANK),
         ("galore_8bit", LOW_RANK),
+        ("q_galore", LOW_RANK),
         ("fira", LOW_RANK),
         ("frugal", ["optimizer.update_gap=2"]),  # blocks switch at steps 2 and 4
         ("frugal", ["optimizer.projection=columns", "optimizer.update_gap=2"]),
