@@ -396,9 +396,7 @@ def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.proj_lr_scale < 0:
         raise ValueError(f"optimizer.proj_lr_scale={cfg.proj_lr_scale} must be >= 0")
     projectable, regular = split_targets(model, list(cfg.target_modules))
-    state_free = None
-    if cfg.inactive_rule != "none":
-        state_free = StateFreeResidual(cfg.inactive_rule, cfg.inactive_lr_scale)
+    state_free = StateFreeResidual(cfg.inactive_rule, cfg.inactive_lr_scale)
     kwargs = dict(
         lr=cfg.lr,
         betas=tuple(_adam_kwargs(cfg)["betas"]),
@@ -411,7 +409,7 @@ def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
         seed=cfg.seed,
         state_free=state_free,
     )
-    proj_lr = cfg.lr * cfg.proj_lr_scale
+    scaled = {"lr_scale": cfg.proj_lr_scale}  # the steps' lr; weight decay keeps the base lr
     if cfg.projection == "block":
         if not 0.0 <= cfg.density <= 1.0:
             raise ValueError(f"optimizer.density={cfg.density} must lie in [0, 1]")
@@ -427,16 +425,18 @@ def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
             cfg.update_gap,
             FRUGAL_BLOCK_ORDERS[cfg.block_order],
             cfg.seed,
+            keys=("optimizer.update_gap", "optimizer.block_order"),
         )
         sampling = Sampling(
             sampler,
             [[p] for _, p in projectable],
-            inactive_mode="state_free" if state_free is not None else "frozen",
+            # inactive_rule=none: a zero step, but FRUGAL still decays (and computes) them
+            inactive_mode="state_free",
             reset_active=True,
             freeze_grads=not _distributed(),
             unit_names=[name for name, _ in projectable],
         )
-        groups = [{"params": projectable, "projected": False, "lr": proj_lr}]
+        groups = [{"params": projectable, "projected": False, **scaled}]
         projector, residual = None, None
     else:
         if cfg.projection in ("columns", "rows"):
@@ -445,8 +445,9 @@ def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
             projector = SvdProjector(
                 None, cfg.update_gap, cfg.proj_type, density=cfg.density, basis=cfg.projection
             )
-        groups = [{"params": projectable, "projected": True, "lr": proj_lr}]
-        sampling, residual = None, state_free
+        groups = [{"params": projectable, "projected": True, **scaled}]
+        sampling = None
+        residual = state_free if cfg.inactive_rule != "none" else None  # none: GaLore-like
     if regular:
         groups.append({"params": regular, "projected": False})
     return SubspaceOptimizer(
@@ -550,7 +551,14 @@ def build_gum(cfg: GumConfig, model: nn.Module) -> torch.optim.Optimizer:
         raise ValueError("GUM: every targeted matrix must belong to a decoder layer")
     q = cfg.active_layers / n
     sampling = Sampling(
-        LayerSampler(n, cfg.active_layers, cfg.update_gap, "uniform", cfg.seed),
+        LayerSampler(
+            n,
+            cfg.active_layers,
+            cfg.update_gap,
+            "uniform",
+            cfg.seed,
+            keys=("optimizer.update_gap", ""),
+        ),
         units,
         active_mode="complement",
         inactive_mode="inherit",

@@ -23,9 +23,20 @@ ORDERS = ("uniform", "weighted", "shuffled", "ascending", "descending", "mirror"
 
 
 class LayerSampler:
-    def __init__(self, n_units: int, n_active: int, interval: int, order: str, seed: int) -> None:
+    def __init__(
+        self,
+        n_units: int,
+        n_active: int,
+        interval: int,
+        order: str,
+        seed: int,
+        keys: tuple[str, str] = ("optimizer.interval", "optimizer.sampling_order"),
+    ) -> None:
+        """``keys``: the config keys of ``interval`` and ``order`` in the caller's method, for
+        error messages."""
+        interval_key, order_key = keys
         if order not in ORDERS:
-            raise ValueError(f"optimizer.sampling_order={order!r}: use one of {', '.join(ORDERS)}")
+            raise ValueError(f"{order_key}={order!r}: use one of {', '.join(ORDERS)}")
         if not 0 <= n_active <= n_units:
             raise ValueError(
                 f"optimizer: {n_active} active units out of {n_units}; choose between 0 and "
@@ -33,14 +44,14 @@ class LayerSampler:
             )
         if order == "shuffled" and n_active and n_units % n_active:
             raise ValueError(
-                f"optimizer.sampling_order=shuffled visits every unit once per epoch in blocks of "
+                f"{order_key}=shuffled visits every unit once per epoch in blocks of "
                 f"{n_active}: {n_units} units do not split into such blocks"
             )
         if interval <= 0:
-            raise ValueError(f"optimizer.interval={interval} must be a positive integer")
+            raise ValueError(f"{interval_key}={interval} must be a positive integer")
         if order == "mirror" and (n_active % 2 or n_units % 2):
             raise ValueError(
-                f"optimizer.sampling_order=mirror takes units in pairs from both ends: needs an "
+                f"{order_key}=mirror takes units in pairs from both ends: needs an "
                 f"even number of units and of active units, got {n_active} of {n_units}"
             )
         self.n_units, self.n_active, self.interval = n_units, n_active, interval
@@ -61,7 +72,12 @@ class LayerSampler:
         if self.order in ("uniform", "weighted"):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + period)
             if self.order == "weighted" and weights is not None:
-                chosen = torch.multinomial(weights.double().cpu(), k, generator=g).tolist()
+                w = weights.double().cpu()
+                heavy = int((w > 0).sum())
+                chosen = torch.multinomial(w, min(k, heavy), generator=g).tolist() if heavy else []
+                if len(chosen) < k:  # too few layers with outliers: fill the rest uniformly
+                    rest = [u for u in torch.randperm(n, generator=g).tolist() if u not in chosen]
+                    chosen += rest[: k - len(chosen)]
             else:
                 chosen = torch.randperm(n, generator=g)[:k].tolist()
         elif self.order == "shuffled":  # BAdam's "random": a new permutation every epoch

@@ -106,7 +106,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if weight_decay < 0:
             raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, projected=False
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            projected=False,
+            lr_scale=1.0,  # multiplies the group's steps, not its weight decay (FRUGAL)
         )
         super().__init__(params, defaults)
         if residual is not None and projector is not None and projector.proj_type == "full":
@@ -207,10 +212,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if wd > 0 and self.decay_first:
             p.mul_(1.0 - lr * wd)
         grad = p.grad if weight == 1.0 else p.grad * weight
+        step_lr = lr * group["lr_scale"]
         if mode == "state_free":
-            self.state_free.step(p, grad, lr)
+            self.state_free.step(p, grad, step_lr)
         else:
-            self._stateful_update(p, grad, mode, lr)
+            self._stateful_update(p, grad, mode, step_lr)
         if wd > 0 and not self.decay_first:
             p.add_(p, alpha=-lr * wd)
         if self.weight_quant is not None and group["projected"]:

@@ -77,7 +77,6 @@ class CoordinateProjector:
 
     @staticmethod
     def project_back(state: dict, low: torch.Tensor) -> torch.Tensor:
-        state["indices"]
         if state["side"] == RIGHT:
             out = low.new_zeros(low.shape[0], state["full_dim"])
         else:

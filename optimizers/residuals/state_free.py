@@ -1,6 +1,7 @@
 """FRUGAL's state-free complement (Zmushko et al. 2025, Alg. 1): the part of the gradient outside
 the state-full subspace, G - P P^T G (or the unselected coordinates), takes a step that keeps no
-state: signSGD (``rule="sign"``, the paper's default) or plain SGD (``rule="sgd"``), at
+state: signSGD (``rule="sign"``, the paper's default), plain SGD (``rule="sgd"``) or nothing
+(``rule="none"``: pure GaLore or BAdam inside FRUGAL's code), at
 ``lr x lr_scale`` (FRUGAL's ``inactive_lr_scale``) and without Adam's bias correction.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-RULES = ("sign", "sgd")
+RULES = ("sign", "sgd", "none")
 
 
 class StateFreeResidual:
@@ -20,7 +21,10 @@ class StateFreeResidual:
         self.rule, self.lr_scale = rule, lr_scale
 
     def step(self, p: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        """p -= lr * lr_scale * rule(grad), for a gradient (or residual) with no state."""
+        """p -= lr * lr_scale * rule(grad), for a gradient (or residual) with no state; ``none``
+        leaves p as it is (FRUGAL's inactive_update_rule=no)."""
+        if self.rule == "none":
+            return
         if self.rule == "sign":
             p.add_(grad.sign(), alpha=-lr * self.lr_scale)
         else:

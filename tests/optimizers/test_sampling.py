@@ -154,11 +154,22 @@ def test_weighted_order_picks_the_heavy_units():
     weights[[2, 5]] = 1.0
     sampler = LayerSampler(8, 2, 1, "weighted", seed=0)
     assert all(sampler.choose(p, weights / weights.sum()) == [2, 5] for p in range(20))
-    weights = torch.full((8,), 1e-3)
+    weights = torch.full((8,), 1e-9)
     weights[6] = 1.0
-    picks = [sampler.choose(p, weights)[0] for p in range(20)]
     one = LayerSampler(8, 1, 1, "weighted", seed=0)
-    assert all(one.choose(p, weights) == [6] for p in range(20)) and picks
+    assert all(one.choose(p, weights) == [6] for p in range(20))
+
+
+def test_weighted_order_fills_spare_slots_uniformly():
+    """Fewer layers with outliers than active slots (likely early in pretraining): the heavy ones
+    are always taken and the rest are drawn at random, not always the next indices."""
+    weights = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    sampler = LayerSampler(6, 3, 1, "weighted", seed=0)
+    draws = [sampler.choose(p, weights) for p in range(30)]
+    assert all(2 in d and len(set(d)) == 3 for d in draws)
+    assert {u for d in draws for u in d} == set(range(6))  # every layer gets its turn
+    zeros = LayerSampler(6, 2, 1, "weighted", seed=0)
+    assert {u for p in range(30) for u in zeros.choose(p, torch.zeros(6))} == set(range(6))
 
 
 @pytest.mark.parametrize(
@@ -239,13 +250,14 @@ def test_lisa_does_not_touch_frozen_layers():
 
 
 def test_lisa_keeps_the_state_of_a_layer_that_stays_active():
+    """Unlike BAdam (below): periods 3 and 4 (steps 6-9) train the same layer without a reset."""
     seed = shuffled_seed_repeating_across_epochs(4)
     model = toy()
-    opt, _ = lisa(model, sampling_order="shuffled", interval=1, seed=seed)
-    for _ in range(5):
+    opt, _ = lisa(model, sampling_order="shuffled", seed=seed)
+    for _ in range(9):
         train_step(model, opt)
     (repeat,) = opt.active_units()
-    assert all(opt.state[p]["step"] == 2 for p in layer_params(model)[repeat])
+    assert all(opt.state[p]["step"] == 3 for p in layer_params(model)[repeat])
 
 
 # ---------------------------------------------------------------------------------- BAdam
@@ -261,11 +273,14 @@ def shuffled_seed_repeating_across_epochs(n: int) -> int:
 def test_badam_clears_the_active_block_at_every_switch():
     seed = shuffled_seed_repeating_across_epochs(4)
     model = toy()
-    cfg = method_cfg("badam", interval=1, seed=seed)
+    cfg = method_cfg("badam", interval=2, seed=seed)
     opt = optimizers.build(cfg, model)
-    for _ in range(4):
+    for _ in range(7):
         train_step(model, opt)
-    (repeat,) = opt.active_units()  # period 4: the block of period 3 again
+    period_3 = opt.active_units()
+    train_step(model, opt)
+    (repeat,) = opt.active_units()  # period 4 (steps 8-9): the block of period 3 again
+    assert [repeat] == period_3
     params = layer_params(model)[repeat]
     model(BATCH, BATCH).backward()
     grads = [p.grad.clone() for p in params]
@@ -285,25 +300,18 @@ def test_badam_shuffled_trains_every_layer_once_per_epoch(active):
     for _epoch in range(3):
         trained = []
         for _ in range(per_epoch):
-            before = [p.detach().clone() for p in layers_flat(layers)]
+            before = [[p.detach().clone() for p in params] for params in layers]
             train_step(model, opt)
-            moved = changed_layers(layers, before)
+            moved = [
+                u
+                for u, params in enumerate(layers)
+                if not all(torch.equal(p, b) for p, b in zip(params, before[u], strict=True))
+            ]
             assert len(moved) == active
             trained += moved
         assert sorted(trained) == [0, 1, 2, 3]
         orders.append(tuple(trained))
     assert len(set(orders)) > 1
-
-
-def layers_flat(layers):
-    return [p for params in layers for p in params]
-
-
-def changed_layers(layers, before) -> list[int]:
-    it = iter(before)
-    return [
-        u for u, params in enumerate(layers) if any([not torch.equal(p, next(it)) for p in params])
-    ]
 
 
 # ---------------------------------------------------------------------------------- OwLore
@@ -331,10 +339,41 @@ def outlier_probabilities(model, ratio: float = 13.0) -> torch.Tensor | None:
 
 
 def test_outlier_weights_favour_the_layer_with_outliers():
-    p = outlier_probabilities(with_outliers(toy(), {2: 0.02, 0: 0.005}))
+    p = outlier_probabilities(with_outliers(toy(), {2: 0.02}))
     assert torch.isclose(p.sum(), torch.tensor(1.0, dtype=p.dtype))
-    assert p.argmax() == 2 and p[2] > p[0] > 0
-    assert p[1] == p[3] == 0
+    assert p.argmax() == 2
+    assert p[0] == p[1] == 0  # upstream of the outliers: weights and activations are tame
+
+
+def test_outlier_weights_are_owls_layerwise_outlier_ratios():
+    """LOD_l = mean over the layer's scores A_ij = ||X_j||_2 |W_ij| of [A_ij > M mean(A)], then
+    normalised (spec 6(b)); X_j: input feature j of the linear over every token."""
+    model = with_outliers(toy(), {1: 0.01, 2: 0.03})
+    inputs = {}
+    linears = [
+        [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        for _, layer in decoder_layers(model)
+    ]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0]))
+        for layer in linears
+        for m in layer
+    ]
+    expected_p = outlier_probabilities(model, ratio=5.0)  # collects on the same forward
+    for h in handles:
+        h.remove()
+    lod = []
+    for layer in linears:
+        scores = torch.cat(
+            [
+                (m.weight.abs() * inputs[m].reshape(-1, m.in_features).norm(dim=0)).flatten()
+                for m in layer
+            ]
+        )
+        lod.append((scores > 5.0 * scores.mean()).double().mean())
+    lod = torch.stack(lod)
+    assert (lod > 0).sum() >= 2
+    assert torch.allclose(expected_p, lod / lod.sum(), atol=1e-6)
 
 
 def test_outlier_weights_fall_back_to_uniform_without_outliers():
@@ -343,8 +382,8 @@ def test_outlier_weights_fall_back_to_uniform_without_outliers():
 
 
 def owlore(model, **overrides):
-    cfg = method_cfg("owlore", rank=8, update_gap=2, active_layers=2, interval=2, **overrides)
-    return optimizers.build(cfg, model)
+    settings = dict(rank=8, update_gap=2, active_layers=2, interval=2)
+    return optimizers.build(method_cfg("owlore", **{**settings, **overrides}), model)
 
 
 def test_owlore_collects_statistics_only_in_the_last_step_of_each_period():
@@ -359,24 +398,24 @@ def test_owlore_collects_statistics_only_in_the_last_step_of_each_period():
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        assert not outliers.sq or flags[-1] is False  # consumed by the switch
+        assert not outliers.sq  # consumed by the switch that ends the period
     assert flags == [False, False, True] * 3
     assert recorded == flags
 
 
 def test_owlore_resumes_its_weighted_layers_bit_identically():
     heavy = [1, 3]
-    sampler = LayerSampler(4, 2, 2, "uniform", 0)
-    assert sampler.choose(2) != heavy and sampler.choose(0) != heavy  # a redraw would differ
+    assert LayerSampler(4, 2, 2, "uniform", 0).choose(0) != heavy  # what a redraw would give
 
     def run(steps, model=None, opt=None):
-        model = model or with_outliers(toy(), dict.fromkeys(heavy, 0.03))
-        opt = opt or owlore(model)
+        if model is None:
+            model = with_outliers(toy(), dict.fromkeys(heavy, 0.03))
+            opt = owlore(model)
         for _ in range(steps):
             train_step(model, opt)
         return model, opt
 
-    straight, _ = run(6)
+    straight, _ = run(8)  # period 3's set is drawn from statistics of step 6
     first, opt1 = run(4)  # the set of period 2 was drawn from outlier statistics
     assert opt1.active_units() == heavy
     buf = io.BytesIO()
@@ -388,14 +427,14 @@ def test_owlore_resumes_its_weighted_layers_bit_identically():
     opt2 = owlore(resumed)
     opt2.load_state_dict(saved["opt"])
     assert opt2.active_units() == heavy
-    run(2, resumed, opt2)
+    run(4, resumed, opt2)
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------- GUM
 def gum(model, **overrides):
-    cfg = method_cfg("gum", rank=8, update_gap=100, momentum=0.0, **overrides)
+    cfg = method_cfg("gum", **{**dict(rank=8, update_gap=100, momentum=0.0), **overrides})
     return optimizers.build(cfg, model), cfg
 
 
@@ -444,17 +483,19 @@ def test_gum_momentum_input_is_unbiased(active):
                 estimate = p_basis @ buf
             total[name] = total.get(name, 0) + estimate / len(sets)
     for name, g in grads.items():
-        assert torch.allclose(total[name], g, atol=1e-5), name
+        assert torch.allclose(total[name], g, atol=1e-4), name
 
 
 def test_gum_gives_a_layer_that_switches_branch_a_fresh_momentum():
+    """Full-rank (m x n) in an active layer, low-rank (r x n) otherwise: at a switch the old
+    buffer is dropped, and the first step of the new branch starts from zero momentum."""
     model = toy()
     opt, cfg = gum(model, active_layers=1, update_gap=2, momentum=0.9)
     q = 1 / 4
     named = optimizers.split_targets(model, list(cfg.target_modules))[0]
     layer_of = {name: int(name.split(".")[2]) for name, _ in named}
-    previous: set[int] | None = None
-    switched = 0
+    previous: set[int] = set(opt.active_units())
+    fresh = 0
     g = torch.Generator().manual_seed(4)
     for _ in range(10):
         active = set(opt.active_units())
@@ -462,24 +503,31 @@ def test_gum_gives_a_layer_that_switches_branch_a_fresh_momentum():
         for name, p in named:
             p.grad = grads[name].clone()
         opt.step()
+        after = set(opt.active_units())
         for name, p in named:
-            state, now = opt.state[p], layer_of[name] in active
+            state, layer = opt.state[p], layer_of[name]
+            if (layer in active) != (layer in after):  # switched branch at the end of the step
+                assert "momentum_buffer" not in state
+                continue
+            now = layer in active
             buf, basis = state["momentum_buffer"], state["basis"]
             assert buf.shape == (p.shape if now else (8, p.shape[1]))
-            if previous is not None and (layer_of[name] in previous) != now:
-                switched += 1  # a new branch: the buffer holds this step's input only
-                g_in = (
-                    grads[name] - basis @ (basis.T @ grads[name]) if now else basis.T @ grads[name]
-                )
-                assert torch.allclose(buf, g_in / (q if now else 1 - q), atol=1e-5)
+            if (layer in previous) != now:  # the first step in a new branch
+                fresh += 1
+                g_in = basis.T @ grads[name] / (1 - q)
+                if now:
+                    g_in = (grads[name] - basis @ (basis.T @ grads[name])) / q
+                assert torch.allclose(buf, g_in, atol=1e-5)
         previous = active
-    assert switched > 0
+    assert fresh >= 2 * 7  # at least a layer in and a layer out of the full-rank branch
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (64, 16), (16, 64), (128, 48)])
 def test_newton_schulz_pushes_singular_values_near_one(shape):
     g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(shape, generator=g) @ torch.diag(torch.logspace(0, 2, shape[1]))
+    u = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g))[0]
+    v = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g))[0]
+    x = u @ torch.diag(torch.logspace(-1, 1, min(shape))) @ v.T  # condition number 100
     y = newton_schulz(x)
     assert y.shape == x.shape and y.dtype == x.dtype
     s = torch.linalg.svdvals(y)
