@@ -609,8 +609,17 @@ def _argv_for_rank(argv: list[str], rank: int) -> list[str]:
     ]
 
 
+def _multirun_flag_first(argv: list[str]) -> list[str]:
+    """Hydra's argparse only takes ``-m`` before the overrides (``train a=1 -m b=2,3`` is an
+    'unrecognized arguments' error): move it to the front."""
+    flags = [a for a in argv[1:] if a in ("-m", "--multirun")]
+    if not flags:
+        return argv
+    return [argv[0], "-m", *[a for a in argv[1:] if a not in ("-m", "--multirun")]]
+
+
 def main() -> None:
-    sys.argv = _argv_for_rank(sys.argv, distributed.launched_rank())
+    sys.argv = _argv_for_rank(_multirun_flag_first(sys.argv), distributed.launched_rank())
     register_configs()
     hydra_main()
 

@@ -197,7 +197,8 @@ def test_cli_unknown_model_names_the_options(tmp_path):
 def test_multirun_appends_one_row_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     out = run_cli(
-        ["-m", *TINY, "trainer.max_steps=3", "trainer.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"],
+        # -m after some overrides: Hydra's own parser would refuse it; ours moves it first
+        [*TINY, "trainer.max_steps=3", "-m", "trainer.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -208,6 +209,13 @@ def test_multirun_appends_one_row_per_job(tmp_path):
         assert r["status"] == "ok" and math.isfinite(r["final_val_ppl"])
         assert r["tokens_seen"] == 3 * 8 * 32 and r["memory"]["weights"] > 0
         assert Path(r["run_dir"]).parent == sweep
+
+
+def test_multirun_flag_is_moved_before_the_overrides():
+    from llm_pretrain.train import _multirun_flag_first
+
+    assert _multirun_flag_first(["t", "a=1", "--multirun", "b=2,3"]) == ["t", "-m", "a=1", "b=2,3"]
+    assert _multirun_flag_first(["t", "a=1"]) == ["t", "a=1"]
 
 
 def test_failed_sweep_job_still_gets_a_row(tmp_path):

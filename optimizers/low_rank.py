@@ -1,0 +1,258 @@
+"""The low-rank methods, each a composition in ``SubspaceOptimizer``: GaLore, 8-bit GaLore,
+Q-GaLore, Fira, FRUGAL and GUM."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llm_pretrain.config import (
+    FiraConfig,
+    FrugalConfig,
+    GaLore8bitConfig,
+    GaLoreConfig,
+    GumConfig,
+    QGaLoreConfig,
+)
+from optimizers.projectors import CoordinateProjector, SvdProjector
+from optimizers.projectors.quantized import QuantizedSvdProjector
+from optimizers.registry import (
+    adam_kwargs,
+    built_formula,
+    distributed_run,
+    register,
+    split_targets,
+)
+from optimizers.residuals import NormScaledResidual, StateFreeResidual
+from optimizers.rules import AdamRule, BlockwiseAdam8bitRule, MuonRule
+from optimizers.sampling import LayerSampler, decoder_layers
+from optimizers.subspace import Sampling, SubspaceOptimizer
+from optimizers.weight_quant import Int8Weights
+
+
+def galore_projector(cfg: GaLoreConfig) -> SvdProjector:
+    return SvdProjector(
+        cfg.rank,
+        cfg.update_gap,
+        cfg.proj_type,
+        cfg.svd_backend,
+        niter=cfg.svd_power_iters,
+        refresh_phase=cfg.refresh_phase,
+    )
+
+
+def _rule_8bit(cfg) -> BlockwiseAdam8bitRule:
+    return BlockwiseAdam8bitRule(tuple(cfg.betas), cfg.eps, cfg.min_8bit_size)
+
+
+def build_subspace(
+    cfg: GaLoreConfig,
+    model: nn.Module,
+    residual=None,
+    rule=None,
+    sampling=None,
+    projector=None,
+    weight_quant=None,
+) -> SubspaceOptimizer:
+    projected, plain = split_targets(model, list(cfg.target_modules))
+    projector = projector if projector is not None else galore_projector(cfg)
+    groups = [{"params": projected, "projected": True}]
+    if plain:
+        groups.append({"params": plain, "projected": False})
+    return SubspaceOptimizer(
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        projector=projector,
+        scale=cfg.scale,
+        residual=residual,
+        rule=rule,
+        sampling=sampling,
+        seed=getattr(cfg, "seed", 0),
+        weight_quant=weight_quant,
+    )
+
+
+@register("galore", built_formula("galore"), model_level=True)
+def build_galore(cfg: GaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return build_subspace(cfg, model)
+
+
+@register("galore_8bit", built_formula("galore_8bit"), model_level=True)
+def build_galore_8bit(cfg: GaLore8bitConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return build_subspace(cfg, model, rule=_rule_8bit(cfg))
+
+
+@register("q_galore", built_formula("q_galore"), model_level=True)
+def build_q_galore(cfg: QGaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Q-GaLore (Zhang et al. 2024): 8-bit GaLore whose projector is stored in 4 bits and
+    refreshed lazily, with the projected weights kept on an INT8 grid."""
+    if cfg.refresh_phase:
+        raise ValueError("optimizer.refresh_phase: Q-GaLore's lazy refresh keeps its own schedule")
+    projector = QuantizedSvdProjector(
+        cfg.rank,
+        cfg.update_gap,
+        cfg.proj_type,
+        cfg.svd_backend,
+        niter=cfg.svd_power_iters,
+        proj_bits=cfg.proj_bits,
+        proj_group_size=cfg.proj_group_size,
+        cos_threshold=cfg.cos_threshold,
+        queue_size=cfg.queue_size,
+        growth=cfg.growth,
+        abs_cos=cfg.abs_cos,
+    )
+    weights = Int8Weights(cfg.weight_group_size, cfg.stochastic_round) if cfg.weight_quant else None
+    return build_subspace(
+        cfg, model, rule=_rule_8bit(cfg), projector=projector, weight_quant=weights
+    )
+
+
+@register("fira", built_formula("fira"), model_level=True)
+def build_fira(cfg: FiraConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return build_subspace(cfg, model, NormScaledResidual(cfg.mode, cfg.limiter_gamma))
+
+
+FRUGAL_PROJECTIONS = ("block", "svd", "random", "columns", "rows")
+# FRUGAL's block_order names -> our sampler orders ("random" is a fresh randperm each time)
+FRUGAL_BLOCK_ORDERS = {
+    "random": "uniform",
+    "ascending": "ascending",
+    "descending": "descending",
+    "mirror": "mirror",
+}
+
+
+@register("frugal", built_formula("frugal"), model_level=True)
+def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """FRUGAL (Zmushko et al. 2025): torch-style Adam on the state-full part, signSGD (or SGD)
+    on the state-free rest, weight decay first; regular parameters take full Adam."""
+    if cfg.projection not in FRUGAL_PROJECTIONS:
+        raise ValueError(
+            f"optimizer.projection={cfg.projection!r}: use one of {', '.join(FRUGAL_PROJECTIONS)}"
+        )
+    if cfg.inactive_rule not in ("sign", "sgd", "none"):
+        raise ValueError(f"optimizer.inactive_rule={cfg.inactive_rule!r}: use sign, sgd or none")
+    if cfg.proj_lr_scale < 0:
+        raise ValueError(f"optimizer.proj_lr_scale={cfg.proj_lr_scale} must be >= 0")
+    projectable, regular = split_targets(model, list(cfg.target_modules))
+    state_free = StateFreeResidual(cfg.inactive_rule, cfg.inactive_lr_scale)
+    kwargs = dict(
+        lr=cfg.lr,
+        betas=tuple(adam_kwargs(cfg)["betas"]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        scale=1.0,
+        rule=AdamRule(tuple(cfg.betas), cfg.eps, "torch"),
+        reset_on_refresh=cfg.reset_statistics,
+        decay_first=True,
+        seed=cfg.seed,
+        state_free=state_free,
+    )
+    scaled = {"lr_scale": cfg.proj_lr_scale}  # the steps' lr; weight decay keeps the base lr
+    if cfg.projection == "block":
+        if not 0.0 <= cfg.density <= 1.0:
+            raise ValueError(f"optimizer.density={cfg.density} must lie in [0, 1]")
+        if cfg.block_order not in FRUGAL_BLOCK_ORDERS:
+            raise ValueError(
+                f"optimizer.block_order={cfg.block_order!r}: use one of "
+                f"{', '.join(FRUGAL_BLOCK_ORDERS)}"
+            )
+        n = len(projectable)
+        sampler = LayerSampler(
+            n,
+            round(n * cfg.density),
+            cfg.update_gap,
+            FRUGAL_BLOCK_ORDERS[cfg.block_order],
+            cfg.seed,
+            keys=("optimizer.update_gap", "optimizer.block_order"),
+        )
+        sampling = Sampling(
+            sampler,
+            [[p] for _, p in projectable],
+            # inactive_rule=none: a zero step, but FRUGAL still decays (and computes) them
+            inactive_mode="state_free",
+            reset_active=True,
+            freeze_grads=not distributed_run(),
+            unit_names=[name for name, _ in projectable],
+        )
+        groups = [{"params": projectable, "projected": False, **scaled}]
+        projector, residual = None, None
+    else:
+        if cfg.projection in ("columns", "rows"):
+            projector = CoordinateProjector(cfg.density, cfg.update_gap, cfg.projection)
+        else:
+            projector = SvdProjector(
+                None, cfg.update_gap, cfg.proj_type, density=cfg.density, basis=cfg.projection
+            )
+        groups = [{"params": projectable, "projected": True, **scaled}]
+        sampling = None
+        residual = state_free if cfg.inactive_rule != "none" else None  # none: GaLore-like
+    if regular:
+        groups.append({"params": regular, "projected": False})
+    return SubspaceOptimizer(
+        groups, projector=projector, residual=residual, sampling=sampling, **kwargs
+    )
+
+
+@register("gum", built_formula("gum"), model_level=True)
+def build_gum(cfg: GumConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """GUM (Pan et al. 2025): Muon on the GaLore projection of every targeted matrix, except in
+    gamma sampled layers per period, which take Muon on the full-rank complement G - P P^T G;
+    the importance weights 1/(1-q) and 1/q make the momentum's input unbiased."""
+    if len(cfg.adamw_betas) != 2:
+        raise ValueError(f"optimizer.adamw_betas={list(cfg.adamw_betas)} must have two values")
+    projected, plain = split_targets(model, list(cfg.target_modules))
+    layers = decoder_layers(model)
+    n = len(layers)
+    if not 1 <= cfg.active_layers < n:
+        raise ValueError(
+            f"optimizer.active_layers={cfg.active_layers}: GUM samples q = active_layers / "
+            f"layers in (0, 1), so it must lie in [1, {n - 1}] for {n} decoder layers"
+        )
+    units = [[p for name, p in projected if name.startswith(prefix + ".")] for prefix, _ in layers]
+    if sum(len(u) for u in units) != len(projected):
+        raise ValueError("GUM: every targeted matrix must belong to a decoder layer")
+    q = cfg.active_layers / n
+    sampling = Sampling(
+        LayerSampler(
+            n,
+            cfg.active_layers,
+            cfg.update_gap,
+            "uniform",
+            cfg.seed,
+            keys=("optimizer.update_gap", ""),
+        ),
+        units,
+        active_mode="complement",
+        inactive_mode="inherit",
+        active_weight=1.0 / q,
+        inactive_weight=1.0 / (1.0 - q),
+        unit_names=[name for name, _ in layers],
+    )
+    projector = SvdProjector(
+        cfg.rank,
+        cfg.update_gap,
+        cfg.proj_type,
+        cfg.svd_backend,
+        niter=cfg.svd_power_iters,
+    )
+    groups = [{"params": projected, "projected": True}]
+    if plain:
+        groups.append({"params": plain, "projected": False, "lr": cfg.adamw_lr or cfg.lr})
+    return SubspaceOptimizer(
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.adamw_betas),
+        eps=cfg.adamw_eps,
+        weight_decay=cfg.weight_decay,
+        projector=projector,
+        scale=1.0,
+        rule=MuonRule(cfg.momentum, cfg.ns_steps, cfg.adjust_lr_fn),
+        plain_rule=AdamRule(tuple(cfg.adamw_betas), cfg.adamw_eps, "torch"),
+        decay_first=True,
+        sampling=sampling,
+        seed=cfg.seed,
+    )

@@ -1,0 +1,134 @@
+"""The optimizer registry: ``build(cfg, model)`` turns ``conf/optimizer/<name>.yaml`` into a
+``torch.optim.Optimizer``; ``state_nbytes`` reports its state memory by category and
+``memory_formula`` the closed form of it. The methods register themselves from
+``optimizers.baselines``, ``optimizers.low_rank`` and ``optimizers.layerwise``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from llm_pretrain.config import OptimizerConfig
+from optimizers import accounting
+from optimizers.sampling import trainable
+
+Builder = Callable[[OptimizerConfig, nn.Module], torch.optim.Optimizer]
+# (shape, projected?, config, dtype) -> state bytes by category, after the first step
+Formula = Callable[[tuple[int, ...], bool, OptimizerConfig, torch.dtype], dict[str, int]]
+# (all parameter shapes, config) -> bytes held once per optimizer (e.g. shared code maps)
+Shared = Callable[[list[tuple[int, ...]], OptimizerConfig], dict[str, int]]
+# (model, config, optimizer steps taken) -> state bytes by category, for methods whose state
+# depends on parameter names or on which layers a sampler has active
+ModelFormula = Callable[[nn.Module, OptimizerConfig, int], dict[str, int]]
+REGISTRY: dict[str, Builder] = {}
+FORMULAS: dict[str, Formula | ModelFormula] = {}
+SHARED: dict[str, Shared] = {}
+MODEL_LEVEL: set[str] = set()
+
+
+def register(
+    name: str, formula: Formula | ModelFormula, shared: Shared | None = None, model_level=False
+):
+    def deco(fn: Builder) -> Builder:
+        REGISTRY[name], FORMULAS[name] = fn, formula
+        if shared is not None:
+            SHARED[name] = shared
+        if model_level:
+            MODEL_LEVEL.add(name)
+        return fn
+
+    return deco
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def memory_formula(
+    name: str, model: nn.Module, cfg: OptimizerConfig, steps: int = 1
+) -> dict[str, int]:
+    """Closed-form optimizer-state bytes of ``model`` under ``cfg`` after ``steps`` optimizer
+    steps (>= 1), by category; works on the ``meta`` device, so any model size can be estimated
+    without memory. ``steps`` matters only to methods that sample layers."""
+    if steps < 1:
+        raise ValueError(f"memory_formula: steps={steps} must be >= 1 (state exists after a step)")
+    if name in MODEL_LEVEL:
+        return FORMULAS[name](model, cfg, steps)
+    projected = set()
+    if "target_modules" in cfg:
+        projected = {id(p) for _, p in split_targets(model, list(cfg.target_modules))[0]}
+    params = [p for p in model.parameters() if trainable(p)]
+    parts = [FORMULAS[name](tuple(p.shape), id(p) in projected, cfg, p.dtype) for p in params]
+    if name in SHARED:
+        parts.append(SHARED[name]([tuple(p.shape) for p in params], cfg))
+    total: dict[str, int] = {}
+    for part in parts:
+        for key, n in part.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+def trainable_params(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if trainable(p)]
+
+
+def adam_kwargs(cfg) -> dict:
+    if len(cfg.betas) != 2:
+        raise ValueError(f"optimizer.betas={list(cfg.betas)} must have two values")
+    return dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def split_targets(model: nn.Module, targets: list[str]) -> tuple[list, list]:
+    """(projected, plain) named parameters: the weights of ``nn.Linear`` modules whose qualified
+    name contains one of ``targets`` (the papers' rule: "attn", "mlp"), and everything else."""
+    if not targets:
+        raise ValueError("optimizer.target_modules is empty: name the modules to project")
+    chosen = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(t in name for t in targets)
+    }
+    if not chosen:
+        raise ValueError(
+            f"optimizer.target_modules={list(targets)} matches no nn.Linear of the model; "
+            "use substrings of its module names (e.g. attn, mlp)"
+        )
+    named = [(n, p) for n, p in model.named_parameters() if trainable(p)]
+    return [(n, p) for n, p in named if n in chosen], [(n, p) for n, p in named if n not in chosen]
+
+
+def built_formula(name: str) -> ModelFormula:
+    """The formula of a SubspaceOptimizer method: its components' declared sizes under the
+    sampler's schedule (building it allocates no state and leaves the model untouched)."""
+
+    def formula(model, cfg, steps) -> dict[str, int]:
+        return REGISTRY[name](cfg, model).memory_formula(steps)
+
+    return formula
+
+
+def distributed_run() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def build(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.name not in REGISTRY:
+        raise ValueError(
+            f"optimizer.name={cfg.name!r} is not registered; known: {sorted(REGISTRY)}"
+        )
+    if cfg.lr <= 0:
+        raise ValueError(f"optimizer.lr={cfg.lr} must be positive")
+    optimizer = REGISTRY[cfg.name](cfg, model)
+    if hasattr(optimizer, "start"):  # freeze inactive layers, attach statistics hooks
+        optimizer.start()
+    return optimizer
+
+
+def state_nbytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of optimizer state by category (see ``optimizers.accounting``)."""
+    if hasattr(optimizer, "state_nbytes"):
+        return dict(optimizer.state_nbytes())
+    return accounting.state_nbytes(optimizer.state.values())
