@@ -11,7 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from llm_pretrain.config import register_configs
+from llm_pretrain.config import ModelConfig, register_configs
+from llm_pretrain.model import Llama, build_model
 from llm_pretrain.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,4 +69,23 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def toy_llama(layers: int = 2, seed: int = 0) -> Llama:
+    """A LLaMA small enough for optimizer tests: per layer 4 square (32 x 32), 2 tall (48 x 32)
+    and 1 wide (32 x 48) targeted matrices."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build_model(
+        ModelConfig(
+            name="toy",
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            num_layers=layers,
+            vocab_size=64,
+            max_position_embeddings=64,
+        )
     )

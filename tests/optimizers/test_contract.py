@@ -8,10 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 import optimizers
-from llm_pretrain.config import ModelConfig, TrainerConfig
+from llm_pretrain.config import TrainerConfig
 from llm_pretrain.model import build_model
 from llm_pretrain.schedule import build_scheduler
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, toy_llama
 
 METHODS = sorted(optimizers.REGISTRY)
 LOW_RANK = [m for m in METHODS if "rank" in compose_cfg([f"optimizer={m}"]).optimizer]
@@ -35,18 +35,7 @@ def optimizer_cfg(name: str):
 
 
 def toy_model(seed=0):
-    torch.manual_seed(seed)
-    return build_model(
-        ModelConfig(
-            name="toy",
-            hidden_size=32,
-            intermediate_size=48,
-            num_heads=2,
-            num_layers=2,
-            vocab_size=64,
-            max_position_embeddings=64,
-        )
-    )
+    return toy_llama(layers=2, seed=seed)
 
 
 BATCH = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))

@@ -20,10 +20,8 @@ import torch
 from omegaconf import OmegaConf
 
 import optimizers
-from llm_pretrain.config import ModelConfig
-from llm_pretrain.model import build_model
 from optimizers.projectors.svd import LEFT, RIGHT
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, toy_llama
 
 TOL = 1e-6
 STEPS = 6  # update_gap 2: subspaces (or blocks) drawn at steps 0, 2 and 4
@@ -31,18 +29,7 @@ STEPS = 6  # update_gap 2: subspaces (or blocks) drawn at steps 0, 2 and 4
 
 def toy(seed: int = 0):
     """2 decoder layers: 14 targeted matrices, square (32x32), tall (48x32) and wide (32x48)."""
-    torch.manual_seed(seed)
-    return build_model(
-        ModelConfig(
-            name="toy",
-            hidden_size=32,
-            intermediate_size=48,
-            num_heads=2,
-            num_layers=2,
-            vocab_size=64,
-            max_position_embeddings=64,
-        )
-    )
+    return toy_llama(layers=2, seed=seed)
 
 
 def frugal_cfg(**overrides):

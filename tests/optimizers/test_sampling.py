@@ -12,28 +12,15 @@ import torch
 from omegaconf import OmegaConf
 
 import optimizers
-from llm_pretrain.config import ModelConfig
-from llm_pretrain.model import build_model
 from optimizers.rules.muon import newton_schulz
 from optimizers.sampling import ORDERS, LayerSampler, OutlierWeights, decoder_layers
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, toy_llama
 
 BATCH = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
 
 
 def toy(layers: int = 4, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_model(
-        ModelConfig(
-            name="toy",
-            hidden_size=32,
-            intermediate_size=48,
-            num_heads=2,
-            num_layers=layers,
-            vocab_size=64,
-            max_position_embeddings=64,
-        )
-    )
+    return toy_llama(layers=layers, seed=seed)
 
 
 def method_cfg(name: str, **overrides):
