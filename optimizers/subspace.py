@@ -398,13 +398,24 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 f"{len(projected)} matrices ({n_proj / 1e6:.2f}M params) projected: "
                 f"{self.projector.describe()}, refresh every {self.projector.update_gap} steps"
             )
-        parts.append(f"{len(plain)} tensors ({n_plain / 1e6:.2f}M params) take plain Adam")
+        sampled = sum(1 for p in plain if p in self._unit)
+        only_active = f" ({sampled} of them only while sampled)" if sampled else ""
+        parts.append(
+            f"{len(plain)} tensors ({n_plain / 1e6:.2f}M params) take plain Adam{only_active}"
+        )
         if self.weight_quant is not None:
             parts.append(f"projected matrices as {self.weight_quant.describe()}")
         if self.sampling is not None:
             s = self.sampling
+            active = {"inherit": "their usual step", "complement": "the full-rank complement"}
+            inactive = {
+                "frozen": "frozen (state freed, "
+                + ("no gradients)" if s.freeze_grads else "gradients still computed under DDP)"),
+                "state_free": f"a state-free {getattr(self.state_free, 'rule', '')} step",
+                "inherit": "their usual step",
+            }
             parts.append(
-                f"sampling: {s.sampler.describe()}; active units {s.active_mode}, inactive "
-                f"{s.inactive_mode}"
+                f"sampling: {s.sampler.describe()}; active units take "
+                f"{active[s.active_mode]}, inactive ones {inactive[s.inactive_mode]}"
             )
         return "; ".join(parts)
