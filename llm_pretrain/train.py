@@ -374,7 +374,10 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torc
     grad_norm = None
     if not tc.per_layer_update:  # (per-layer: the hooks stepped every parameter in backward)
         if tc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
+            # layers a sampler froze for this period are left out, also under DDP where their
+            # gradients exist: the norm is the one of the gradients the optimizer applies
+            applied = [p for p in job.model.parameters() if not getattr(p, "frozen_by_sampler", 0)]
+            grad_norm = torch.nn.utils.clip_grad_norm_(applied, tc.grad_clip)
         job.optimizer.step()
     else:  # every gradient is consumed: this only counts the step (and lets samplers switch)
         job.optimizer.step()

@@ -30,6 +30,7 @@ KEY_CATEGORY = {
     "exp_avg_sq_col": "moments",
     "exp_avg_res_row": "moments",
     "exp_avg_res_col": "moments",
+    "indices": "indices",  # FRUGAL's coordinate projector
     "basis": "projector",
     "basis_right": "projector",
     "basis_codes": "projector",

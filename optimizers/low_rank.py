@@ -241,7 +241,13 @@ def build_gum(cfg: GumConfig, model: nn.Module) -> torch.optim.Optimizer:
     )
     groups = [{"params": projected, "projected": True}]
     if plain:
-        groups.append({"params": plain, "projected": False, "lr": cfg.adamw_lr or cfg.lr})
+        groups.append(
+            {
+                "params": plain,
+                "projected": False,
+                "lr": cfg.adamw_lr if cfg.adamw_lr is not None else cfg.lr,
+            }
+        )
     return SubspaceOptimizer(
         groups,
         lr=cfg.lr,

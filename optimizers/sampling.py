@@ -148,8 +148,8 @@ class OutlierWeights:
         self.collecting = on
 
     def _record(self, module: nn.Linear, args) -> None:
-        if not self.collecting:
-            return
+        if not self.collecting or not module.training or not torch.is_grad_enabled():
+            return  # only training forwards: not evaluation or memory probes
         x = args[0].detach().float()
         sq = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
         self.sq[module] = self.sq[module] + sq if module in self.sq else sq

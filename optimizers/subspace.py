@@ -190,13 +190,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if self.sampling is not None and self.sampling.collect is not None:
             self.sampling.collect((self._steps + 1) % self.sampling.sampler.interval == 0)
 
-    def _mode(self, p: torch.Tensor, group: dict) -> tuple[str, float]:
-        """How ``p`` steps now, and the weight on its gradient."""
+    def _mode(self, p: torch.Tensor, group: dict, active: set[int] | None = None):
+        """How ``p`` steps while ``active`` (default: the current units) are active, and the
+        weight on its gradient."""
         mode = "projected" if group["projected"] else "plain"
         if self.sampling is None or p not in self._unit:
             return mode, 1.0
         s = self.sampling
-        if self._unit[p] in self._active:
+        if self._unit[p] in (self._active if active is None else active):
             return ("complement" if s.active_mode == "complement" else mode), s.active_weight
         if s.inactive_mode == "inherit":
             return mode, s.inactive_weight
@@ -284,14 +285,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """Stop autograd computing gradients of frozen units (the memory LISA, OwLore and BAdam
         save). Not under DDP, which must see the same parameters in every backward."""
         s = self.sampling
-        if s is None or s.inactive_mode != "frozen" or not s.freeze_grads:
+        if s is None or s.inactive_mode != "frozen":
             return
         for u, unit in enumerate(s.units):
             for p in unit:
-                p.requires_grad_(u in self._active)
+                # also under DDP, where their gradients exist: clipping must leave them out
                 p.frozen_by_sampler = u not in self._active
-                if u not in self._active:
-                    p.grad = None
+                if s.freeze_grads:
+                    p.requires_grad_(u in self._active)
+                    if u not in self._active:
+                        p.grad = None
 
     def active_units(self) -> list[int]:
         return sorted(self._active)
@@ -322,7 +325,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     live[key] = value.to(device=params[index].device)
         self._steps = int(extra["steps"])
         if self.sampling is not None:
-            self._active = set(extra["active"].tolist())
+            active = extra["active"].tolist()
+            sampler = self.sampling.sampler
+            if len(active) != sampler.n_active or any(not 0 <= u < sampler.n_units for u in active):
+                raise ValueError(
+                    f"optimizer state has active units {active}, but this optimizer samples "
+                    f"{sampler.n_active} of {sampler.n_units}: the checkpoint is from another "
+                    "sampling setup (active layers, density or model depth)"
+                )
+            self._active = set(active)
             self.apply_freeze()
             self._set_collecting()
 
@@ -352,29 +363,46 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def memory_formula(self, steps: int = 1) -> dict[str, int]:
         """Closed-form state bytes after ``steps`` steps, from the components' declared sizes
         and the sampler's schedule: no state is touched, so this works on a ``meta`` model.
-        For the ``weighted`` order the units of the period are taken as drawn uniformly (exact
-        when the units have equal sizes, as LLaMA's decoder layers do)."""
-        active = self._active
-        if self.sampling is not None:
-            interval = self.sampling.sampler.interval
-            active = set(self.sampling.sampler.choose((steps - 1) // interval))
+        After the last step of a period the switch has happened: outgoing units are freed and
+        incoming ones have no state yet. For the ``weighted`` order the units are taken as
+        drawn uniformly: exact off period boundaries when the units have equal sizes (as
+        LLaMA's decoder layers do), an estimate at the boundaries (it depends on which units
+        stay active)."""
         total = dict.fromkeys(CATEGORIES, 0)
-        saved, self._active = self._active, active
-        try:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    mode, _ = self._mode(p, group)
-                    for key, n in self._param_memory(tuple(p.shape), mode, p.dtype).items():
-                        total[key] += n
-        finally:
-            self._active = saved
+        for group in self.param_groups:
+            for p in group["params"]:
+                mode = self._held_mode(p, group, steps)
+                for key, n in self._param_memory(tuple(p.shape), mode, p.dtype).items():
+                    total[key] += n
         for key, tensors in self._shared_tensors().items():
             total[key] += sum(t.nbytes for t in tensors)
         return total
 
+    def _held_mode(self, p: torch.Tensor, group: dict, steps: int) -> str:
+        """Which state ``p`` holds after ``steps`` steps, mirroring ``_switch``."""
+        if self.sampling is None or p not in self._unit:
+            return self._mode(p, group)[0]
+        s, u = self.sampling, self._unit[p]
+        interval = s.sampler.interval
+        old = set(s.sampler.choose((steps - 1) // interval))
+        held = self._mode(p, group, old)[0]
+        if steps % interval:
+            return held
+        new = set(s.sampler.choose(steps // interval))
+        was, now = u in old, u in new
+        if not now and s.inactive_mode != "inherit":
+            return "none"
+        if now and (s.reset_active or not was):
+            return "none"
+        if was != now:
+            return "projector_only"  # GUM: the momentum went with the branch, the basis stays
+        return held
+
     def _param_memory(self, shape, mode: str, dtype: torch.dtype) -> dict[str, int]:
-        if mode in ("frozen", "state_free"):
+        if mode in ("frozen", "state_free", "none"):
             return {}
+        if mode == "projector_only":
+            return dict(self.projector.memory(shape, dtype))
         if mode == "plain":
             return self.plain_rule.memory(shape, dtype)
         out = dict(self.projector.memory(shape, dtype))

@@ -27,7 +27,7 @@ class CoordinateProjector:
         if update_gap <= 0:
             raise ValueError(f"optimizer.update_gap={update_gap} must be a positive integer")
         if choice not in CHOICES:
-            raise ValueError(f"optimizer.coordinates={choice!r}: use columns or rows")
+            raise ValueError(f"optimizer.projection={choice!r}: use columns or rows")
         self.density, self.update_gap, self.choice = density, update_gap, choice
         self.rank = None
 

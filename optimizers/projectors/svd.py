@@ -96,6 +96,12 @@ class SvdProjector:
         return max(1, round(self.density * dim))
 
     def check(self, shape: tuple[int, int], name: str) -> None:
+        if self.rank is None and self.basis == "svd" and self.rank_for(shape) > min(shape):
+            raise ValueError(
+                f"optimizer.density={self.density} with optimizer.proj_type={self.proj_type} "
+                f"asks for {self.rank_for(shape)} singular vectors of {name} {tuple(shape)}, "
+                f"which has {min(shape)}; use proj_type=std or a lower density"
+            )
         if self.rank is not None and self.rank > min(shape):
             raise ValueError(
                 f"optimizer.rank={self.rank} exceeds min(shape)={min(shape)} of {name} "

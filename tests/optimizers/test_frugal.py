@@ -499,3 +499,11 @@ def test_density_zero_blocks_put_every_matrix_on_sign_sgd():
 def test_bad_settings_are_refused_naming_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
         optimizers.build(frugal_cfg(**overrides), toy())
+
+
+def test_svd_density_beyond_the_short_side_is_refused():
+    """reverse_std keeps the long side: 0.75 x 48 = 36 singular vectors of a 32 x 48 matrix."""
+    cfg = frugal_cfg(projection="svd", proj_type="reverse_std", density=0.75)
+    with pytest.raises(ValueError, match="optimizer.density=0.75 with optimizer.proj_type"):
+        optimizers.build(cfg, toy())
+    optimizers.build(frugal_cfg(projection="random", proj_type="reverse_std", density=0.75), toy())

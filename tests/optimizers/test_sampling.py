@@ -320,8 +320,7 @@ def outlier_probabilities(model, ratio: float = 13.0) -> torch.Tensor | None:
     weights.attach()
     assert weights.weights() is None  # nothing collected yet
     weights.collect(True)
-    with torch.no_grad():
-        model(BATCH)
+    model(BATCH)  # a training forward: evaluation and no_grad forwards are not recorded
     return weights.weights()
 
 
@@ -527,3 +526,43 @@ def test_newton_schulz_pushes_singular_values_near_one(shape):
 def test_gum_refuses_active_layers_outside_one_to_layers_minus_one(active):
     with pytest.raises(ValueError, match=f"optimizer.active_layers={active}"):
         gum(toy(), active_layers=active)
+
+
+def test_outlier_statistics_ignore_eval_and_no_grad_forwards():
+    model = toy(layers=2)
+    outliers = OutlierWeights(decoder_layers(model), ratio=13.0)
+    outliers.attach()
+    outliers.collect(True)
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        model(x, x)
+    model.eval()
+    model(x, x)
+    assert not outliers.sq
+    model.train()
+    model(x, x)
+    assert len(outliers.sq) == 14  # 7 linears x 2 layers, from the training forward only
+
+
+def test_frozen_units_are_marked_for_clipping_also_under_ddp(monkeypatch):
+    """Under DDP frozen layers keep requires_grad (DDP needs them) and get gradients; the
+    training loop clips over the other parameters, so the norm is the same as on one process."""
+    import optimizers.layerwise
+
+    monkeypatch.setattr(optimizers.layerwise, "distributed_run", lambda: True)
+    model = toy(layers=4)
+    opt = optimizers.build(method_cfg("lisa", active_layers=1, interval=2), model)
+    frozen = {u for u in range(4)} - set(opt.active_units())
+    for u, (_, layer) in enumerate(decoder_layers(model)):
+        for p in layer.parameters():
+            assert p.requires_grad
+            assert getattr(p, "frozen_by_sampler", False) == (u in frozen)
+
+
+def test_a_checkpoint_from_another_sampling_setup_is_refused():
+    model = toy(layers=4)
+    opt = optimizers.build(method_cfg("lisa", active_layers=1, interval=2), model)
+    state = opt.state_dict()
+    other = optimizers.build(method_cfg("lisa", active_layers=2, interval=2), toy(layers=4))
+    with pytest.raises(ValueError, match="samples 2 of 4"):
+        other.load_state_dict(state)
