@@ -144,6 +144,7 @@ class QGaLoreConfig(GaLore8bitConfig):
     weight_quant: bool = True  # INT8 (simulated) weights for the projected matrices
     stochastic_round: bool = True
     weight_group_size: int = 256
+    compat: str = "none"  # none | reference: q-galore-torch's integer zero points, signed cos
 
 
 @dataclass

@@ -91,6 +91,10 @@ def build_q_galore(cfg: QGaLoreConfig, model: nn.Module) -> torch.optim.Optimize
     refreshed lazily, with the projected weights kept on an INT8 grid."""
     if cfg.refresh_phase:
         raise ValueError("optimizer.refresh_phase: Q-GaLore's lazy refresh keeps its own schedule")
+    if cfg.compat not in ("none", "reference"):
+        raise ValueError(f"optimizer.compat={cfg.compat!r}: use none or reference")
+    reference = cfg.compat == "reference"
+    zero_point = "integer" if reference else "exact"
     projector = QuantizedSvdProjector(
         cfg.rank,
         cfg.update_gap,
@@ -102,9 +106,14 @@ def build_q_galore(cfg: QGaLoreConfig, model: nn.Module) -> torch.optim.Optimize
         cos_threshold=cfg.cos_threshold,
         queue_size=cfg.queue_size,
         growth=cfg.growth,
-        abs_cos=cfg.abs_cos,
+        abs_cos=cfg.abs_cos and not reference,
+        zero_point=zero_point,
     )
-    weights = Int8Weights(cfg.weight_group_size, cfg.stochastic_round) if cfg.weight_quant else None
+    weights = (
+        Int8Weights(cfg.weight_group_size, cfg.stochastic_round, zero_point)
+        if cfg.weight_quant
+        else None
+    )
     return build_subspace(
         cfg, model, rule=_rule_8bit(cfg), projector=projector, weight_quant=weights
     )

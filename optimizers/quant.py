@@ -81,13 +81,19 @@ def quantize(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
     scale_dtype: torch.dtype | None = None,
+    zero_point: str = "exact",
 ) -> QuantizedTensor:
     """Groupwise codes of ``x``, computed in fp32 with the scale and zero as stored in
     ``scale_dtype`` (default ``x.dtype``), so dequantization uses exactly the values quantization
     used. ``stochastic``: round up with probability equal to the fractional part (Q-GaLore's
     weight requantization, unbiased), drawing from ``generator`` (on ``x.device``; the caller
-    keeps its state for an exact resume) or the global RNG; otherwise round to nearest."""
+    keeps its state for an exact resume) or the global RNG; otherwise round to nearest.
+    ``zero_point="integer"`` is the Q-GaLore reference's arithmetic: scale = max(max - min,
+    1e-5) / (2^bits - 1), zero = clamp(-round(min / scale), 0, 2^bits - 1), codes
+    clamp(round(x / scale) + zero); it clips groups whose values all have one sign."""
     check_format(bits, group_size)
+    if zero_point not in ("exact", "integer"):
+        raise ValueError(f"zero_point={zero_point!r}: use exact or integer")
     if not x.is_floating_point():
         raise ValueError(f"quantize takes a floating-point tensor, got {x.dtype}")
     scale_dtype = scale_dtype or x.dtype
@@ -100,6 +106,19 @@ def quantize(
         flat = torch.cat([flat, flat[-1:].expand(pad)])
     grouped = flat.view(groups, group_size)
     lo = grouped.amin(dim=1)
+    if zero_point == "integer":
+        scale = ((grouped.amax(dim=1) - lo).clamp(min=1e-5) / levels).to(scale_dtype)
+        zero = (-torch.round(lo / scale.float())).clamp(0, levels).to(scale_dtype)
+        v = grouped / scale.float()[:, None]
+        v = (
+            torch.floor(v + torch.rand(v.shape, generator=generator, device=v.device))
+            if (stochastic)
+            else torch.round(v)
+        )
+        codes = (v + zero.float()[:, None]).clamp_(0, levels).reshape(-1)[:n].to(torch.uint8)
+        return QuantizedTensor(
+            pack_4bit(codes) if bits == 4 else codes, scale, zero, tuple(x.shape), bits, group_size
+        )
     scale = _scale(grouped.amax(dim=1) - lo, levels, scale_dtype)
     zero = (-lo / scale.float()).to(scale_dtype)
     v = grouped / scale.float()[:, None] + zero.float()[:, None]  # (groups, group_size)

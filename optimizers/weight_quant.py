@@ -20,10 +20,12 @@ from optimizers.quant import dequantize, quantize
 
 
 class Int8Weights:
-    def __init__(self, group_size: int = 256, stochastic: bool = True) -> None:
+    def __init__(
+        self, group_size: int = 256, stochastic: bool = True, zero_point: str = "exact"
+    ) -> None:
         if group_size < 1:
             raise ValueError(f"optimizer.weight_group_size={group_size} must be positive")
-        self.group_size, self.stochastic = group_size, stochastic
+        self.group_size, self.stochastic, self.zero_point = group_size, stochastic, zero_point
 
     def describe(self) -> str:
         rounding = "stochastic" if self.stochastic else "nearest"
@@ -35,5 +37,5 @@ class Int8Weights:
         if self.stochastic:
             generator = torch.Generator(device=p.device)
             generator.manual_seed(state["seed"] * 1_000_003 + state["step"])
-        q = quantize(p, 8, self.group_size, self.stochastic, generator)
+        q = quantize(p, 8, self.group_size, self.stochastic, generator, zero_point=self.zero_point)
         p.copy_(dequantize(q, p.dtype))

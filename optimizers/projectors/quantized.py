@@ -49,6 +49,7 @@ class QuantizedSvdProjector(SvdProjector):
         queue_size: int = 5,
         growth: float = 2.0,
         abs_cos: bool = True,
+        zero_point: str = "exact",
     ) -> None:
         if proj_type == "full":
             raise ValueError(
@@ -66,7 +67,7 @@ class QuantizedSvdProjector(SvdProjector):
             raise ValueError(f"optimizer.growth={growth} must be >= 1 (the gap never shrinks)")
         self.proj_bits, self.proj_group_size = proj_bits, proj_group_size
         self.cos_threshold, self.queue_size = cos_threshold, queue_size
-        self.growth, self.abs_cos = growth, abs_cos
+        self.growth, self.abs_cos, self.zero_point = growth, abs_cos, zero_point
 
     def describe(self) -> str:
         return (
@@ -112,7 +113,13 @@ class QuantizedSvdProjector(SvdProjector):
                 self.queue_size, dtype=torch.float32, device=grad.device
             )
             state["cos_count"] = 0
-        q = quantize(basis, self.proj_bits, self.proj_group_size, scale_dtype=grad.dtype)
+        q = quantize(
+            basis,
+            self.proj_bits,
+            self.proj_group_size,
+            scale_dtype=grad.dtype,
+            zero_point=self.zero_point,
+        )
         state["side"], state["basis_shape"] = side, q.shape
         state["basis_codes"], state["basis_scale"], state["basis_zero"] = q.codes, q.scale, q.zero
 

@@ -213,3 +213,14 @@ def test_fira_refuses_a_two_sided_projection_when_built():
     cfg.proj_type = "full"
     with pytest.raises(ValueError, match="optimizer.proj_type=full: a residual needs a one-sided"):
         optimizers.build(cfg, toy_model())
+
+
+def test_q_galore_compat_reference_selects_the_reference_arithmetic():
+    cfg = optimizer_cfg("q_galore")
+    cfg.compat = "reference"
+    opt = optimizers.build(cfg, toy_model())
+    assert opt.projector.zero_point == "integer" and not opt.projector.abs_cos
+    assert opt.weight_quant.zero_point == "integer"
+    cfg.compat = "code"
+    with pytest.raises(ValueError, match="optimizer.compat='code': use none or reference"):
+        optimizers.build(cfg, toy_model())
