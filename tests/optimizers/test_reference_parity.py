@@ -264,4 +264,14 @@ def test_q_galore_matches_q_galore_torch_simulate(monkeypatch, weight_quant):
     assert [opt.state[p]["gap"] for p in ours_params] == ref_gaps
     assert min(ref_gaps) > gap  # the lazy schedule did grow
     for a, b in zip(ref, got, strict=True):
-        assert (a - b).abs().max() <= 1e-6
+        diff = (a - b).abs()
+        if not weight_quant:
+            assert diff.max() <= 1e-6
+            continue
+        # Our update is one fused GEMM, the reference's a product then an add: they differ in
+        # the last float bit, and a weight that lands that close to a rounding boundary of its
+        # INT8 grid takes the neighbouring code. Such flips are one code step (the group's
+        # range / 255, about 1e-3 here) and rare; everything else agrees to 1e-6.
+        step = (a.reshape(-1, 256).amax(1) - a.reshape(-1, 256).amin(1)).max() / 255
+        assert diff.max() <= 1.5 * step
+        assert (diff > 1e-6).float().mean() <= 1e-3
