@@ -242,7 +242,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         state["step"] = step = step + 1
         factor = self.rule.lr_factor(tuple(p.shape)) if hasattr(self.rule, "lr_factor") else 1.0
         if mode == "complement":  # GUM's full-rank branch: the rule on G - P P^T G
-            residual = grad - self.projector.project_back(state, low)
+            residual = grad.clone()  # G - P P^T G, in one buffer
+            self.projector.add_back(state, residual, low, -1.0)
             direction, correction = self.rule.direction(state, residual, step)
             p.add_(direction, alpha=-lr * correction * factor)
             return

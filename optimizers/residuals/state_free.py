@@ -20,21 +20,23 @@ class StateFreeResidual:
             raise ValueError(f"optimizer.inactive_lr_scale={lr_scale} must be >= 0")
         self.rule, self.lr_scale = rule, lr_scale
 
-    def step(self, p: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+    def step(self, p: torch.Tensor, grad: torch.Tensor, lr: float, scratch: bool = False) -> None:
         """p -= lr * lr_scale * rule(grad), for a gradient (or residual) with no state; ``none``
-        leaves p as it is (FRUGAL's inactive_update_rule=no)."""
+        leaves p as it is (FRUGAL's inactive_update_rule=no). ``scratch``: ``grad`` is a
+        temporary that may be overwritten (saves a full-size buffer)."""
         if self.rule == "none":
             return
         if self.rule == "sign":
-            p.add_(grad.sign(), alpha=-lr * self.lr_scale)
-        else:
-            p.add_(grad, alpha=-lr * self.lr_scale)
+            grad = grad.sign_() if scratch else grad.sign()
+        p.add_(grad, alpha=-lr * self.lr_scale)
 
     def apply(self, p, state, grad, low, direction, projector, scale, step_size, lr) -> None:
-        """Adam's step in the subspace, then the state-free step on the complement."""
+        """Adam's step in the subspace, then the state-free step on the complement, built in
+        one buffer: G, minus the back-projected R accumulated into it by one GEMM."""
         projector.add_back(state, p, direction, step_size * scale)
-        residual = grad - projector.project_back(state, low)
-        self.step(p, residual, lr)
+        residual = grad.clone()
+        projector.add_back(state, residual, low, -1.0)
+        self.step(p, residual, lr, scratch=True)
 
     @staticmethod
     def extra_memory(dtype: torch.dtype) -> dict[str, int]:
