@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llm_pretrain import distributed
 from llm_pretrain.config import (
     BAdamConfig,
     LisaConfig,
@@ -15,7 +16,6 @@ from optimizers.low_rank import build_subspace
 from optimizers.registry import (
     adam_kwargs,
     built_formula,
-    distributed_run,
     register,
 )
 from optimizers.rules import AdamRule
@@ -48,8 +48,7 @@ def _layer_wise(cfg: LisaConfig, model: nn.Module, reset_active: bool) -> Subspa
         units,
         inactive_mode="frozen",
         reset_active=reset_active,
-        freeze_grads=not distributed_run(),
-        unit_names=[name for name, _ in layers],
+        freeze_grads=not distributed.active(),
     )
     named = [(n, p) for n, p in model.named_parameters() if trainable(p)]
     return SubspaceOptimizer(
@@ -89,11 +88,10 @@ def build_owlore(cfg: OwLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
         _layer_sampler(cfg, len(layers)),
         [[p for p in layer.parameters() if trainable(p)] for _, layer in layers],
         inactive_mode="frozen",
-        freeze_grads=not distributed_run(),
+        freeze_grads=not distributed.active(),
         weights=outliers.weights if weighted else None,
         collect=outliers.collect if weighted else None,
         attach=outliers.attach if weighted else None,
-        unit_names=[name for name, _ in layers],
     )
     opt = build_subspace(cfg, model, sampling=sampling)
     return opt

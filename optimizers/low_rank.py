@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llm_pretrain import distributed
 from llm_pretrain.config import (
     FiraConfig,
     FrugalConfig,
@@ -19,7 +20,7 @@ from optimizers.projectors.quantized import QuantizedSvdProjector
 from optimizers.registry import (
     adam_kwargs,
     built_formula,
-    distributed_run,
+    param_groups,
     register,
     split_targets,
 )
@@ -56,9 +57,7 @@ def build_subspace(
 ) -> SubspaceOptimizer:
     projected, plain = split_targets(model, list(cfg.target_modules))
     projector = projector if projector is not None else galore_projector(cfg)
-    groups = [{"params": projected, "projected": True}]
-    if plain:
-        groups.append({"params": plain, "projected": False})
+    groups = param_groups(projected, plain, {"projected": True})
     return SubspaceOptimizer(
         groups,
         lr=cfg.lr,
@@ -184,10 +183,9 @@ def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
             # inactive_rule=none: a zero step, but FRUGAL still decays (and computes) them
             inactive_mode="state_free",
             reset_active=True,
-            freeze_grads=not distributed_run(),
-            unit_names=[name for name, _ in projectable],
+            freeze_grads=not distributed.active(),
         )
-        groups = [{"params": projectable, "projected": False, **scaled}]
+        targeted = {"projected": False, **scaled}
         projector, residual = None, None
     else:
         if cfg.projection in ("columns", "rows"):
@@ -196,11 +194,10 @@ def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
             projector = SvdProjector(
                 None, cfg.update_gap, cfg.proj_type, density=cfg.density, basis=cfg.projection
             )
-        groups = [{"params": projectable, "projected": True, **scaled}]
+        targeted = {"projected": True, **scaled}
         sampling = None
         residual = state_free if cfg.inactive_rule != "none" else None  # none: GaLore-like
-    if regular:
-        groups.append({"params": regular, "projected": False})
+    groups = param_groups(projectable, regular, targeted)
     return SubspaceOptimizer(
         groups, projector=projector, residual=residual, sampling=sampling, **kwargs
     )
@@ -239,7 +236,6 @@ def build_gum(cfg: GumConfig, model: nn.Module) -> torch.optim.Optimizer:
         inactive_mode="inherit",
         active_weight=1.0 / q,
         inactive_weight=1.0 / (1.0 - q),
-        unit_names=[name for name, _ in layers],
     )
     projector = SvdProjector(
         cfg.rank,
@@ -248,15 +244,8 @@ def build_gum(cfg: GumConfig, model: nn.Module) -> torch.optim.Optimizer:
         cfg.svd_backend,
         niter=cfg.svd_power_iters,
     )
-    groups = [{"params": projected, "projected": True}]
-    if plain:
-        groups.append(
-            {
-                "params": plain,
-                "projected": False,
-                "lr": cfg.adamw_lr if cfg.adamw_lr is not None else cfg.lr,
-            }
-        )
+    adamw_lr = cfg.adamw_lr if cfg.adamw_lr is not None else cfg.lr
+    groups = param_groups(projected, plain, {"projected": True}, {"lr": adamw_lr})
     return SubspaceOptimizer(
         groups,
         lr=cfg.lr,

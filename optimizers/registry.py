@@ -110,10 +110,6 @@ def built_formula(name: str) -> ModelFormula:
     return formula
 
 
-def distributed_run() -> bool:
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
 def build(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.name not in REGISTRY:
         raise ValueError(
@@ -132,3 +128,14 @@ def state_nbytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     if hasattr(optimizer, "state_nbytes"):
         return dict(optimizer.state_nbytes())
     return accounting.state_nbytes(optimizer.state.values())
+
+
+def param_groups(
+    targeted: list, plain: list, targeted_opts: dict, plain_opts: dict | None = None
+) -> list[dict]:
+    """The targeted matrices' group (with ``targeted_opts``, e.g. ``projected=True``) and, if
+    any, the group of everything else, which is never projected."""
+    groups = [{"params": targeted, **targeted_opts}]
+    if plain:
+        groups.append({"params": plain, "projected": False, **(plain_opts or {})})
+    return groups

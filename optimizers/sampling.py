@@ -19,6 +19,8 @@ import re
 import torch
 from torch import nn
 
+from llm_pretrain import distributed
+
 ORDERS = ("uniform", "weighted", "shuffled", "ascending", "descending", "mirror")
 
 
@@ -164,8 +166,7 @@ class OutlierWeights:
             self.sq.get(m, m.weight.new_zeros(m.in_features, dtype=torch.float32)) for m in mods
         ]
         flat = torch.cat(stats)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flat)
+        distributed.all_reduce(flat)  # the same probabilities on every rank
         norms = iter(torch.split(flat.sqrt(), [m.in_features for m in mods]))
         lod = []
         for layer in self.linears:

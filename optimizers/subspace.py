@@ -29,7 +29,7 @@ All state is tensors, ints and strings, so ``state_dict()`` survives
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -64,7 +64,6 @@ class Sampling:
     weights: Callable[[], torch.Tensor | None] | None = None
     collect: Callable[[bool], None] | None = None
     attach: Callable[[], None] | None = None
-    unit_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.active_mode not in ACTIVE_MODES:

@@ -547,9 +547,9 @@ def test_outlier_statistics_ignore_eval_and_no_grad_forwards():
 def test_frozen_units_are_marked_for_clipping_also_under_ddp(monkeypatch):
     """Under DDP frozen layers keep requires_grad (DDP needs them) and get gradients; the
     training loop clips over the other parameters, so the norm is the same as on one process."""
-    import optimizers.layerwise
+    from llm_pretrain import distributed
 
-    monkeypatch.setattr(optimizers.layerwise, "distributed_run", lambda: True)
+    monkeypatch.setattr(distributed, "active", lambda: True)
     model = toy(layers=4)
     opt = optimizers.build(method_cfg("lisa", active_layers=1, interval=2), model)
     frozen = {u for u in range(4)} - set(opt.active_units())
