@@ -221,6 +221,25 @@ class GumConfig(OptimizerConfig):
 
 
 @dataclass
+class ApolloConfig(AdamConfig):
+    """APOLLO and APOLLO-Mini: Adam moments on a seeded random projection give a channel-wise
+    (or tensor-wise) scale for the raw gradient."""
+
+    rank: int = 128
+    update_gap: int = 200
+    scale: float = 1.0  # alpha, applied as is (compat=reference: the code's scale, applied as sqrt)
+    proj_type: str = "std"  # std | reverse_std | left | right
+    scale_type: str = "channel"  # channel (APOLLO) | tensor (APOLLO-Mini)
+    scale_front: bool = False  # apply the scale before the norm-growth limiter
+    limiter: bool = True  # Fira's norm-growth limiter on the update
+    limiter_gamma: float = 1.01
+    store_projection: bool = False  # keep P in the state instead of regenerating it from a seed
+    compat: str = "none"  # none | reference: apollo-torch's seeds, sqrt(scale), stored P
+    seed: int = 0
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
 class TrainerConfig:
     lr: float | None = None  # peak lr; null: the optimizer config's own (its paper default)
     max_steps: int = 1000
@@ -319,5 +338,6 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_badam", node=BAdamConfig)
     cs.store(group="optimizer", name="base_owlore", node=OwLoreConfig)
     cs.store(group="optimizer", name="base_gum", node=GumConfig)
+    cs.store(group="optimizer", name="base_apollo", node=ApolloConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)

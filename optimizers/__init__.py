@@ -3,10 +3,15 @@
 ``optimizers.build(cfg, model)`` turns ``conf/optimizer/<name>.yaml`` into a
 ``torch.optim.Optimizer``; ``state_nbytes`` reports its state memory by category and
 ``memory_formula`` gives the same bytes in closed form. Importing the package registers every
-method (``baselines``, ``low_rank``, ``layerwise``).
+method (``baselines``, ``low_rank``, ``layerwise``, ``projection_family``).
 """
 
-from optimizers import baselines, layerwise, low_rank  # noqa: F401  (they register the methods)
+from optimizers import (  # noqa: F401  (they register the methods)
+    baselines,
+    layerwise,
+    low_rank,
+    projection_family,
+)
 from optimizers.projectors import SvdProjector
 from optimizers.registry import (
     REGISTRY,

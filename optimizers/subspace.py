@@ -42,6 +42,18 @@ INACTIVE_MODES = ("frozen", "state_free", "inherit")
 
 
 @dataclass
+class RefreshContext:
+    """What a projector may need beyond the gradient: the parameter's ordinal in the optimizer
+    (apollo-torch's seeds), the rule (COAP reads the first moment) and the scheduled and initial
+    learning rates (OSD's projector step follows the weights' schedule)."""
+
+    index: int
+    rule: object
+    lr: float
+    initial_lr: float
+
+
+@dataclass
 class Sampling:
     """What a method does with sampled units.
 
@@ -216,13 +228,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if mode == "state_free":
             self.state_free.step(p, grad, step_lr)
         else:
-            self._stateful_update(p, grad, mode, step_lr)
+            self._stateful_update(p, grad, mode, step_lr, group)
         if wd > 0 and not self.decay_first:
             p.add_(p, alpha=-lr * wd)
         if self.weight_quant is not None and group["projected"]:
             self.weight_quant.apply(p, self.state[p])  # Q-GaLore: back onto the INT8 grid
 
-    def _stateful_update(self, p: torch.Tensor, grad: torch.Tensor, mode: str, lr: float) -> None:
+    def _stateful_update(
+        self, p: torch.Tensor, grad: torch.Tensor, mode: str, lr: float, group: dict
+    ) -> None:
         state = self.state[p]
         state.setdefault("seed", self.seed * 1_000_003 + self._index[p])
         step = state.get("step", 0)
@@ -232,7 +246,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             p.add_(direction, alpha=-lr * correction)
             return
         if self.projector.due(state, step):
-            self.projector.refresh(state, grad)
+            if getattr(self.projector, "uses_context", False):
+                ctx = RefreshContext(self._index[p], self.rule, lr, group.get("initial_lr", lr))
+                self.projector.refresh(state, grad, ctx)
+            else:
+                self.projector.refresh(state, grad)
             if self.reset_on_refresh:  # FRUGAL: fresh moments, bias correction restarts
                 for key in self.rule.state_keys:
                     state.pop(key, None)

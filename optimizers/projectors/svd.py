@@ -20,6 +20,20 @@ SIDES = ("std", "reverse_std", "left", "right", "full")
 LEFT, RIGHT, FULL = 0, 1, 2
 
 
+def side_for(proj_type: str, shape: tuple[int, ...]) -> int:
+    """Which side ``proj_type`` projects for a matrix of ``shape``: ``std`` reduces the shorter
+    dimension (RIGHT for a tall or square matrix, LEFT for a wide one), ``reverse_std`` the
+    longer one."""
+    tall = shape[0] >= shape[1]
+    return {
+        "std": RIGHT if tall else LEFT,
+        "reverse_std": LEFT if tall else RIGHT,
+        "left": LEFT,
+        "right": RIGHT,
+        "full": FULL,
+    }[proj_type]
+
+
 class SvdProjector:
     """``rank`` fixes r for every matrix; ``density`` (FRUGAL) instead sets r = round(density x
     the projected dimension). ``basis="svd"`` takes the top singular vectors of the gradient;
@@ -76,14 +90,7 @@ class SvdProjector:
 
     # -------------------------------------------------------------- shapes and memory
     def side(self, shape: tuple[int, int]) -> int:
-        tall = shape[0] >= shape[1]
-        return {
-            "std": RIGHT if tall else LEFT,
-            "reverse_std": LEFT if tall else RIGHT,
-            "left": LEFT,
-            "right": RIGHT,
-            "full": FULL,
-        }[self.proj_type]
+        return side_for(self.proj_type, shape)
 
     def rank_for(self, shape: tuple[int, int]) -> int:
         """r for this matrix: ``rank``, or round(density x the dimension being reduced), the

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from optimizers.projectors import LEFT
-
-LIMITER_EPS = 1e-8
+from optimizers.residuals.limiter import LIMITER_EPS, limit_growth
 
 
 class NormScaledResidual:
@@ -56,13 +55,9 @@ class NormScaledResidual:
         residual = projector.project_back(state, low_grad)
         # code: G - scale * P P^T G; paper: G - P P^T G
         residual.mul_(-scale if self.mode == "code" else -1.0).add_(grad).mul_(phi)
-        norm = residual.norm()
-        if "residual_norm" in state:
-            limiter = torch.clamp(norm / (state["residual_norm"] + LIMITER_EPS), min=self.gamma)
-            limiter = limiter / self.gamma  # 1 unless the norm grew by more than gamma
-            residual.div_(limiter)
-            norm = norm / limiter
-        state["residual_norm"] = norm.detach().reshape(())
+        divisor = limit_growth(state, "residual_norm", residual.norm(), self.gamma)
+        if divisor is not None:
+            residual.div_(divisor)
         if self.mode == "paper":  # scale * (P N + S)
             residual.mul_(scale)
         projector.add_back(state, residual, low_dir, scale)  # code: scale * P N + S

@@ -1,0 +1,69 @@
+"""APOLLO's update (Zhu et al. 2025, Alg. 1; spec projection-family.md section 1b): the raw
+full-rank gradient times the factor by which Adam rescaled its random projection.
+
+With R the projected gradient and N = M / (sqrt(V) + eps) Adam's direction on it (no bias
+correction; the step size carries it):
+
+- ``channel``: one factor per index of the dimension the projection keeps (the long one under
+  ``proj_type=std``), s_j = ||N_j|| / (||R_j|| + 1e-8), the norms taken over the rank dimension;
+- ``tensor`` (APOLLO-Mini): s = ||N||_F / (||R||_F + 1e-8).
+
+The update is U = scale * G * s, passed through Fira's norm-growth limiter (gamma 1.01) unless
+``limiter=False``; ``scale_front`` puts the scale before the limiter (the reference's flag; the
+limiter's ratio is the same, its recorded norm includes the scale). U is never formed: its norm
+comes from the norms of G along the same dimension, and the weight takes one fused
+``addcmul_(G, s)``. State: ``update_norm`` (the limiter's previous norm, one scalar).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optimizers.projectors.svd import LEFT
+from optimizers.residuals.limiter import limit_growth
+
+GRANULARITIES = ("channel", "tensor")
+RATIO_EPS = 1e-8
+
+
+class ScaledGradient:
+    def __init__(
+        self,
+        granularity: str = "channel",
+        limiter: bool = True,
+        gamma: float = 1.01,
+        scale_front: bool = False,
+    ) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"optimizer.scale_type={granularity!r}: use channel or tensor")
+        if limiter and gamma <= 1.0:
+            raise ValueError(f"optimizer.limiter_gamma={gamma} must exceed 1")
+        self.granularity, self.limiter, self.gamma = granularity, limiter, gamma
+        self.scale_front = scale_front
+
+    def apply(self, p, state, grad, low, direction, projector, scale, step_size, lr) -> None:
+        factor, norm = self.factor(state, grad, low, direction)
+        if self.limiter:
+            front = scale if self.scale_front else 1.0
+            divisor = limit_growth(state, "update_norm", norm * front, self.gamma)
+            if divisor is not None:
+                factor = factor / divisor
+        p.addcmul_(grad, factor, value=step_size * scale)
+
+    def factor(
+        self, state: dict, grad: torch.Tensor, low: torch.Tensor, direction: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scaling factor s (broadcastable to G) and ||G * s||_F, from one pass over G."""
+        if self.granularity == "tensor":
+            s = direction.norm() / (low.norm() + RATIO_EPS)
+            return s, s * grad.norm()
+        dim = 0 if state["side"] == LEFT else 1  # the rank dimension of R and N
+        s = direction.norm(dim=dim) / (low.norm(dim=dim) + RATIO_EPS)
+        norm = (s * grad.norm(dim=dim)).norm()
+        return s.unsqueeze(dim), norm
+
+    def extra_memory(self, dtype: torch.dtype) -> dict[str, int]:
+        """The limiter's previous norm: one scalar in the parameter's dtype."""
+        if not self.limiter:
+            return {}
+        return {"other": torch.empty((), dtype=dtype).element_size()}
