@@ -240,6 +240,43 @@ class ApolloConfig(AdamConfig):
 
 
 @dataclass
+class GrassConfig(AdamConfig):
+    """GRASS: Adam on r selected rows (or columns) of the gradient; indices are the projector."""
+
+    rank: int = 128
+    update_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"  # which side is selected: std takes coordinates of the shorter one
+    selection: str = "norm"  # top | norm (multinomial on squared norms) | uniform
+    replacement: bool = False  # with replacement: unbiasing scales 1 / sqrt(r q)
+    reset_on_refresh: bool = True  # new rows start with fresh moments
+    seed: int = 0
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
+class I3SConfig(GaLoreConfig):
+    """I3S: GaLore whose r singular vectors are sampled in proportion to the singular values."""
+
+    seed: int = 0
+
+
+@dataclass
+class DctConfig(AdamConfig):
+    """DCT-AdamW: Adam on the r DCT columns most aligned with the gradient; indices only."""
+
+    rank: int = 128
+    update_gap: int = 1  # the reference re-selects at every step
+    refresh_phase: int = 0  # 1: the reference's schedule for update_gap > 1 (steps 1, T, 2T, ...)
+    scale: float = 1.0
+    proj_type: str = "std"
+    selection_norm: float = 1.0  # l_p norm of the columns of S = G C that ranks them
+    transform: str = "matmul"  # matmul (stored DCT basis, GEMMs) | fft (Makhoul, no basis)
+    rotate_subspace: bool = False  # carry the moments to the new columns (0/1 matching)
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
 class TrainerConfig:
     lr: float | None = None  # peak lr; null: the optimizer config's own (its paper default)
     max_steps: int = 1000
@@ -339,5 +376,8 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_owlore", node=OwLoreConfig)
     cs.store(group="optimizer", name="base_gum", node=GumConfig)
     cs.store(group="optimizer", name="base_apollo", node=ApolloConfig)
+    cs.store(group="optimizer", name="base_grass", node=GrassConfig)
+    cs.store(group="optimizer", name="base_i3s", node=I3SConfig)
+    cs.store(group="optimizer", name="base_dct", node=DctConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)

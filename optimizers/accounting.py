@@ -30,7 +30,8 @@ KEY_CATEGORY = {
     "exp_avg_sq_col": "moments",
     "exp_avg_res_row": "moments",
     "exp_avg_res_col": "moments",
-    "indices": "indices",  # FRUGAL's coordinate projector
+    "indices": "indices",  # coordinate projectors (FRUGAL, GRASS), DCT columns
+    "scales": "projector",  # GRASS's unbiasing scales (sampling with replacement)
     "basis": "projector",
     "basis_right": "projector",
     "basis_codes": "projector",

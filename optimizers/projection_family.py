@@ -1,5 +1,5 @@
 """The projection family (spec projection-family.md), each a composition in
-``SubspaceOptimizer``: APOLLO and APOLLO-Mini so far."""
+``SubspaceOptimizer``: APOLLO, APOLLO-Mini, GRASS, I3S, DCT-AdamW."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import math
 import torch
 from torch import nn
 
-from llm_pretrain.config import ApolloConfig
+from llm_pretrain.config import ApolloConfig, DctConfig, GrassConfig, I3SConfig
+from optimizers.projectors import CoordinateProjector, SvdProjector
+from optimizers.projectors.dct import DctProjector
 from optimizers.projectors.gaussian import GaussianProjector
 from optimizers.registry import built_formula, param_groups, register, split_targets
 from optimizers.residuals.scaled_gradient import ScaledGradient
 from optimizers.rules import AdamRule
 from optimizers.subspace import SubspaceOptimizer
+from optimizers.transitions import MomentTransition
 
 COMPAT = ("none", "reference")
 
@@ -62,3 +65,79 @@ def build_apollo_channel(cfg: ApolloConfig, model: nn.Module) -> torch.optim.Opt
 @register("apollo_mini", built_formula("apollo_mini"), model_level=True)
 def build_apollo_mini(cfg: ApolloConfig, model: nn.Module) -> torch.optim.Optimizer:
     return build_apollo(cfg, model)
+
+
+@register("grass", built_formula("grass"), model_level=True)
+def build_grass(cfg: GrassConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """GRASS (Muhamed et al. 2024): Adam on r rows (or columns) selected by norm; projecting is
+    a gather, projecting back a scatter-add into the selected rows, the state r indices."""
+    projector = CoordinateProjector(
+        None,
+        cfg.update_gap,
+        cfg.proj_type,
+        rank=cfg.rank,
+        selection=cfg.selection,
+        replacement=cfg.replacement,
+    )
+    return _galore_like(cfg, model, projector, reset_on_refresh=cfg.reset_on_refresh)
+
+
+@register("i3s", built_formula("i3s"), model_level=True)
+def build_i3s(cfg: I3SConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """I3S (Zhang et al. 2025): GaLore with singular vectors sampled in proportion to the
+    singular values."""
+    projector = SvdProjector(
+        cfg.rank,
+        cfg.update_gap,
+        cfg.proj_type,
+        cfg.svd_backend,
+        niter=cfg.svd_power_iters,
+        refresh_phase=cfg.refresh_phase,
+        selection="sample",
+    )
+    return _galore_like(cfg, model, projector)
+
+
+@register("dct_adamw", built_formula("dct_adamw"), model_level=True)
+def build_dct_adamw(cfg: DctConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """DCT-AdamW (Modoranu et al. 2025): Adam on the DCT columns most aligned with the gradient,
+    torch-style eps and weight decay first, as the reference ``DCTAdamW``."""
+    projector = DctProjector(
+        cfg.rank,
+        cfg.update_gap,
+        cfg.proj_type,
+        cfg.selection_norm,
+        cfg.transform,
+        cfg.refresh_phase,
+    )
+    transition = MomentTransition("abs") if cfg.rotate_subspace else None
+    return _galore_like(
+        cfg, model, projector, eps_placement="torch", decay_first=True, transition=transition
+    )
+
+
+def _galore_like(
+    cfg,
+    model: nn.Module,
+    projector,
+    eps_placement: str = "hf",
+    decay_first: bool = False,
+    reset_on_refresh: bool = False,
+    transition=None,
+) -> SubspaceOptimizer:
+    """Adam in the projector's subspace, scale times the back-projection, AdamW elsewhere."""
+    projected, plain = split_targets(model, list(cfg.target_modules))
+    return SubspaceOptimizer(
+        param_groups(projected, plain, {"projected": True}),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        projector=projector,
+        scale=cfg.scale,
+        rule=AdamRule(tuple(cfg.betas), cfg.eps, eps_placement),
+        reset_on_refresh=reset_on_refresh,
+        decay_first=decay_first,
+        seed=getattr(cfg, "seed", 0),
+        transition=transition,
+    )

@@ -111,6 +111,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         state_free=None,
         weight_quant=None,
+        transition=None,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"optimizer.lr={lr} must be positive")
@@ -135,6 +136,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.plain_rule = plain_rule if plain_rule is not None else self.rule
         self.reset_on_refresh, self.decay_first, self.seed = reset_on_refresh, decay_first, seed
         self.sampling, self.state_free, self.weight_quant = sampling, state_free, weight_quant
+        if transition is not None and reset_on_refresh:
+            raise ValueError("moments are either reset or carried into the new basis, not both")
+        self.transition = transition
         self._index = {p: i for i, p in enumerate(self._all_params())}
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         for group in self.param_groups:
@@ -246,6 +250,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             p.add_(direction, alpha=-lr * correction)
             return
         if self.projector.due(state, step):
+            # the basis entries before the refresh (a refresh assigns new tensors, never
+            # writes into the old ones), for carrying the moments over
+            old = dict(state) if self.transition is not None and "side" in state else None
             if getattr(self.projector, "uses_context", False):
                 ctx = RefreshContext(self._index[p], self.rule, lr, group.get("initial_lr", lr))
                 self.projector.refresh(state, grad, ctx)
@@ -255,6 +262,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 for key in self.rule.state_keys:
                     state.pop(key, None)
                 step = 0
+            elif old is not None:
+                self.transition.apply(state, old, self.projector)
         low = self.projector.project(state, grad)
         state["step"] = step = step + 1
         factor = self.rule.lr_factor(tuple(p.shape)) if hasattr(self.rule, "lr_factor") else 1.0
@@ -360,11 +369,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """Tensors the components hold once for every parameter (e.g. 8-bit code maps)."""
         return self._shared_tensors() if self.state else {}
 
-    def _shared_tensors(self) -> dict[str, list[torch.Tensor]]:
+    def _shared_tensors(self, projector: bool = True) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {}
-        for rule in {id(r): r for r in (self.rule, self.plain_rule)}.values():
-            if hasattr(rule, "shared_tensors"):
-                for key, tensors in rule.shared_tensors().items():
+        parts = [self.rule, self.plain_rule] + ([self.projector] if projector else [])
+        for part in {id(c): c for c in parts}.values():
+            if hasattr(part, "shared_tensors"):
+                for key, tensors in part.shared_tensors().items():
                     out.setdefault(key, []).extend(tensors)
         return out
 
@@ -392,8 +402,17 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 mode = self._held_mode(p, group, steps)
                 for key, n in self._param_memory(tuple(p.shape), mode, p.dtype).items():
                     total[key] += n
-        for key, tensors in self._shared_tensors().items():
+        for key, tensors in self._shared_tensors(projector=False).items():
             total[key] += sum(t.nbytes for t in tensors)
+        if hasattr(self.projector, "shared_memory"):  # e.g. DCT bases, built at the first step
+            by_dtype: dict[torch.dtype, list] = {}
+            for group in self.param_groups:
+                if group["projected"]:
+                    for p in group["params"]:
+                        by_dtype.setdefault(p.dtype, []).append(tuple(p.shape))
+            for dtype, shapes in by_dtype.items():
+                for key, n in self.projector.shared_memory(shapes, dtype).items():
+                    total[key] += n
         return total
 
     def _held_mode(self, p: torch.Tensor, group: dict, steps: int) -> str:

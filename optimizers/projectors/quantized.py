@@ -103,7 +103,7 @@ class QuantizedSvdProjector(SvdProjector):
         SubspaceOptimizer keeps it, ``state["step"]`` (absent = 0): the value ``due`` was given."""
         shape = tuple(grad.shape)
         side, r = self.side(shape), self.rank_for(shape)
-        u, vh = self._svd(grad.float(), r)
+        u, _, vh = self._svd(grad.float(), r)
         basis = u[:, :r] if side == LEFT else vh[:r, :]
         if "basis_codes" in state:
             self._observe(state, basis)

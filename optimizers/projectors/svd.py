@@ -36,9 +36,13 @@ def side_for(proj_type: str, shape: tuple[int, ...]) -> int:
 
 class SvdProjector:
     """``rank`` fixes r for every matrix; ``density`` (FRUGAL) instead sets r = round(density x
-    the projected dimension). ``basis="svd"`` takes the top singular vectors of the gradient;
-    ``basis="random"`` (FRUGAL's random orthogonal projection) draws an orthonormal basis from a
-    generator seeded by the matrix's ``seed`` and step, so ranks and resumes draw the same one."""
+    the projected dimension). ``selection="sample"`` (I3S, Zhang et al. 2025) keeps r singular
+    vectors drawn without replacement with probabilities proportional to their singular values
+    instead of the top r, from a generator seeded by the matrix's ``seed`` and refresh count
+    (the same draw on every rank); the kept vectors are in ascending index order.
+    ``basis="svd"`` takes the top singular vectors of the gradient; ``basis="random"``
+    (FRUGAL's random orthogonal projection) draws an orthonormal basis from a generator seeded
+    by the matrix's ``seed`` and step, so ranks and resumes draw the same one."""
 
     def __init__(
         self,
@@ -51,6 +55,7 @@ class SvdProjector:
         refresh_phase: int = 0,
         density: float | None = None,
         basis: str = "svd",
+        selection: str = "top",
     ) -> None:
         if (rank is None) == (density is None):
             raise ValueError("a projector takes either optimizer.rank or optimizer.density")
@@ -68,6 +73,13 @@ class SvdProjector:
             raise ValueError(f"optimizer.svd_backend={svd_backend!r}: use exact or randomized")
         if basis not in ("svd", "random"):
             raise ValueError(f"optimizer.projection={basis!r}: use svd or random")
+        if selection not in ("top", "sample"):
+            raise ValueError(f"optimizer.selection={selection!r}: use top or sample")
+        if selection == "sample" and (basis != "svd" or proj_type == "full"):
+            raise ValueError(
+                "sampled singular vectors (I3S) need an SVD basis and a one-sided proj_type"
+            )
+        self.selection = selection
         self.rank, self.density, self.update_gap, self.proj_type = (
             rank,
             density,
@@ -144,7 +156,10 @@ class SvdProjector:
         if self.basis == "random":
             u, vh = self._random(shape, r, state, grad.device)
         else:
-            u, vh = self._svd(grad.float(), r)
+            u, sigma, vh = self._svd(grad.float(), r)
+            if self.selection == "sample":
+                keep = self._sample(sigma, r, state).to(u.device)
+                u, vh = u[:, keep], vh[keep]
         state["side"] = side
         if side == LEFT:
             state["basis"] = u[:, :r].to(grad.dtype).contiguous()
@@ -154,13 +169,24 @@ class SvdProjector:
             state["basis"] = u[:, :r].to(grad.dtype).contiguous()
             state["basis_right"] = vh[:r, :].to(grad.dtype).contiguous()
 
-    def _svd(self, g: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _svd(self, g: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.svd_backend == "exact":
-            u, _, vh = torch.linalg.svd(g, full_matrices=False)
-            return u, vh
+            return torch.linalg.svd(g, full_matrices=False)
         q = min(r + self.oversample, *g.shape)
-        u, _, v = torch.svd_lowrank(g, q=q, niter=self.niter)
-        return u, v.T
+        u, sigma, v = torch.svd_lowrank(g, q=q, niter=self.niter)
+        return u, sigma, v.T
+
+    @staticmethod
+    def _sample(sigma: torch.Tensor, r: int, state: dict) -> torch.Tensor:
+        """I3S: r indices drawn without replacement, P(i) proportional to sigma_i. A zero
+        spectrum (a zero gradient) falls back to the top r."""
+        draw = state.get("draws", 0)
+        state["draws"] = draw + 1
+        weights = sigma.double().cpu().clamp_min(0)
+        if r > weights.numel() or weights.sum() <= 0 or (weights > 0).sum() < r:
+            return torch.arange(r)
+        g = torch.Generator().manual_seed(state.get("seed", 0) * 1_000_003 + draw)
+        return torch.multinomial(weights, r, replacement=False, generator=g).sort().values
 
     @staticmethod
     def _random(shape, r, state, device) -> tuple[torch.Tensor, torch.Tensor]:
