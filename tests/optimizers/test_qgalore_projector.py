@@ -149,9 +149,9 @@ class FlippingSvd(QuantizedSvdProjector):
     calls = 0
 
     def _svd(self, g, r):
-        u, vh = super()._svd(g, r)
+        u, sigma, vh = super()._svd(g, r)
         self.calls += 1
-        return (-u, -vh) if self.calls % 2 == 0 else (u, vh)
+        return (-u, sigma, -vh) if self.calls % 2 == 0 else (u, sigma, vh)
 
 
 @pytest.mark.parametrize("shape", [TALL, WIDE])
