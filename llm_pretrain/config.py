@@ -277,6 +277,24 @@ class DctConfig(AdamConfig):
 
 
 @dataclass
+class FloraConfig(OptimizerConfig):
+    """Flora: Adafactor with its momentum compressed by a seeded random projection."""
+
+    rank: int = 128
+    kappa: int = 1000  # steps between resamplings of the projection
+    beta1: float = 0.9
+    decay_rate: float = -0.8
+    eps1: float = 1e-30
+    eps2: float = 1e-3
+    clip_threshold: float = 1.0
+    scale_parameter: bool = True  # lr relative to RMS(W), as Adafactor
+    proj_type: str = "std"
+    compat: str = "none"  # none | reference: flora-opt's seeds
+    seed: int = 0
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
 class TrainerConfig:
     lr: float | None = None  # peak lr; null: the optimizer config's own (its paper default)
     max_steps: int = 1000
@@ -379,5 +397,6 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_grass", node=GrassConfig)
     cs.store(group="optimizer", name="base_i3s", node=I3SConfig)
     cs.store(group="optimizer", name="base_dct", node=DctConfig)
+    cs.store(group="optimizer", name="base_flora", node=FloraConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)

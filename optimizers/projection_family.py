@@ -1,5 +1,5 @@
 """The projection family (spec projection-family.md), each a composition in
-``SubspaceOptimizer``: APOLLO, APOLLO-Mini, GRASS, I3S, DCT-AdamW."""
+``SubspaceOptimizer``: APOLLO, APOLLO-Mini, Flora, GRASS, I3S, DCT-AdamW."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import math
 import torch
 from torch import nn
 
-from llm_pretrain.config import ApolloConfig, DctConfig, GrassConfig, I3SConfig
+from llm_pretrain.config import ApolloConfig, DctConfig, FloraConfig, GrassConfig, I3SConfig
 from optimizers.projectors import CoordinateProjector, SvdProjector
 from optimizers.projectors.dct import DctProjector
 from optimizers.projectors.gaussian import GaussianProjector
 from optimizers.registry import built_formula, param_groups, register, split_targets
 from optimizers.residuals.scaled_gradient import ScaledGradient
 from optimizers.rules import AdamRule
+from optimizers.rules.flora import FloraRule
 from optimizers.subspace import SubspaceOptimizer
 from optimizers.transitions import MomentTransition
 
@@ -140,4 +141,39 @@ def _galore_like(
         decay_first=decay_first,
         seed=getattr(cfg, "seed", 0),
         transition=transition,
+    )
+
+
+@register("flora", built_formula("flora"), model_level=True)
+def build_flora(cfg: FloraConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Flora (Hao et al. 2024): Adafactor whose momentum of each targeted matrix lives in a
+    seeded Gaussian projection resampled every ``kappa`` steps; the other tensors keep a full
+    momentum, as the reference's uncompressed path."""
+    reference = _check_compat(cfg)
+    rule = FloraRule(
+        cfg.beta1,
+        cfg.kappa,
+        cfg.decay_rate,
+        cfg.eps1,
+        cfg.eps2,
+        cfg.clip_threshold,
+        cfg.scale_parameter,
+        cfg.weight_decay,
+    )
+    # the projector's own schedule is unused: the rule resamples every kappa steps
+    projector = GaussianProjector(
+        cfg.rank, cfg.kappa, cfg.proj_type, seeding="flora" if reference else "paper"
+    )
+    projected, plain = split_targets(model, list(cfg.target_modules))
+    return SubspaceOptimizer(
+        param_groups(projected, plain, {"projected": True}),
+        lr=cfg.lr,
+        betas=(cfg.beta1, 0.999),  # unused: the rule keeps its own
+        eps=cfg.eps2,
+        weight_decay=0.0,  # the rule decays with its RMS-scaled step, as the reference
+        projector=projector,
+        scale=1.0,
+        rule=rule,
+        plain_rule=rule,
+        seed=cfg.seed,
     )

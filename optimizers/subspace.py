@@ -51,6 +51,7 @@ class RefreshContext:
     rule: object
     lr: float
     initial_lr: float
+    seed: int = 0
 
 
 @dataclass
@@ -244,6 +245,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         state.setdefault("seed", self.seed * 1_000_003 + self._index[p])
         step = state.get("step", 0)
+        full_space = self.rule if mode == "projected" else self.plain_rule
+        if mode in ("plain", "projected") and getattr(full_space, "full_space", False):
+            # Flora: the rule steps the weight itself; the projector compresses its momentum
+            state["step"] = step + 1
+            projector = self.projector if mode == "projected" else None
+            full_space.step(p, state, grad, lr, projector, self._context(p, lr, group))
+            return
         if mode == "plain":
             state["step"] = step = step + 1
             direction, correction = self.plain_rule.direction(state, grad, step)
@@ -254,8 +262,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             # writes into the old ones), for carrying the moments over
             old = dict(state) if self.transition is not None and "side" in state else None
             if getattr(self.projector, "uses_context", False):
-                ctx = RefreshContext(self._index[p], self.rule, lr, group.get("initial_lr", lr))
-                self.projector.refresh(state, grad, ctx)
+                self.projector.refresh(state, grad, self._context(p, lr, group))
             else:
                 self.projector.refresh(state, grad)
             if self.reset_on_refresh:  # FRUGAL: fresh moments, bias correction restarts
@@ -281,6 +288,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             self.residual.apply(
                 p, state, grad, low, direction, self.projector, self.scale, step_size, lr
             )
+
+    def _context(self, p: torch.Tensor, lr: float, group: dict) -> RefreshContext:
+        return RefreshContext(
+            self._index[p], self.rule, lr, group.get("initial_lr", group["lr"]), self.seed
+        )
 
     # ------------------------------------------------------------------ sampling
     def _switch(self, period: int) -> None:
@@ -443,6 +455,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if mode == "plain":
             return self.plain_rule.memory(shape, dtype)
         out = dict(self.projector.memory(shape, dtype))
+        if getattr(self.rule, "full_space", False):
+            low = self.projector.reduced_shape(shape)
+            for key, n in self.rule.memory(shape, dtype, low).items():
+                out[key] = out.get(key, 0) + n
+            return out
         moment_shape = shape if mode == "complement" else self.projector.reduced_shape(shape)
         for key, n in self.rule.memory(moment_shape, dtype).items():
             out[key] = out.get(key, 0) + n

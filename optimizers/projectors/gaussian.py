@@ -14,6 +14,9 @@ state (``basis``, counted as projector memory) to save the draws.
 ``seeding="reference"`` reproduces ``apollo-torch``: the first seed is the parameter's 1-based
 ordinal over the optimizer's parameters and each refresh advances it to the last of 15 int64
 draws of a CPU generator seeded with it; P is kept in the state, as the reference caches it.
+``seeding="flora"`` reproduces ``flora-opt``: the same chain offset by the optimizer's seed, the
+left matrix drawn as r x m from the first of two seeds split off, the right one as n x r from
+the second, and nothing stored.
 
 State per matrix (ints and tensors): ``side``, ``draws`` (how many P have been drawn), for the
 reference ``proj_seed`` (the next seed) and, when stored, ``basis``.
@@ -27,7 +30,7 @@ import torch
 
 from optimizers.projectors.svd import LEFT, SIDES, side_for
 
-SEEDINGS = ("paper", "reference")
+SEEDINGS = ("paper", "reference", "flora")
 _SEED_MASK = (1 << 63) - 1
 
 
@@ -35,6 +38,13 @@ def reference_next_seed(seed: int) -> int:
     """apollo-torch's seed chain: the last of 15 int64 draws of a CPU generator."""
     g = torch.Generator().manual_seed(seed)
     return int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=g)[-1])
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """flora-opt's two seeds (left, right) split off one: two int64 draws of a CPU generator."""
+    g = torch.Generator().manual_seed(seed)
+    left, right = torch.randint(0, torch.iinfo(torch.int64).max, (2,), generator=g).tolist()
+    return left, right
 
 
 def draw_seed(seed: int, draw: int) -> int:
@@ -78,7 +88,7 @@ class GaussianProjector:
         self.rank, self.update_gap, self.proj_type = rank, update_gap, proj_type
         self.seeding = seeding
         self.store = store or seeding == "reference"
-        self.uses_context = seeding == "reference"  # needs the parameter's ordinal
+        self.uses_context = seeding != "paper"  # the chains start from the parameter's ordinal
 
     def describe(self) -> str:
         kept = "stored" if self.store else "regenerated from its seed"
@@ -118,8 +128,9 @@ class GaussianProjector:
         shape = tuple(grad.shape)
         side = self.side(shape)
         state["side"], state["full_dim"] = side, shape[0] if side == LEFT else shape[1]
-        if self.seeding == "reference":
-            seed = state.get("proj_seed", ctx.index + 1)
+        if self.seeding != "paper":
+            first = ctx.index + 1 + (ctx.seed if self.seeding == "flora" else 0)
+            seed = state.get("proj_seed", first)
             state["proj_seed"] = reference_next_seed(seed)
             state["seed_used"] = seed
         state["draws"] = state.get("draws", 0) + 1
@@ -132,11 +143,16 @@ class GaussianProjector:
         regenerated from the seeds."""
         if "basis" in state:
             return state["basis"]
+        d, r = state["full_dim"], self.rank
+        if self.seeding == "flora":
+            left_seed, right_seed = split_seed(state["seed_used"])
+            if state["side"] == LEFT:
+                return gaussian((r, d), r, left_seed, like.device, like.dtype).T
+            return gaussian((d, r), r, right_seed, like.device, like.dtype).T
         if self.seeding == "reference":
             seed = state["seed_used"]
         else:
             seed = draw_seed(state.get("seed", 0), state["draws"] - 1)
-        d, r = state["full_dim"], self.rank
         shape = (d, r) if state["side"] == LEFT else (r, d)
         return gaussian(shape, r, seed, like.device, like.dtype)
 
