@@ -295,6 +295,37 @@ class FloraConfig(OptimizerConfig):
 
 
 @dataclass
+class CoapConfig(AdamConfig):
+    """COAP: GaLore whose basis follows a correlation-aware gradient step every update_gap
+    steps and a warm-started range finder every reproject_factor x update_gap."""
+
+    rank: int = 128
+    update_gap: int = 40  # T_u
+    reproject_factor: int = 5
+    scale: float = 0.25
+    proj_type: str = "std"
+    proj_lr: float = 0.1  # the correlation step on P
+    restore_state: bool = False  # carry M and V into the new basis
+    min_8bit_size: int = 4096  # coap_8bit only
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
+class OsdConfig(AdamConfig):
+    """Online Subspace Descent: GaLore whose basis takes one online-PCA AdamW step per step."""
+
+    rank: int = 128
+    update_gap: int = 200  # only sets the code form's projector lr (1 / update_gap)
+    scale: float = 0.25
+    proj_type: str = "std"
+    mode: str = "paper"  # paper (penalty 0.1, lr 5 x lr_t) | code (the repository's)
+    proj_lr_ratio: float = 5.0
+    ortho_penalty: float = 0.1
+    proj_weight_decay: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
 class TrainerConfig:
     lr: float | None = None  # peak lr; null: the optimizer config's own (its paper default)
     max_steps: int = 1000
@@ -398,5 +429,7 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_i3s", node=I3SConfig)
     cs.store(group="optimizer", name="base_dct", node=DctConfig)
     cs.store(group="optimizer", name="base_flora", node=FloraConfig)
+    cs.store(group="optimizer", name="base_coap", node=CoapConfig)
+    cs.store(group="optimizer", name="base_osd", node=OsdConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)

@@ -34,6 +34,8 @@ KEY_CATEGORY = {
     "scales": "projector",  # GRASS's unbiasing scales (sampling with replacement)
     "basis": "projector",
     "basis_right": "projector",
+    "basis_exp_avg": "projector",  # OSD: the projector's own Adam moments
+    "basis_exp_avg_sq": "projector",
     "basis_codes": "projector",
     "basis_scale": "quantization",
     "basis_zero": "quantization",

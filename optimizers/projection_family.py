@@ -1,5 +1,6 @@
 """The projection family (spec projection-family.md), each a composition in
-``SubspaceOptimizer``: APOLLO, APOLLO-Mini, Flora, GRASS, I3S, DCT-AdamW."""
+``SubspaceOptimizer``: APOLLO, APOLLO-Mini, Flora, GRASS, COAP (and its 8-bit
+variant), DCT-AdamW, Online Subspace Descent and I3S."""
 
 from __future__ import annotations
 
@@ -8,13 +9,23 @@ import math
 import torch
 from torch import nn
 
-from llm_pretrain.config import ApolloConfig, DctConfig, FloraConfig, GrassConfig, I3SConfig
+from llm_pretrain.config import (
+    ApolloConfig,
+    CoapConfig,
+    DctConfig,
+    FloraConfig,
+    GrassConfig,
+    I3SConfig,
+    OsdConfig,
+)
 from optimizers.projectors import CoordinateProjector, SvdProjector
+from optimizers.projectors.coap import CoapProjector
 from optimizers.projectors.dct import DctProjector
 from optimizers.projectors.gaussian import GaussianProjector
+from optimizers.projectors.online_pca import OnlinePcaProjector
 from optimizers.registry import built_formula, param_groups, register, split_targets
 from optimizers.residuals.scaled_gradient import ScaledGradient
-from optimizers.rules import AdamRule
+from optimizers.rules import AdamRule, BlockwiseAdam8bitRule
 from optimizers.rules.flora import FloraRule
 from optimizers.subspace import SubspaceOptimizer
 from optimizers.transitions import MomentTransition
@@ -125,6 +136,7 @@ def _galore_like(
     decay_first: bool = False,
     reset_on_refresh: bool = False,
     transition=None,
+    rule=None,
 ) -> SubspaceOptimizer:
     """Adam in the projector's subspace, scale times the back-projection, AdamW elsewhere."""
     projected, plain = split_targets(model, list(cfg.target_modules))
@@ -136,7 +148,7 @@ def _galore_like(
         weight_decay=cfg.weight_decay,
         projector=projector,
         scale=cfg.scale,
-        rule=AdamRule(tuple(cfg.betas), cfg.eps, eps_placement),
+        rule=rule if rule is not None else AdamRule(tuple(cfg.betas), cfg.eps, eps_placement),
         reset_on_refresh=reset_on_refresh,
         decay_first=decay_first,
         seed=getattr(cfg, "seed", 0),
@@ -177,3 +189,45 @@ def build_flora(cfg: FloraConfig, model: nn.Module) -> torch.optim.Optimizer:
         plain_rule=rule,
         seed=cfg.seed,
     )
+
+
+def _coap(cfg: CoapConfig, model: nn.Module, rule=None) -> SubspaceOptimizer:
+    if cfg.restore_state and rule is not None:
+        raise ValueError(
+            "optimizer.restore_state=true carries dense moments into the new basis; the 8-bit "
+            "variant keeps them quantized: use coap for restore_state"
+        )
+    projector = CoapProjector(
+        cfg.rank, cfg.update_gap, cfg.reproject_factor, cfg.proj_type, cfg.proj_lr
+    )
+    transition = MomentTransition("sqrt") if cfg.restore_state else None
+    return _galore_like(cfg, model, projector, transition=transition, rule=rule)
+
+
+@register("coap", built_formula("coap"), model_level=True)
+def build_coap(cfg: CoapConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """COAP (Xiao et al. 2025): GaLore with an incrementally updated, correlation-aware basis."""
+    return _coap(cfg, model)
+
+
+@register("coap_8bit", built_formula("coap_8bit"), model_level=True)
+def build_coap_8bit(cfg: CoapConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """COAP with blockwise 8-bit subspace moments (the reference's CoapAdamW8bit)."""
+    rule = BlockwiseAdam8bitRule(tuple(cfg.betas), cfg.eps, cfg.min_8bit_size)
+    return _coap(cfg, model, rule=rule)
+
+
+@register("osd", built_formula("osd"), model_level=True)
+def build_osd(cfg: OsdConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Online Subspace Descent (Liang et al. 2024): one SVD, then an online-PCA AdamW step on the
+    basis at every step."""
+    projector = OnlinePcaProjector(
+        cfg.rank,
+        cfg.update_gap,
+        cfg.proj_type,
+        cfg.mode,
+        cfg.proj_lr_ratio,
+        cfg.ortho_penalty,
+        cfg.proj_weight_decay,
+    )
+    return _galore_like(cfg, model, projector)

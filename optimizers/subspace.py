@@ -257,7 +257,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             direction, correction = self.plain_rule.direction(state, grad, step)
             p.add_(direction, alpha=-lr * correction)
             return
-        if self.projector.due(state, step):
+        refreshed = self.projector.due(state, step)
+        if refreshed:
             # the basis entries before the refresh (a refresh assigns new tensors, never
             # writes into the old ones), for carrying the moments over
             old = dict(state) if self.transition is not None and "side" in state else None
@@ -288,6 +289,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             self.residual.apply(
                 p, state, grad, low, direction, self.projector, self.scale, step_size, lr
             )
+        if hasattr(self.projector, "post_step") and not refreshed:  # OSD: P_t -> P_{t+1}
+            self.projector.post_step(state, grad, self._context(p, lr, group))
 
     def _context(self, p: torch.Tensor, lr: float, group: dict) -> RefreshContext:
         return RefreshContext(

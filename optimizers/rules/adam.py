@@ -42,6 +42,10 @@ class AdamRule:
         return m / (v.sqrt().add_(self.eps)), correction
 
     @staticmethod
+    def first_moment(state: dict) -> torch.Tensor | None:
+        return state.get("exp_avg")
+
+    @staticmethod
     def memory(shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, int]:
         """M and V in the dtype of the tensor they follow."""
         return {"moments": 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()}

@@ -97,6 +97,20 @@ class BlockwiseAdam8bitRule:
             )
         return out.neg_(), 1.0
 
+    def first_moment(self, state: dict) -> torch.Tensor | None:
+        """M, dequantized (COAP's projector update reads it)."""
+        if "state1" not in state:
+            return None
+        if state["state1"].dtype != torch.uint8:
+            return state["state1"]
+        m = self.F.dequantize_blockwise(
+            state["state1"].flatten(),
+            absmax=state["absmax1"],
+            code=self.qmap1.to(state["state1"].device),
+            blocksize=BLOCK,
+        )
+        return m.view(state["state1"].shape)
+
     def _init(self, state: dict, grad: torch.Tensor) -> None:
         n = grad.numel()
         if not self.quantized(n):
