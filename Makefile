@@ -39,6 +39,7 @@ bench: $(STAMP)
 # registered method's state memory and step cost on the whole llama_60m.
 bench-optim: $(STAMP)
 	$(PY) -m optimizers.bench $(ARGS)
+	$(PY) -m optimizers.bench --family projection $(ARGS)
 	$(PY) -m optimizers.bench_registry
 
 clean:

@@ -6,7 +6,12 @@ process. Reported per method: the mean time of a step without a subspace refresh
 ``torch.optim.AdamW``; the extra time of a refresh step (all 56 bases at once, as in the
 references); the step time with that refresh amortised over ``--gap`` steps; and the state bytes.
 
-    python -m optimizers.bench [--steps 6] [--rank 128] [--gap 200]
+    python -m optimizers.bench [--family galore|projection] [--steps 15] [--rank 128] [--gap 200]
+
+``--family projection`` times the projection family (APOLLO, APOLLO-Mini, Flora, GRASS, COAP,
+DCT-AdamW, OSD, I3S) beside ``apollo-torch``'s APOLLOAdamW; every method keeps its own refresh
+schedule there (DCT re-selects at every step, OSD moves its basis at every step, COAP steps it
+every 40), so "refresh" is the extra time of step 0 only.
 """
 
 from __future__ import annotations
@@ -23,9 +28,16 @@ import optimizers
 from llm_pretrain.config import (
     Adam8bitConfig,
     AdamWConfig,
+    ApolloConfig,
+    CoapConfig,
+    DctConfig,
     FiraConfig,
+    FloraConfig,
     GaLore8bitConfig,
     GaLoreConfig,
+    GrassConfig,
+    I3SConfig,
+    OsdConfig,
 )
 
 SHAPES = [(512, 512)] * 4 + [(1376, 512)] * 2 + [(512, 1376)]
@@ -71,6 +83,24 @@ def _reference_galore(kind: str, rank: int, gap: int):
                 [group | {"scale": 0.25}], lr=0.01, weight_decay=0.0
             )
         return fira.FiraAdamW([group | {"alpha": 0.25}], lr=0.01)
+
+    return build
+
+
+def _reference_apollo(rank: int, gap: int, mini: bool):
+    from apollo_torch import APOLLOAdamW
+
+    def build(params):
+        group = {
+            "params": params,
+            "rank": 1 if mini else rank,
+            "update_proj_gap": gap,
+            "scale": 128.0 if mini else 1.0,
+            "proj_type": "std",
+            "proj": "random",
+            "scale_type": "tensor" if mini else "channel",
+        }
+        return APOLLOAdamW([group], lr=0.01, scale_front=mini)
 
     return build
 
@@ -159,21 +189,56 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=15, help="timed steps after the refresh step")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--gap", type=int, default=200, help="refresh interval for amortisation")
+    ap.add_argument("--family", choices=("galore", "projection"), default="galore")
     args = ap.parse_args(argv)
     r, gap = args.rank, args.gap
     if args.steps >= gap:
         raise SystemExit("--steps must be below --gap, so that only step 0 refreshes")
     sub = dict(rank=r, update_gap=gap, lr=0.01, scale=0.25, target_modules=["mlp"])
-    ours = {
-        "adamw (torch default)": AdamWConfig(name="adamw", lr=0.01),
-        "adamw8bit (bitsandbytes)": Adam8bitConfig(name="adamw8bit", lr=0.01),
-        "galore (ours, exact SVD)": GaLoreConfig(name="galore", **sub),
-        "galore (ours, randomized SVD)": GaLoreConfig(
-            name="galore", svd_backend="randomized", **sub
-        ),
-        "galore_8bit (ours)": GaLore8bitConfig(name="galore_8bit", **sub),
-        "fira (ours)": FiraConfig(name="fira", **sub),
-    }
+    ours = {"adamw (torch default)": AdamWConfig(name="adamw", lr=0.01)}
+    references = {}
+    if args.family == "galore":
+        ours |= {
+            "adamw8bit (bitsandbytes)": Adam8bitConfig(name="adamw8bit", lr=0.01),
+            "galore (ours, exact SVD)": GaLoreConfig(name="galore", **sub),
+            "galore (ours, randomized SVD)": GaLoreConfig(
+                name="galore", svd_backend="randomized", **sub
+            ),
+            "galore_8bit (ours)": GaLore8bitConfig(name="galore_8bit", **sub),
+            "fira (ours)": FiraConfig(name="fira", **sub),
+        }
+        for kind, label in (
+            ("galore", "galore-torch GaLoreAdamW"),
+            ("galore_8bit", "galore-torch GaLoreAdamW8bit"),
+            ("fira", "fira FiraAdamW"),
+        ):
+            references[label] = _reference_galore(kind, r, gap)
+    else:
+        apollo = dict(rank=r, update_gap=gap, lr=0.01, target_modules=["mlp"])
+        mini = dict(apollo, rank=1, scale=128**0.5, scale_type="tensor", scale_front=True)
+        ours |= {
+            "apollo (ours, P regenerated)": ApolloConfig(name="apollo", **apollo),
+            "apollo (ours, P stored)": ApolloConfig(name="apollo", store_projection=True, **apollo),
+            "apollo_mini (ours)": ApolloConfig(name="apollo_mini", **mini),
+            "flora (ours, kappa 1000)": FloraConfig(name="flora", rank=r, target_modules=["mlp"]),
+            "grass (ours, norm sampling)": GrassConfig(name="grass", **sub),
+            "coap (ours, T_u 40)": CoapConfig(
+                name="coap", rank=r, lr=0.01, scale=0.25, target_modules=["mlp"]
+            ),
+            "dct_adamw (ours, matmul, select every step)": DctConfig(
+                name="dct_adamw", rank=r, lr=0.01, target_modules=["mlp"]
+            ),
+            "dct_adamw (ours, fft, select every step)": DctConfig(
+                name="dct_adamw", rank=r, lr=0.01, transform="fft", target_modules=["mlp"]
+            ),
+            "dct_adamw (ours, matmul, select every 200)": DctConfig(
+                name="dct_adamw", rank=r, lr=0.01, update_gap=gap, target_modules=["mlp"]
+            ),
+            "osd (ours)": OsdConfig(name="osd", **sub),
+            "i3s (ours)": I3SConfig(name="i3s", **sub),
+        }
+        references["apollo-torch APOLLOAdamW"] = _reference_apollo(r, gap, mini=False)
+        references["apollo-torch APOLLOAdamW (Mini)"] = _reference_apollo(r, gap, mini=True)
     builds = {}
     for label, cfg in ours.items():
         builds[label] = (
@@ -182,12 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if not torch.cuda.is_available():  # the reference 8-bit GaLore calls it unconditionally
         torch.cuda.synchronize = lambda *a, **k: None
-    for kind, label in (
-        ("galore", "galore-torch GaLoreAdamW"),
-        ("galore_8bit", "galore-torch GaLoreAdamW8bit"),
-        ("fira", "fira FiraAdamW"),
-    ):
-        build = _reference_galore(kind, r, gap)
+    for label, build in references.items():
         builds[label] = (lambda m, b=build: b(list(m.mlp)), _reference_bytes)
     rows = list(measure(builds, args.steps, gap).items())
     base = rows[0][1]["step_s"]
