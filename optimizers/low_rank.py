@@ -54,7 +54,12 @@ def build_subspace(
     sampling=None,
     projector=None,
     weight_quant=None,
+    scale: float | None = None,
+    **engine,
 ) -> SubspaceOptimizer:
+    """A GaLore-shaped method: the targeted matrices projected, the rest plain, Adam (HF eps)
+    unless ``rule``; ``engine`` passes the engine's other options (``decay_first``,
+    ``reset_on_refresh``, ``transition``)."""
     projected, plain = split_targets(model, list(cfg.target_modules))
     projector = projector if projector is not None else galore_projector(cfg)
     groups = param_groups(projected, plain, {"projected": True})
@@ -65,12 +70,13 @@ def build_subspace(
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
         projector=projector,
-        scale=cfg.scale,
+        scale=cfg.scale if scale is None else scale,
         residual=residual,
         rule=rule,
         sampling=sampling,
         seed=getattr(cfg, "seed", 0),
         weight_quant=weight_quant,
+        **engine,
     )
 
 

@@ -13,20 +13,19 @@ from llm_pretrain.config import (
     ApolloConfig,
     CoapConfig,
     DctConfig,
-    FloraConfig,
     GrassConfig,
     I3SConfig,
     OsdConfig,
 )
+from optimizers.low_rank import build_subspace
 from optimizers.projectors import CoordinateProjector, SvdProjector
 from optimizers.projectors.coap import CoapProjector
 from optimizers.projectors.dct import DctProjector
 from optimizers.projectors.gaussian import GaussianProjector
 from optimizers.projectors.online_pca import OnlinePcaProjector
-from optimizers.registry import built_formula, param_groups, register, split_targets
+from optimizers.registry import built_formula, register
 from optimizers.residuals.scaled_gradient import ScaledGradient
 from optimizers.rules import AdamRule, BlockwiseAdam8bitRule
-from optimizers.rules.flora import FloraRule
 from optimizers.subspace import SubspaceOptimizer
 from optimizers.transitions import MomentTransition
 
@@ -54,18 +53,13 @@ def build_apollo(cfg: ApolloConfig, model: nn.Module) -> SubspaceOptimizer:
         seeding="reference" if reference else "paper",
     )
     update = ScaledGradient(cfg.scale_type, cfg.limiter, cfg.limiter_gamma, cfg.scale_front)
-    projected, plain = split_targets(model, list(cfg.target_modules))
-    return SubspaceOptimizer(
-        param_groups(projected, plain, {"projected": True}),
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        projector=projector,
-        scale=math.sqrt(cfg.scale) if reference else cfg.scale,
+    return build_subspace(
+        cfg,
+        model,
         residual=update,
         rule=AdamRule(tuple(cfg.betas), cfg.eps, "hf"),
-        seed=cfg.seed,
+        projector=projector,
+        scale=math.sqrt(cfg.scale) if reference else cfg.scale,
     )
 
 
@@ -129,66 +123,12 @@ def build_dct_adamw(cfg: DctConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _galore_like(
-    cfg,
-    model: nn.Module,
-    projector,
-    eps_placement: str = "hf",
-    decay_first: bool = False,
-    reset_on_refresh: bool = False,
-    transition=None,
-    rule=None,
+    cfg, model: nn.Module, projector, eps_placement: str = "hf", rule=None, **engine
 ) -> SubspaceOptimizer:
-    """Adam in the projector's subspace, scale times the back-projection, AdamW elsewhere."""
-    projected, plain = split_targets(model, list(cfg.target_modules))
-    return SubspaceOptimizer(
-        param_groups(projected, plain, {"projected": True}),
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        projector=projector,
-        scale=cfg.scale,
-        rule=rule if rule is not None else AdamRule(tuple(cfg.betas), cfg.eps, eps_placement),
-        reset_on_refresh=reset_on_refresh,
-        decay_first=decay_first,
-        seed=getattr(cfg, "seed", 0),
-        transition=transition,
-    )
-
-
-@register("flora", built_formula("flora"), model_level=True)
-def build_flora(cfg: FloraConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Flora (Hao et al. 2024): Adafactor whose momentum of each targeted matrix lives in a
-    seeded Gaussian projection resampled every ``kappa`` steps; the other tensors keep a full
-    momentum, as the reference's uncompressed path."""
-    reference = _check_compat(cfg)
-    rule = FloraRule(
-        cfg.beta1,
-        cfg.kappa,
-        cfg.decay_rate,
-        cfg.eps1,
-        cfg.eps2,
-        cfg.clip_threshold,
-        cfg.scale_parameter,
-        cfg.weight_decay,
-    )
-    # the projector's own schedule is unused: the rule resamples every kappa steps
-    projector = GaussianProjector(
-        cfg.rank, cfg.kappa, cfg.proj_type, seeding="flora" if reference else "paper"
-    )
-    projected, plain = split_targets(model, list(cfg.target_modules))
-    return SubspaceOptimizer(
-        param_groups(projected, plain, {"projected": True}),
-        lr=cfg.lr,
-        betas=(cfg.beta1, 0.999),  # unused: the rule keeps its own
-        eps=cfg.eps2,
-        weight_decay=0.0,  # the rule decays with its RMS-scaled step, as the reference
-        projector=projector,
-        scale=1.0,
-        rule=rule,
-        plain_rule=rule,
-        seed=cfg.seed,
-    )
+    """Adam in the projector's subspace, scale times the back-projection, Adam elsewhere."""
+    if rule is None:
+        rule = AdamRule(tuple(cfg.betas), cfg.eps, eps_placement)
+    return build_subspace(cfg, model, rule=rule, projector=projector, **engine)
 
 
 def _coap(cfg: CoapConfig, model: nn.Module, rule=None) -> SubspaceOptimizer:
