@@ -13,19 +13,21 @@ from llm_pretrain.config import (
     ApolloConfig,
     CoapConfig,
     DctConfig,
+    FloraConfig,
     GrassConfig,
     I3SConfig,
     OsdConfig,
 )
-from optimizers.low_rank import build_subspace
-from optimizers.projectors import CoordinateProjector, SvdProjector
+from optimizers.low_rank import build_subspace, galore_projector
+from optimizers.projectors import CoordinateProjector
 from optimizers.projectors.coap import CoapProjector
 from optimizers.projectors.dct import DctProjector
 from optimizers.projectors.gaussian import GaussianProjector
 from optimizers.projectors.online_pca import OnlinePcaProjector
-from optimizers.registry import built_formula, register
+from optimizers.registry import built_formula, param_groups, register, split_targets
 from optimizers.residuals.scaled_gradient import ScaledGradient
 from optimizers.rules import AdamRule, BlockwiseAdam8bitRule
+from optimizers.rules.flora import FloraRule
 from optimizers.subspace import SubspaceOptimizer
 from optimizers.transitions import MomentTransition
 
@@ -92,16 +94,7 @@ def build_grass(cfg: GrassConfig, model: nn.Module) -> torch.optim.Optimizer:
 def build_i3s(cfg: I3SConfig, model: nn.Module) -> torch.optim.Optimizer:
     """I3S (Zhang et al. 2025): GaLore with singular vectors sampled in proportion to the
     singular values."""
-    projector = SvdProjector(
-        cfg.rank,
-        cfg.update_gap,
-        cfg.proj_type,
-        cfg.svd_backend,
-        niter=cfg.svd_power_iters,
-        refresh_phase=cfg.refresh_phase,
-        selection="sample",
-    )
-    return _galore_like(cfg, model, projector)
+    return _galore_like(cfg, model, galore_projector(cfg, selection="sample"))
 
 
 @register("dct_adamw", built_formula("dct_adamw"), model_level=True)
@@ -171,3 +164,38 @@ def build_osd(cfg: OsdConfig, model: nn.Module) -> torch.optim.Optimizer:
         cfg.proj_weight_decay,
     )
     return _galore_like(cfg, model, projector)
+
+
+@register("flora", built_formula("flora"), model_level=True)
+def build_flora(cfg: FloraConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Flora (Hao et al. 2024): Adafactor whose momentum of each targeted matrix lives in a
+    seeded Gaussian projection resampled every ``kappa`` steps; the other tensors keep a full
+    momentum, as the reference's uncompressed path."""
+    reference = _check_compat(cfg)
+    rule = FloraRule(
+        cfg.beta1,
+        cfg.kappa,
+        cfg.decay_rate,
+        cfg.eps1,
+        cfg.eps2,
+        cfg.clip_threshold,
+        cfg.scale_parameter,
+        cfg.weight_decay,
+    )
+    # the projector's own schedule is unused: the rule resamples every kappa steps
+    projector = GaussianProjector(
+        cfg.rank, cfg.kappa, cfg.proj_type, seeding="flora" if reference else "paper"
+    )
+    projected, plain = split_targets(model, list(cfg.target_modules))
+    return SubspaceOptimizer(
+        param_groups(projected, plain, {"projected": True}),
+        lr=cfg.lr,
+        betas=(cfg.beta1, 0.999),  # unused: the rule keeps its own
+        eps=cfg.eps2,
+        weight_decay=0.0,  # the rule decays with its RMS-scaled step, as the reference
+        projector=projector,
+        scale=1.0,
+        rule=rule,
+        plain_rule=rule,
+        seed=cfg.seed,
+    )
