@@ -31,7 +31,7 @@ from optimizers.subspace import Sampling, SubspaceOptimizer
 from optimizers.weight_quant import Int8Weights
 
 
-def galore_projector(cfg: GaLoreConfig) -> SvdProjector:
+def galore_projector(cfg: GaLoreConfig, **extra) -> SvdProjector:
     return SvdProjector(
         cfg.rank,
         cfg.update_gap,
@@ -39,6 +39,7 @@ def galore_projector(cfg: GaLoreConfig) -> SvdProjector:
         cfg.svd_backend,
         niter=cfg.svd_power_iters,
         refresh_phase=cfg.refresh_phase,
+        **extra,
     )
 
 

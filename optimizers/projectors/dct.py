@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from optimizers.projectors.svd import LEFT, RIGHT, SIDES, side_for
+from optimizers.projectors.svd import LEFT, RIGHT, check_one_sided, side_for
 
 TRANSFORMS = ("matmul", "fft")
 
@@ -81,15 +81,7 @@ class DctProjector:
         transform: str = "matmul",
         refresh_phase: int = 0,
     ) -> None:
-        if rank <= 0:
-            raise ValueError(f"optimizer.rank={rank} must be a positive integer")
-        if update_gap <= 0:
-            raise ValueError(f"optimizer.update_gap={update_gap} must be a positive integer")
-        if proj_type not in SIDES or proj_type == "full":
-            raise ValueError(
-                f"optimizer.proj_type={proj_type!r}: DCT selection is one-sided; use std, "
-                "reverse_std, left or right"
-            )
+        check_one_sided(rank, update_gap, proj_type, "DCT selection")
         if transform not in TRANSFORMS:
             raise ValueError(f"optimizer.transform={transform!r}: use matmul or fft")
         if norm <= 0:

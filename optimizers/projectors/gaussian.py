@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from optimizers.projectors.svd import LEFT, SIDES, side_for
+from optimizers.projectors.svd import LEFT, check_one_sided, side_for
 
 SEEDINGS = ("paper", "reference", "flora")
 _SEED_MASK = (1 << 63) - 1
@@ -74,17 +74,9 @@ class GaussianProjector:
         store: bool = False,
         seeding: str = "paper",
     ) -> None:
-        if rank <= 0:
-            raise ValueError(f"optimizer.rank={rank} must be a positive integer")
-        if update_gap <= 0:
-            raise ValueError(f"optimizer.update_gap={update_gap} must be a positive integer")
-        if proj_type not in SIDES or proj_type == "full":
-            raise ValueError(
-                f"optimizer.proj_type={proj_type!r}: a random projection is one-sided; use std, "
-                "reverse_std, left or right"
-            )
+        check_one_sided(rank, update_gap, proj_type, "a random projection")
         if seeding not in SEEDINGS:
-            raise ValueError(f"projection seeding {seeding!r}: use paper or reference")
+            raise ValueError(f"projection seeding {seeding!r}: use one of {SEEDINGS}")
         self.rank, self.update_gap, self.proj_type = rank, update_gap, proj_type
         self.seeding = seeding
         self.store = store or seeding == "reference"

@@ -20,6 +20,19 @@ SIDES = ("std", "reverse_std", "left", "right", "full")
 LEFT, RIGHT, FULL = 0, 1, 2
 
 
+def check_one_sided(rank: int, update_gap: int, proj_type: str, what: str) -> None:
+    """The arguments every one-sided projector shares, refused with the key to fix."""
+    if rank <= 0:
+        raise ValueError(f"optimizer.rank={rank} must be a positive integer")
+    if update_gap <= 0:
+        raise ValueError(f"optimizer.update_gap={update_gap} must be a positive integer")
+    if proj_type not in SIDES or proj_type == "full":
+        raise ValueError(
+            f"optimizer.proj_type={proj_type!r}: {what} is one-sided; use std, reverse_std, "
+            "left or right"
+        )
+
+
 def side_for(proj_type: str, shape: tuple[int, ...]) -> int:
     """Which side ``proj_type`` projects for a matrix of ``shape``: ``std`` reduces the shorter
     dimension (RIGHT for a tall or square matrix, LEFT for a wide one), ``reverse_std`` the

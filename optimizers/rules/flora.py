@@ -95,15 +95,17 @@ class FloraRule:
                 projector.refresh(state, g, ctx)
             raw = update
             m = state.get("exp_avg")
-            history = projector.project_back(state, m) if m is not None else None
+            view = self._with_basis(state, projector, g)  # draw P once, not per use
+            history = projector.project_back(view, m) if m is not None else None
             update = raw * (1.0 - b1)
             if history is not None:
                 update.add_(history, alpha=b1)
             if t % self.kappa == 0:  # resample; carry the momentum into the new basis
                 projector.refresh(state, g, ctx)
+                view = self._with_basis(state, projector, g)
                 if history is not None:
-                    m = projector.project(state, history)
-            low = projector.project(state, raw)
+                    m = projector.project(view, history)
+            low = projector.project(view, raw)
             state["exp_avg"] = (
                 low.mul_(1.0 - b1) if m is None else m.mul_(b1).add_(low, alpha=1.0 - b1)
             )
@@ -115,6 +117,14 @@ class FloraRule:
         w.add_(update, alpha=-step)
         if half:
             p.copy_(w)
+
+    @staticmethod
+    def _with_basis(state: dict, projector, like: torch.Tensor) -> dict:
+        """The state with P drawn into it for this step only (a seeded projector regenerates P
+        at every use; the view is dropped after the step, so nothing is stored)."""
+        if not hasattr(projector, "basis"):
+            return state
+        return {**state, "basis": projector.basis(state, like)}
 
     def memory(self, shape: tuple[int, ...], dtype: torch.dtype, low_shape=None) -> dict[str, int]:
         """fp32 statistics for half-precision parameters, as the arithmetic."""
