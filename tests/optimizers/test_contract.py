@@ -224,3 +224,12 @@ def test_q_galore_compat_reference_selects_the_reference_arithmetic():
     cfg.compat = "code"
     with pytest.raises(ValueError, match="optimizer.compat='code': use none or reference"):
         optimizers.build(cfg, toy_model())
+
+
+def test_every_optimizer_config_is_registered_and_every_method_has_one():
+    """A method without a config cannot be selected; a config without a registered builder would
+    silently drop out of every registry-wide test above."""
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "optimizer"
+    assert {p.stem for p in conf.glob("*.yaml")} == set(optimizers.REGISTRY)
