@@ -326,6 +326,19 @@ class OsdConfig(AdamConfig):
 
 
 @dataclass
+class RsoConfig(AdamConfig):
+    """RSO: the targeted linears become W0 + P B (P seeded Gaussian, B trained by Adam), merged
+    and resampled every ``update_gap`` steps."""
+
+    rank: int = 128
+    update_gap: int = 200  # tau: inner Adam steps per random subspace
+    proximal: float = 0.0  # 1 / eta of the subproblem's (1 / 2 eta) ||B||^2; 0: off
+    store_projection: bool = False  # keep P as a buffer instead of redrawing it from its seed
+    seed: int = 0
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
 class TrainerConfig:
     lr: float | None = None  # peak lr; null: the optimizer config's own (its paper default)
     max_steps: int = 1000
@@ -431,5 +444,6 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_flora", node=FloraConfig)
     cs.store(group="optimizer", name="base_coap", node=CoapConfig)
     cs.store(group="optimizer", name="base_osd", node=OsdConfig)
+    cs.store(group="optimizer", name="base_rso", node=RsoConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)

@@ -2,8 +2,8 @@
 
 Weights and gradients are summed over distinct storages; optimizer state comes from
 ``optimizers.state_nbytes``; activations are the tensors autograd saves for backward, counted
-with ``torch.autograd.graph.saved_tensors_hooks`` (parameters excluded, each storage once) and
-reported at their peak within one forward pass.
+with ``torch.autograd.graph.saved_tensors_hooks`` (parameters and buffers excluded, each
+storage once) and reported at their peak within one forward pass.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ class SavedTensorCounter:
     """Counts bytes autograd keeps for backward while the context is active."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        # model state, not activations: parameters and buffers (e.g. a stored RSO projection)
+        state = [*model.parameters(), *model.buffers()]
+        self.param_ptrs = {t.untyped_storage().data_ptr() for t in state}
         self.seen: set[int] = set()
         self.bytes = 0
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

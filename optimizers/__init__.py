@@ -3,7 +3,7 @@
 ``optimizers.build(cfg, model)`` turns ``conf/optimizer/<name>.yaml`` into a
 ``torch.optim.Optimizer``; ``state_nbytes`` reports its state memory by category and
 ``memory_formula`` gives the same bytes in closed form. Importing the package registers every
-method (``baselines``, ``low_rank``, ``layerwise``, ``projection_family``).
+method (``baselines``, ``low_rank``, ``layerwise``, ``projection_family``, ``rso``).
 """
 
 from optimizers import (  # noqa: F401  (they register the methods)
@@ -11,6 +11,7 @@ from optimizers import (  # noqa: F401  (they register the methods)
     layerwise,
     low_rank,
     projection_family,
+    rso,
 )
 from optimizers.projectors import SvdProjector
 from optimizers.registry import (

@@ -326,6 +326,7 @@ SAMPLED = ["optimizer.active_layers=1", "optimizer.interval=2"]
         ("badam", SAMPLED),
         ("owlore", [*LOW_RANK, *SAMPLED]),
         ("gum", ["optimizer.rank=8", "optimizer.update_gap=2", "optimizer.active_layers=1"]),
+        ("rso", LOW_RANK),  # merges and resamples at steps 2 and 4
     ],
 )
 def test_per_layer_updates_match_the_normal_path(tmp_path, name, overrides):

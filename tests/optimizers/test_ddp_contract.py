@@ -30,7 +30,7 @@ def _worker(rank: int, init_file: str, cfgs: dict, out_dir: str) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         results[name] = {
-            "params": [p.detach().clone() for p in model.parameters()],
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "state": opt.state_dict(),
         }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -56,11 +56,14 @@ def test_every_optimizer_keeps_ddp_replicas_identical(tmp_path):
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert set(r0) == set(METHODS)
     for name in METHODS:
-        start = [p.detach() for p in toy_model().parameters()]
-        moved = [not torch.equal(a, b) for a, b in zip(r0[name]["params"], start, strict=True)]
+        # by name: RSO adds its B matrices (and keeps the wrapped weights' names)
+        start = dict(toy_model().named_parameters())
+        params0, params1 = r0[name]["params"], r1[name]["params"]
+        assert start.keys() <= params0.keys() and params0.keys() == params1.keys(), name
+        moved = [not torch.equal(params0[n], p.detach()) for n, p in start.items()]
         assert sum(moved) > 0.5 * len(moved), name  # the run did train
-        for a, b in zip(r0[name]["params"], r1[name]["params"], strict=True):
-            assert torch.equal(a, b), name
+        for n in params0:
+            assert torch.equal(params0[n], params1[n]), f"{name}: {n}"
         s0, s1 = dict(_tensors(r0[name]["state"])), dict(_tensors(r1[name]["state"]))
         assert s0.keys() == s1.keys() and s0, name
         for key in s0:

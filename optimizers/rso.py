@@ -1,0 +1,420 @@
+"""RSO: randomized subspace optimization (Chen, Zhang, Liu, Yuan, Wen; ICML 2025; arXiv
+2502.07222; spec projection-family.md section 8).
+
+RSO changes the model, not only the optimizer: each targeted linear ``y = x W^T`` becomes
+``y = x W0^T + (x P) B^T`` with W0 frozen, P (d_in x r) drawn N(0, 1/r) from a seed and B
+(d_out x r) trainable, starting at zero. Adam trains B (and, as usual, the embeddings, norms and
+lm_head) for ``update_gap`` (tau) steps; then ``W0 <- W0 + B P^T``, a new P is drawn, B returns
+to zero and its moments restart. So the optimizer state of a wrapped linear is 2 r d_out, its
+gradient r d_out, and its backward keeps ``x P`` (tokens x r) instead of x (tokens x d_in): the
+activation and gradient memory shrink too, which no gradient-projection method can do.
+
+P is never stored by default: forward and backward each regenerate it from (seed, draw), the
+same on every DDP rank and after a resume; ``store_projection=true`` keeps it as a
+(non-persistent) buffer to save the draws, counted as projector memory. The seed of a linear
+mixes ``optimizer.seed`` with a hash of its qualified name, so it does not depend on the order
+in which the model was built.
+
+The paper's proximal term (1 / 2 eta) ||B||^2 is an L2 penalty on B (``proximal`` = 1 / eta,
+added to B's gradient); its LLaMA value was not retrievable (spec 8d), so it defaults to off.
+Decoupled weight decay shrinks the effective weight W0 + P B (both parts), as AdamW would.
+``unwrap(model)`` merges every B and gives back plain ``nn.Linear`` modules for export.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_pretrain.config import RsoConfig
+from optimizers.accounting import CATEGORIES, state_nbytes
+from optimizers.projectors.gaussian import draw_seed, gaussian
+from optimizers.registry import adam_kwargs, dtype_bytes, register
+from optimizers.rules.adam import AdamRule
+from optimizers.sampling import trainable
+
+SEED_BYTES = 16  # the two int64 buffers (seed, draw) that identify a linear's projection
+
+
+class RsoLinearFunction(torch.autograd.Function):
+    """y = x W0^T + (x P) B^T + bias, saving x P (not x) for backward.
+
+    ``proj`` is the stored P or None, in which case P is drawn from ``seed`` here and drawn
+    again in backward. W0 is frozen: no gradient is computed for it. Under autocast the forward
+    matmuls run in the autocast dtype; backward computes in the gradient's dtype and returns
+    each gradient in its input's dtype, as autocast's casts would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, b, proj, seed, rank):
+        d_out, d_in = weight.shape
+        p = proj if proj is not None else gaussian((d_in, rank), rank, seed, x.device, b.dtype)
+        x2 = x.reshape(-1, d_in)
+        xp = x2 @ p
+        y = torch.addmm(F.linear(x2, weight, bias), xp, b.t())
+        ctx.save_for_backward(xp, weight, b, proj)
+        ctx.seed, ctx.rank, ctx.x_shape, ctx.x_dtype = seed, rank, x.shape, x.dtype
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.reshape(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xp, weight, b, proj = ctx.saved_tensors
+        d_out, d_in = weight.shape
+        dt = grad_y.dtype
+        g = grad_y.reshape(-1, d_out)
+        grad_x = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            p = (
+                proj
+                if proj is not None
+                else gaussian((d_in, ctx.rank), ctx.rank, ctx.seed, g.device, b.dtype)
+            )
+            gx = torch.addmm(g @ weight.to(dt), g @ b.to(dt), p.to(dt).t())
+            grad_x = gx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b = (g.t() @ xp.to(dt)).to(b.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, grad_b, None, None, None
+
+
+class RsoLinear(nn.Module):
+    """A linear reparametrized as W0 + P B (see the module docstring). It takes over the
+    wrapped linear's ``weight`` (frozen: it is W0) and ``bias`` (still trained), so the model's
+    state-dict keys for them do not change; B is ``rso_b``, the projection's identity the
+    buffers ``rso_seed`` and ``rso_draw``."""
+
+    def __init__(self, linear: nn.Linear, rank: int, seed: int, store_projection: bool) -> None:
+        super().__init__()
+        d_out, d_in = linear.weight.shape
+        if not 1 <= rank <= d_in:
+            raise ValueError(
+                f"optimizer.rank={rank}: RSO's rank must lie in [1, d_in={d_in}] for a linear "
+                f"of shape {tuple(linear.weight.shape)}; lower optimizer.rank or leave it out "
+                "of optimizer.target_modules"
+            )
+        self.in_features, self.out_features, self.rank = d_in, d_out, rank
+        self.weight = linear.weight
+        self.weight.requires_grad_(False)
+        self.bias = linear.bias
+        w = self.weight
+        self.rso_b = nn.Parameter(torch.zeros(d_out, rank, dtype=w.dtype, device=w.device))
+        self.register_buffer("rso_seed", torch.tensor(seed, dtype=torch.int64, device=w.device))
+        self.register_buffer("rso_draw", torch.tensor(0, dtype=torch.int64, device=w.device))
+        self.store_projection = store_projection
+        self.register_buffer("rso_projection", None, persistent=False)
+        self._sync_seed()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_seed())
+
+    def _sync_seed(self) -> None:
+        """Mirror the buffers in Python ints (no device sync per forward) and redraw a stored P."""
+        self._seed, self._draw = int(self.rso_seed), int(self.rso_draw)
+        if self.store_projection and self.weight.device.type != "meta":
+            self.rso_projection = self.projection()
+
+    def draw_seed(self) -> int:
+        return draw_seed(self._seed, self._draw)
+
+    def projection(self) -> torch.Tensor:
+        """The current P (d_in x r), in B's dtype: the stored one, or drawn from its seed."""
+        if self.rso_projection is not None:
+            return self.rso_projection
+        w = self.weight
+        return gaussian(
+            (self.in_features, self.rank), self.rank, self.draw_seed(), w.device, w.dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RsoLinearFunction.apply(
+            x, self.weight, self.bias, self.rso_b, self.rso_projection, self.draw_seed(), self.rank
+        )
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- W0 + B P^T; B is left as is (``resample`` zeroes it)."""
+        self.weight.addmm_(self.rso_b, self.projection().t())
+
+    @torch.no_grad()
+    def resample(self) -> None:
+        """The next outer iteration: a new P (the next draw of this linear's seed), B = 0."""
+        self.rso_draw.add_(1)
+        self.rso_b.zero_()
+        self.rso_projection = None
+        self._sync_seed()
+
+    def merged_weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.addmm(self.weight, self.rso_b, self.projection().t())
+
+    def extra_repr(self) -> str:
+        stored = "stored" if self.store_projection else "regenerated"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}, projection={stored}"
+        )
+
+
+def linear_seed(seed: int, name: str) -> int:
+    """A linear's projection seed: the run's seed mixed with a hash of its qualified name."""
+    return draw_seed(seed, zlib.crc32(name.encode()))
+
+
+def rso_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    """The modules RSO reparametrizes: those whose name contains a target and that hold
+    parameters of their own (containers such as ``mlp`` are walked into, not wrapped). Each
+    must be a plain ``nn.Linear`` (or already an ``RsoLinear``); anything else is refused."""
+    if not targets:
+        raise ValueError("optimizer.target_modules is empty: name the linears RSO reparametrizes")
+    found = []
+    for name, module in model.named_modules():
+        if not any(t in name for t in targets):
+            continue
+        if isinstance(module, RsoLinear) or type(module) is nn.Linear:
+            found.append((name, module))
+        elif any(True for _ in module.parameters(recurse=False)):
+            raise TypeError(
+                f"RSO reparametrizes nn.Linear modules only: {name} is a "
+                f"{type(module).__name__}; leave it out of optimizer.target_modules "
+                f"({list(targets)})"
+            )
+    if not found:
+        raise ValueError(
+            f"optimizer.target_modules={list(targets)} matches no nn.Linear of the model; "
+            "use substrings of its module names (e.g. attn, mlp)"
+        )
+    return found
+
+
+def wrap(
+    model: nn.Module, targets: list[str], rank: int, seed: int, store_projection: bool = False
+) -> list[RsoLinear]:
+    """Replace the targeted linears of ``model`` by ``RsoLinear`` in place (linears already
+    wrapped are kept) and return the wrappers in module order."""
+    shared = _tied_weights(model)
+    wrapped = []
+    for name, module in rso_targets(model, targets):
+        if isinstance(module, RsoLinear):
+            wrapped.append(module)
+            continue
+        if id(module.weight) in shared:
+            raise ValueError(
+                f"{name}.weight is shared with another module (tied weights): RSO would freeze "
+                "both; leave it out of optimizer.target_modules"
+            )
+        new = RsoLinear(module, rank, linear_seed(seed, name), store_projection)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        wrapped.append(new)
+    return wrapped
+
+
+def _tied_weights(model: nn.Module) -> set[int]:
+    seen, tied = set(), set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (tied if id(p) in seen else seen).add(id(p))
+    return tied
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Merge every ``RsoLinear`` (W0 + B P^T) back into a plain, trainable ``nn.Linear``, in
+    place: the model to export or to go on training with another optimizer."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RsoLinear):
+            linear = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=module.weight.device,
+                dtype=module.weight.dtype,
+            )
+            with torch.no_grad():
+                linear.weight.copy_(module.merged_weight())
+                if module.bias is not None:
+                    linear.bias = module.bias
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model
+
+
+class RsoOptimizer(torch.optim.Optimizer):
+    """Adam (torch's AdamW arithmetic) on each B and on every other trainable tensor; every
+    ``update_gap`` steps, merge, resample and reset (in place, so memory does not move).
+
+    Steps are counted once per ``step()``; under per-layer updates the training loop steps each
+    parameter with ``update_parameter`` and then calls ``step()`` with no gradients left.
+    """
+
+    def __init__(
+        self,
+        params: list[dict],
+        linears: list[RsoLinear],
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        update_gap: int,
+        proximal: float = 0.0,
+    ) -> None:
+        if lr <= 0:
+            raise ValueError(f"optimizer.lr={lr} must be positive")
+        if weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
+        if update_gap < 1:
+            raise ValueError(f"optimizer.update_gap={update_gap} must be >= 1 (steps per subspace)")
+        if proximal < 0:
+            raise ValueError(f"optimizer.proximal={proximal} must be >= 0 (it is 1 / eta)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rso=False)
+        super().__init__(params, defaults)
+        self.rule = AdamRule(tuple(betas), eps, eps_placement="torch")
+        self.linears, self.update_gap, self.proximal = linears, update_gap, proximal
+        self._linear_of = {lin.rso_b: lin for lin in linears}
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._steps = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        self._steps += 1
+        if self._steps % self.update_gap == 0:
+            self._next_subspace()
+        return loss
+
+    @torch.no_grad()
+    def update_parameter(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self._update(p, self._group_of[p])
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        grad = p.grad
+        linear = self._linear_of.get(p)
+        if linear is not None and self.proximal > 0:
+            grad = grad.add(p, alpha=self.proximal)
+        if wd > 0:  # decoupled, on the effective weight: W0 + P B shrinks as a whole
+            p.mul_(1.0 - lr * wd)
+            if linear is not None:
+                linear.weight.mul_(1.0 - lr * wd)
+        state = self.state[p]
+        state["step"] = step = state.get("step", 0) + 1
+        direction, correction = self.rule.direction(state, grad, step)
+        p.add_(direction, alpha=-lr * correction)
+
+    def _next_subspace(self) -> None:
+        for linear in self.linears:
+            linear.merge()
+            linear.resample()
+            state = self.state.get(linear.rso_b)
+            if state:  # a fresh inner Adam: moments zeroed in place, bias correction restarts
+                for key in self.rule.state_keys:
+                    state[key].zero_()
+                state["step"] = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["rso"] = {"steps": self._steps}
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        extra = state_dict.get("rso")
+        if extra is None:
+            raise ValueError("optimizer state has no 'rso' entry: it is not from RSO")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "rso"})
+        self._steps = int(extra["steps"])
+        draws = {int(lin.rso_draw) for lin in self.linears}
+        if draws != {self._steps // self.update_gap}:
+            raise ValueError(
+                f"the model's RSO projections are at draw(s) {sorted(draws)} but the optimizer "
+                f"state is at step {self._steps} (update_gap {self.update_gap}): load the model "
+                "state of the same checkpoint, after building the optimizer"
+            )
+
+    # ------------------------------------------------------------------ memory
+    def shared_state(self) -> dict[str, list[torch.Tensor]]:
+        """The projections' identities (and stored P): model buffers that exist for RSO."""
+        tensors = []
+        for lin in self.linears:
+            tensors += [lin.rso_seed, lin.rso_draw]
+            if lin.rso_projection is not None:
+                tensors.append(lin.rso_projection)
+        return {"projector": tensors}
+
+    def state_nbytes(self) -> dict[str, int]:
+        out = state_nbytes(self.state.values())
+        out["projector"] += sum(t.nbytes for t in self.shared_state()["projector"])
+        return out
+
+    def projection_report(self) -> str:
+        n_b = sum(lin.rso_b.numel() for lin in self.linears)
+        n_frozen = sum(lin.weight.numel() for lin in self.linears)
+        plain = [p for g in self.param_groups if not g["rso"] for p in g["params"]]
+        kept = "stored" if self.linears and self.linears[0].store_projection else "regenerated"
+        return (
+            f"{len(self.linears)} linears reparametrized as W0 + P B at rank "
+            f"{self.linears[0].rank if self.linears else 0} ({n_frozen / 1e6:.2f}M frozen, "
+            f"{n_b / 1e6:.2f}M trained in B; P {kept} from seeds), merged and resampled every "
+            f"{self.update_gap} steps; {len(plain)} tensors "
+            f"({sum(p.numel() for p in plain) / 1e6:.2f}M params) take plain Adam"
+        )
+
+
+def _rso_formula(model: nn.Module, cfg: RsoConfig, steps: int) -> dict[str, int]:
+    """Closed form without wrapping: per targeted linear, Adam on B (2 r d_out) plus the seed
+    and draw buffers (and P when stored); Adam on every other trainable tensor. Moments are
+    zeroed in place at a resample, so the bytes do not depend on ``steps``."""
+    total = dict.fromkeys(CATEGORIES, 0)
+    frozen = set()
+    for _, module in rso_targets(model, list(cfg.target_modules)):
+        d_out, d_in = module.weight.shape
+        size = dtype_bytes(module.weight.dtype)
+        total["moments"] += 2 * d_out * cfg.rank * size
+        total["projector"] += SEED_BYTES + (d_in * cfg.rank * size if cfg.store_projection else 0)
+        frozen.add(id(module.weight))
+        if isinstance(module, RsoLinear):
+            frozen.add(id(module.rso_b))
+    for p in model.parameters():
+        if trainable(p) and id(p) not in frozen:
+            total["moments"] += 2 * p.numel() * dtype_bytes(p.dtype)
+    return total
+
+
+@register("rso", _rso_formula, model_level=True)
+def build_rso(cfg: RsoConfig, model: nn.Module) -> RsoOptimizer:
+    """Wraps the targeted linears of ``model`` in place (see ``wrap``) and returns the
+    optimizer of B and of every other trainable tensor."""
+    if cfg.rank < 1:
+        raise ValueError(f"optimizer.rank={cfg.rank} must be >= 1")
+    if cfg.update_gap < 1:
+        raise ValueError(f"optimizer.update_gap={cfg.update_gap} must be >= 1 (steps per subspace)")
+    if cfg.proximal < 0:
+        raise ValueError(f"optimizer.proximal={cfg.proximal} must be >= 0 (it is 1 / eta)")
+    kw = adam_kwargs(cfg)
+    linears = wrap(model, list(cfg.target_modules), cfg.rank, cfg.seed, cfg.store_projection)
+    bs = {id(lin.rso_b) for lin in linears}
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = [p for p in model.parameters() if trainable(p) and id(p) not in bs]
+    groups = [{"params": [(names[id(lin.rso_b)], lin.rso_b) for lin in linears], "rso": True}]
+    if plain:
+        groups.append({"params": [(names[id(p)], p) for p in plain]})
+    return RsoOptimizer(
+        groups,
+        linears,
+        kw["lr"],
+        kw["betas"],
+        kw["eps"],
+        kw["weight_decay"],
+        cfg.update_gap,
+        cfg.proximal,
+    )
