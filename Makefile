@@ -41,6 +41,7 @@ bench-optim: $(STAMP)
 	$(PY) -m optimizers.bench $(ARGS)
 	$(PY) -m optimizers.bench --family projection $(ARGS)
 	$(PY) -m optimizers.bench_registry
+	$(PY) -m optimizers.bench_rso
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -5,7 +5,8 @@ same fp32 llama_60m and the same fixed random gradients for every parameter. Rep
 optimizer-state bytes (exact, after the timed steps; with the closed-form formula as a check),
 their ratio to AdamW's, the median step time as a ratio to AdamW's, and the first step (which
 computes every initial basis and state) as a ratio too. The memory column answers "how much
-does X save"; the time column is this machine's CPU cost of the update alone, not of training.
+does X save"; the time column is this machine's CPU cost of the update alone, not of training
+(RSO's costs and savings are in the forward and backward: ``optimizers.bench_rso`` measures them).
 
     python -m optimizers.bench_registry [--steps 5] [--model llama_60m] [--only a,b]
 """
@@ -41,11 +42,12 @@ def run(name: str, model_name: str, steps: int) -> dict:
     model_cfg, cfg = compose_optimizer(name, model_name)
     torch.manual_seed(0)
     model = build_model(model_cfg)
-    g = torch.Generator().manual_seed(1)
-    grads = {p: torch.randn(p.shape, generator=g) * 1e-3 for p in model.parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = optimizers.build(cfg, model)
+    # after building: RSO replaces the targeted weights' gradients by its B matrices'
+    g = torch.Generator().manual_seed(1)
+    grads = {p: torch.randn(p.shape, generator=g) * 1e-3 for p in model.parameters()}
     times = []
     for _ in range(steps + 1):
         for p in model.parameters():
