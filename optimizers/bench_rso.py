@@ -30,10 +30,16 @@ def linear_activation_bytes(model: nn.Module, targets: list[str], batch: torch.T
     """Bytes saved for backward inside the targeted linears' forwards (distinct storages)."""
     counter = SavedTensorCounter(model)
     modules = [m for _, m in rso_targets(model, targets)]
+
+    def start(*_) -> None:  # (a pre-hook's return value would replace the input)
+        counter.__enter__()
+
+    def stop(*_) -> None:
+        counter.__exit__(None, None, None)
+
     hooks = []
     for m in modules:
-        hooks.append(m.register_forward_pre_hook(lambda *_: counter.__enter__()))
-        hooks.append(m.register_forward_hook(lambda *_: counter.__exit__(None, None, None)))
+        hooks += [m.register_forward_pre_hook(start), m.register_forward_hook(stop)]
     model(batch, batch).backward()
     model.zero_grad(set_to_none=True)
     for h in hooks:
