@@ -110,3 +110,117 @@ class MemoryReport:
         if device.type == "cuda":
             self.cuda_peak_allocated = torch.cuda.max_memory_allocated(device)
             self.cuda_peak_reserved = torch.cuda.max_memory_reserved(device)
+
+
+# ---------------------------------------------------------------------- the estimator's CLI
+USAGE = """python -m llm_pretrain.memory [overrides ...] [--compare key=a,b,...]
+
+Predicts weights, gradients, optimizer state (by category) and activations of the training job
+that ``python -m llm_pretrain.train <overrides>`` would run, without allocating (meta device), e.g.
+
+    python -m llm_pretrain.memory model=llama_7b optimizer=galore_8bit \\
+        trainer.per_layer_update=true trainer.micro_batch_size=1 data.seq_len=256
+    python -m llm_pretrain.memory model=llama_1b trainer.precision=bf16 \\
+        --compare optimizer=adamw,galore,apollo_mini
+"""
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llm_pretrain.config import check_known_keys, register_configs
+    from llm_pretrain.train import CONF_DIR
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    check_known_keys(cfg)
+    return cfg
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f}"
+
+
+def render(columns: dict, baseline: str | None) -> str:
+    """A markdown table: one column per estimate (GiB), with ratios to ``baseline``."""
+    from optimizers.accounting import CATEGORIES
+
+    names = list(columns)
+    rows = [("weights", lambda e: e.weights), ("gradients", lambda e: e.gradients)]
+    rows.append(("optimizer state", lambda e: e.optimizer_state))
+    for cat in CATEGORIES:
+        if any(e.optimizer_state_by_category.get(cat) for e in columns.values()):
+            rows.append(
+                (f"  state: {cat}", lambda e, c=cat: e.optimizer_state_by_category.get(c, 0))
+            )
+    rows += [
+        ("activations (1 micro-batch)", lambda e: e.activations),
+        ("total", lambda e: e.total),
+        ("paper convention (weights + state, bf16)", lambda e: e.paper_convention()),
+    ]
+    head = "| GiB | " + " | ".join(names) + " |"
+    if baseline is not None:
+        head = (
+            "| GiB | "
+            + " | ".join(n if n == baseline else f"{n} | / {baseline}" for n in names)
+            + " |"
+        )
+    width = len(head.split("|")) - 2
+    lines = [head, "| --- |" + " ---: |" * (width - 1)]
+    for label, get in rows:
+        cells = []
+        for n in names:
+            value = get(columns[n])
+            cells.append(_gib(value))
+            if baseline is not None and n != baseline:
+                base = get(columns[baseline])
+                cells.append(f"{value / base:.3f}" if base else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    from llm_pretrain.memory_estimate import estimate
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return
+    compare = None
+    if "--compare" in args:
+        i = args.index("--compare")
+        if i + 1 >= len(args) or "=" not in args[i + 1]:
+            raise SystemExit("--compare needs key=a,b,... (e.g. --compare optimizer=adamw,galore)")
+        compare = args[i + 1]
+        del args[i : i + 2]
+    unknown = [a for a in args if a.startswith("-")]
+    if unknown:
+        raise SystemExit(f"unknown option(s) {unknown}\n\n{USAGE}")
+    if compare is None:
+        variants = {"": args}
+    else:
+        key, _, values = compare.partition("=")
+        variants = {v: [*args, f"{key}={v}"] for v in values.split(",") if v}
+    estimates, cfg = {}, None
+    for label, overrides in variants.items():
+        cfg = _compose(overrides)
+        estimates[label or cfg.optimizer.name] = estimate(cfg)
+    baseline = None
+    if compare is not None:
+        baseline = "adamw" if "adamw" in estimates else next(iter(estimates))
+    first = next(iter(estimates.values()))
+    print(
+        f"model {cfg.model.name}, precision {first.precision}, micro-batch "
+        f"{cfg.trainer.micro_batch_size} x {cfg.data.seq_len} tokens, per-layer updates "
+        f"{'on' if cfg.trainer.per_layer_update else 'off'} (predicted, nothing allocated)\n"
+    )
+    print(render(estimates, baseline))
+
+
+if __name__ == "__main__":
+    main()

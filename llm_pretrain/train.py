@@ -246,7 +246,8 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
     memory = MemoryReport()
     # Saved-tensor bytes of one micro-batch, measured on held-out rows so no data is consumed.
     reps = -(-tc.micro_batch_size // len(val["input_ids"]))
-    probe = val["input_ids"].repeat(reps, 1)[: tc.micro_batch_size].to(di.device)
+    # (a copy: a slice would keep, and be counted with, the storage of all validation rows)
+    probe = val["input_ids"].repeat(reps, 1)[: tc.micro_batch_size].clone().to(di.device)
     memory.activations = activation_bytes(model, probe, probe, autocast)
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(di.device)

@@ -108,13 +108,17 @@ class RsoLinear(nn.Module):
         self.register_buffer("rso_draw", torch.tensor(0, dtype=torch.int64, device=w.device))
         self.store_projection = store_projection
         self.register_buffer("rso_projection", None, persistent=False)
+        self._seed, self._draw = seed, 0
         self._sync_seed()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_seed())
 
     def _sync_seed(self) -> None:
-        """Mirror the buffers in Python ints (no device sync per forward) and redraw a stored P."""
+        """Mirror the buffers in Python ints (no device sync per forward) and redraw a stored P
+        (a ``meta`` model, built for a memory estimate, has neither values nor P)."""
+        if self.weight.device.type == "meta":
+            return
         self._seed, self._draw = int(self.rso_seed), int(self.rso_draw)
-        if self.store_projection and self.weight.device.type != "meta":
+        if self.store_projection:
             self.rso_projection = self.projection()
 
     def draw_seed(self) -> int:

@@ -1,0 +1,210 @@
+"""Predicted training memory, without allocating: the same categories ``MemoryReport`` measures.
+
+The model is built on the ``meta`` device in the run's precision and the optimizer is built on it
+(RSO wraps its linears there too), so weights and gradients are exact parameter arithmetic and
+the optimizer state is the method's closed form (``optimizers.memory_formula``). Activations
+come from ``activation_bytes_formula``: the tensors our LLaMA (``llm_pretrain/model.py``) saves
+for backward, term by term, for one micro-batch, which the tests check against the
+saved-tensor count of a real forward.
+
+Precision modes (``trainer.precision``), the papers' numbers depend on them:
+- ``bf16``: pure bf16 weights, gradients and optimizer state (the GaLore/APOLLO scripts);
+- ``bf16_autocast``: fp32 master weights, bf16 compute: autocast keeps bf16 copies of every
+  linear weight and input for backward;
+- ``fp32``: everything in fp32.
+``auto`` resolves as in training on a CUDA device with bf16 (bf16_autocast); pass the mode to
+estimate for another device.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from omegaconf import DictConfig
+
+import optimizers
+from llm_pretrain.config import ModelConfig
+from llm_pretrain.model import build_model
+
+PRECISIONS = ("fp32", "bf16_autocast", "bf16")
+LINEARS = {
+    "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+}
+
+
+@dataclass
+class Estimate:
+    precision: str
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    optimizer_state_by_category: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.activations
+
+    def paper_convention(self) -> int:
+        """Weights + optimizer state as if both were bf16 (GaLore Table 2's estimate)."""
+        scale = 0.5 if self.precision != "bf16" else 1.0
+        return int(scale * (self.weights + self.optimizer_state))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16_autocast"
+    if precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision={precision!r}: use auto, fp32, bf16_autocast or bf16")
+    return precision
+
+
+def activation_bytes_formula(
+    cfg: ModelConfig,
+    precision: str,
+    micro_batch: int,
+    seq_len: int,
+    rso_rank: int | None = None,
+    rso_targets: list[str] | tuple[str, ...] = (),
+    frozen_layers: int = 0,
+) -> int:
+    """Bytes saved for backward by one forward of ``micro_batch`` sequences of ``seq_len``.
+
+    Per token and layer (C hidden, F intermediate, h heads; e the compute dtype's bytes): each
+    RMSNorm keeps its fp32 input, 1/rms and its normalised output; attention keeps the linears'
+    input, q, k, v, the output (also o_proj's input) and the fp32 log-sum-exp per head (SDPA's
+    flash kernels and flash-attn alike); the MLP keeps gate, silu(gate), up and down_proj's input.
+    Under autocast every linear keeps its own bf16 copy of its input and of its weight (per
+    micro-batch, not per token), and RoPE's cos and sin in bf16. An RSO-wrapped linear keeps
+    x P (r values) instead of its input, and no weight copy. In a layer a sampler has frozen
+    (LISA, BAdam, OwLore), no weight needs a gradient, so the linears' inputs and the norms'
+    outputs are not kept. The head keeps the token ids, the final norm, lm_head's input and the
+    fp32 logits the loss reads, and the targets.
+    """
+    precision = resolve_precision(precision)
+    C, F, h, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.vocab_size
+    L, hd = cfg.num_layers, cfg.hidden_size // cfg.num_heads
+    e = 4 if precision == "fp32" else 2
+    autocast = precision == "bf16_autocast"
+    wrapped = {
+        name
+        for group in LINEARS.values()
+        for name in group
+        if rso_rank is not None and any(t in f"model.layers.0.{name}" for t in rso_targets)
+    }
+    r = rso_rank or 0
+
+    def norm() -> int:  # fp32 input (a copy when the model is bf16), 1/rms, normalised output
+        return 4 * C + 4 + (2 * C if precision == "bf16" else 4 * C)
+
+    def linear_inputs(names: tuple[str, ...], width: int) -> int:
+        """Per-token input bytes the linears ``names`` (reading one tensor) keep: one shared
+        copy in fp32 and bf16, one bf16 cast each under autocast; x P instead under RSO."""
+        plain = [n for n in names if n not in wrapped]
+        out = e * r * (len(names) - len(plain))
+        if plain:
+            out += e * width * (len(plain) if autocast else 1)
+        return out
+
+    def weight_copies(names: tuple[str, ...], shapes: dict[str, int]) -> int:
+        return sum(2 * shapes[n] for n in names if n not in wrapped) if autocast else 0
+
+    shapes = {
+        "self_attn.q_proj": C * C,
+        "self_attn.k_proj": C * C,
+        "self_attn.v_proj": C * C,
+        "self_attn.o_proj": C * C,
+        "mlp.gate_proj": C * F,
+        "mlp.up_proj": C * F,
+        "mlp.down_proj": C * F,
+    }
+    qkv = LINEARS["attn"][:3]
+    o, gate_up, down = LINEARS["attn"][3:], LINEARS["mlp"][:2], LINEARS["mlp"][2:]
+    per_token = (
+        norm()
+        + linear_inputs(qkv, C)
+        + 3 * e * C  # q, k, v after RoPE
+        + 4 * h  # log-sum-exp
+        + e * C  # attention output = o_proj's input (its view)
+        + (e * r if o[0] in wrapped else 0)
+        + norm()
+        + linear_inputs(gate_up, C)
+        + 3 * e * F  # gate, silu(gate), up
+        + linear_inputs(down, F)
+    )
+    # frozen: the norms' outputs (kept for their weights' gradients) and the plain linears'
+    # inputs (for theirs) go; x P stays, as RSO's B is trained in every layer
+    frozen_saving = 2 * (4 * C if precision != "bf16" else 2 * C) + (
+        linear_inputs(qkv, C)
+        + linear_inputs(gate_up, C)
+        + linear_inputs(down, F)
+        - e * r * len(wrapped - set(o))
+    )
+    per_layer = weight_copies(qkv + o + gate_up + down, shapes)
+    if autocast:
+        per_layer += 2 * 2 * seq_len * hd  # RoPE's cos and sin cast to bf16
+    tokens, predicted = micro_batch * seq_len, micro_batch * (seq_len - 1)
+    if not 0 <= frozen_layers <= L:
+        raise ValueError(f"frozen_layers={frozen_layers} must lie in [0, {L}]")
+    head = (
+        8 * tokens  # token ids (embedding backward)
+        + norm() * tokens
+        + e * C * predicted  # lm_head's input, x[:, :-1]
+        + (2 * C * V if autocast else 0)
+        + 4 * V * predicted  # fp32 logits kept by the loss
+        + 8 * predicted  # targets
+        + 4  # the loss
+    )
+    return L * (per_token * tokens + per_layer) - frozen_layers * frozen_saving * tokens + head
+
+
+def estimate(cfg: DictConfig) -> Estimate:
+    """Predict the training memory of the job ``cfg`` (a composed training config)."""
+    precision = resolve_precision(cfg.trainer.precision)
+    model = build_model(copy.deepcopy(cfg.model), "meta")
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. bitsandbytes' notices about the meta device
+        optimizer = optimizers.build(cfg.optimizer, model)
+    params = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    trained = [p for p in params if p.requires_grad]
+    if cfg.trainer.per_layer_update:  # each gradient is consumed in its own hook
+        gradients = max((p.numel() * p.element_size() for p in trained), default=0)
+    else:
+        gradients = sum(p.numel() * p.element_size() for p in trained)
+    del optimizer
+    frozen = sum(
+        1 for layer in model.model.layers if not any(p.requires_grad for p in layer.parameters())
+    )
+    by_cat = {
+        k: v
+        for k, v in optimizers.memory_formula(cfg.optimizer.name, model, cfg.optimizer).items()
+        if v
+    }
+    rso = cfg.optimizer.name == "rso"
+    activations = activation_bytes_formula(
+        cfg.model,
+        precision,
+        cfg.trainer.micro_batch_size,
+        cfg.data.seq_len,
+        rso_rank=cfg.optimizer.rank if rso else None,
+        rso_targets=list(cfg.optimizer.target_modules) if rso else (),
+        frozen_layers=frozen,
+    )
+    return Estimate(
+        precision=precision,
+        weights=weights,
+        gradients=gradients,
+        optimizer_state=sum(by_cat.values()),
+        activations=activations,
+        optimizer_state_by_category=by_cat,
+    )

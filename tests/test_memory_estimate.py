@@ -1,0 +1,163 @@
+"""The memory estimator (llm_pretrain/memory_estimate.py and ``python -m llm_pretrain.memory``)
+against what training measures."""
+
+import time
+import warnings
+
+import pytest
+import torch
+
+import optimizers
+from llm_pretrain.memory import MemoryReport, activation_bytes, main
+from llm_pretrain.memory_estimate import activation_bytes_formula, estimate
+from llm_pretrain.model import build_model
+from llm_pretrain.train import train
+from tests.conftest import REPO, TINY, compose_cfg, run_cli
+from tests.optimizers.test_contract import METHODS
+
+PRECISIONS = ["fp32", "bf16_autocast", "bf16"]
+
+
+def measured_activations(model_cfg, precision, batch, seq, rso=None):
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    if rso is not None:
+        cfg = compose_cfg(["optimizer=rso", f"optimizer.rank={rso[0]}"]).optimizer
+        cfg.target_modules = rso[1]
+        optimizers.build(cfg, model)
+    x = torch.randint(0, model_cfg.vocab_size, (batch, seq))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16_autocast" else None
+    return activation_bytes(model, x, x, autocast)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize(
+    "rso", [None, (8, ["attn", "mlp"]), (8, ["mlp"]), (4, ["q_proj", "down_proj"])]
+)
+def test_the_activation_formula_equals_the_saved_tensor_count(precision, rso):
+    model_cfg = compose_cfg(["model=llama_20m", "model.vocab_size=512"]).model
+    measured = measured_activations(model_cfg, precision, 2, 48, rso)
+    predicted = activation_bytes_formula(
+        model_cfg, precision, 2, 48, *(rso if rso is not None else (None, ()))
+    )
+    # the issue asks for 10%; the formula is term-by-term, so it is exact on this CPU
+    assert predicted == measured
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_frozen_layers_keep_neither_linear_inputs_nor_norm_outputs(precision):
+    model_cfg = compose_cfg(["model=llama_20m", "model.vocab_size=512"]).model
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    for layer in model.model.layers[:3]:  # as LISA freezes inactive layers
+        layer.requires_grad_(False)
+    x = torch.randint(0, 512, (2, 48))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16_autocast" else None
+    measured = activation_bytes(model, x, x, autocast)
+    assert measured == activation_bytes_formula(model_cfg, precision, 2, 48, frozen_layers=3)
+    assert measured < activation_bytes_formula(model_cfg, precision, 2, 48)
+
+
+def measured_state(cfg):
+    """What the training loop records at its first step (``MemoryReport``), on a real model."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optimizers.build(cfg.optimizer, model)
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.trainer.micro_batch_size, cfg.data.seq_len))
+    report = MemoryReport()
+    model(x, x).backward()
+    opt.step()
+    report.measure_training_state(model, opt)
+    return report
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_weights_gradients_and_state_are_predicted_exactly_on_llama_20m(name):
+    overrides = ["model=llama_20m", f"optimizer={name}", "trainer.micro_batch_size=1"]
+    overrides += ["data.seq_len=32", "trainer.precision=fp32"]
+    cfg = compose_cfg(overrides)
+    predicted = estimate(cfg)
+    measured = measured_state(cfg)
+    assert predicted.weights == measured.weights
+    assert predicted.gradients == measured.gradients
+    assert predicted.optimizer_state_by_category == {
+        k: v for k, v in measured.optimizer_state_by_category.items() if v
+    }
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("adamw", ["trainer.precision=bf16"]),
+        ("galore", ["optimizer.rank=8", "trainer.per_layer_update=true", "trainer.precision=fp32"]),
+        ("rso", ["optimizer.rank=8", "trainer.precision=bf16_autocast"]),
+        ("lisa", ["optimizer.active_layers=1", "trainer.precision=fp32"]),
+    ],
+)
+def test_the_training_summary_matches_the_estimate(tmp_path, name, extra):
+    """Through the real training loop: precision modes, per-layer updates (one gradient alive at
+    a time), a model wrapper and a layer sampler."""
+    overrides = [*TINY, f"optimizer={name}", *extra, "trainer.max_steps=1"]
+    overrides += ["trainer.global_batch_size=4", "trainer.eval_at_start=false"]
+    cfg = compose_cfg(overrides)
+    s = train(cfg, tmp_path)
+    predicted = estimate(compose_cfg(overrides))
+    mem = s["memory"]
+    assert mem["weights"] == predicted.weights
+    assert mem["gradients"] == predicted.gradients
+    assert mem["optimizer_state"] == predicted.optimizer_state
+    assert mem["activations"] == predicted.activations
+    assert predicted.precision == s["precision"]
+
+
+def test_the_cli_compares_optimizers_on_13b_quickly():
+    start = time.perf_counter()
+    r = run_cli(
+        [
+            "model=llama_13b",
+            "trainer.precision=bf16",
+            "trainer.micro_batch_size=1",
+            "data.seq_len=256",
+            "--compare",
+            "optimizer=adamw,galore,apollo_mini",
+        ],
+        REPO,
+        module="llm_pretrain.memory",
+    )
+    assert r.returncode == 0, r.stderr
+    assert time.perf_counter() - start < 60
+    out = r.stdout
+    assert "model llama_13b, precision bf16" in out
+    assert "| GiB | adamw | galore | / adamw | apollo_mini | / adamw |" in out
+    weights = next(line for line in out.splitlines() if line.startswith("| weights |"))
+    cells = [c.strip() for c in weights.strip("|").split("|")]
+    # the same bf16 weights for all three (13.0B parameters x 2 bytes), ratio 1
+    assert cells[1] == cells[2] == cells[4] and cells[3] == cells[5] == "1.000"
+    state = next(line for line in out.splitlines() if line.startswith("| optimizer state |"))
+    ratios = [float(c) for c in [c.strip() for c in state.strip("|").split("|")][3::2]]
+    # GaLore, APOLLO-Mini against AdamW (the embedding and lm_head keep AdamW's state)
+    assert ratios[0] < 0.6 and ratios[1] < 0.05
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--compare"], "--compare needs key=a,b"),
+        (["--compare", "adamw,galore"], "--compare needs key=a,b"),
+        (["--verbose"], "unknown option"),
+    ],
+)
+def test_bad_cli_input_is_explained(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        main(argv)
+
+
+def test_a_config_typo_is_refused():
+    with pytest.raises(Exception, match="optimizer.rnak|rnak"):
+        main(["optimizer=galore", "optimizer.rnak=4"])
