@@ -63,6 +63,14 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum over ranks (e.g. memory peaks)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """Sum host-side numbers over ranks; no device round trip when running alone."""
     if not active():

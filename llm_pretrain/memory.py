@@ -107,9 +107,34 @@ class MemoryReport:
         self.optimizer_state = sum(by_cat.values())
 
     def measure_cuda_peaks(self, device: torch.device) -> None:
+        """The allocator's peaks since the reset before step 0, the maximum over ranks."""
         if device.type == "cuda":
-            self.cuda_peak_allocated = torch.cuda.max_memory_allocated(device)
-            self.cuda_peak_reserved = torch.cuda.max_memory_reserved(device)
+            from llm_pretrain.distributed import max_over_ranks
+
+            peaks = [
+                torch.cuda.max_memory_allocated(device),
+                torch.cuda.max_memory_reserved(device),
+            ]
+            self.cuda_peak_allocated, self.cuda_peak_reserved = map(
+                int, max_over_ranks([float(x) for x in peaks], device)
+            )
+
+    def record(self, step: int) -> dict:
+        """The measured categories as one metrics record (``metrics.jsonl`` and wandb)."""
+        out = {
+            "step": step,
+            "memory/weights": self.weights,
+            "memory/gradients": self.gradients,
+            "memory/optimizer_state": self.optimizer_state,
+            "memory/activations": self.activations,
+        }
+        for key, n in self.optimizer_state_by_category.items():
+            if n:
+                out[f"memory/state/{key}"] = n
+        if self.cuda_peak_allocated is not None:
+            out["memory/cuda_peak_allocated"] = self.cuda_peak_allocated
+            out["memory/cuda_peak_reserved"] = self.cuda_peak_reserved
+        return out
 
 
 # ---------------------------------------------------------------------- the estimator's CLI

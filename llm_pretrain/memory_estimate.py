@@ -153,21 +153,27 @@ def activation_bytes_formula(
     tokens, predicted = micro_batch * seq_len, micro_batch * (seq_len - 1)
     if not 0 <= frozen_layers <= L:
         raise ValueError(f"frozen_layers={frozen_layers} must lie in [0, {L}]")
+    # x[:, :-1] and labels[:, 1:] are copies when micro_batch > 1; with one sequence they are
+    # views that keep their whole storage (the labels' is the ids' own in the training loop's
+    # activation probe, which passes the inputs as labels)
+    one = micro_batch == 1
     head = (
         8 * tokens  # token ids (embedding backward)
         + norm() * tokens
-        + e * C * predicted  # lm_head's input, x[:, :-1]
+        # lm_head's input, x[:, :-1] (under autocast its bf16 cast, a copy of the slice)
+        + e * C * (tokens if one and not autocast else predicted)
         + (2 * C * V if autocast else 0)
         + 4 * V * predicted  # fp32 logits kept by the loss
-        + 8 * predicted  # targets
+        + (0 if one else 8 * predicted)  # targets
         + 4  # the loss
     )
     return L * (per_token * tokens + per_layer) - frozen_layers * frozen_saving * tokens + head
 
 
-def estimate(cfg: DictConfig) -> Estimate:
-    """Predict the training memory of the job ``cfg`` (a composed training config)."""
-    precision = resolve_precision(cfg.trainer.precision)
+def estimate(cfg: DictConfig, precision: str | None = None) -> Estimate:
+    """Predict the training memory of the job ``cfg`` (a composed training config);
+    ``precision`` overrides ``trainer.precision`` (training passes the mode it resolved)."""
+    precision = resolve_precision(precision or cfg.trainer.precision)
     model = build_model(copy.deepcopy(cfg.model), "meta")
     if precision == "bf16":
         model.to(torch.bfloat16)

@@ -54,6 +54,16 @@ def format_summary(s: dict[str, Any]) -> str:
         ("memory: optimizer state", _mib(mem["optimizer_state"])),
         ("memory: activations", _mib(mem["activations"]) + " (saved for backward, 1 micro-batch)"),
     ]
+    predicted = mem.get("predicted")
+    if predicted:
+        measured = sum(mem[k] for k in ("weights", "gradients", "optimizer_state", "activations"))
+        rows.append(
+            (
+                "memory: predicted",
+                f"{_mib(predicted['total'])} in all (measured {_mib(measured)}); "
+                "python -m llm_pretrain.memory",
+            )
+        )
     if mem.get("cuda_peak_allocated") is not None:
         rows.append(
             (

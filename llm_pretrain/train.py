@@ -39,6 +39,7 @@ from llm_pretrain.config import check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
 from llm_pretrain.loggers import RunLogger
 from llm_pretrain.memory import MemoryReport, activation_bytes
+from llm_pretrain.memory_estimate import Estimate, estimate
 from llm_pretrain.model import IGNORE_INDEX, Llama, build_model
 from llm_pretrain.schedule import build_scheduler
 from llm_pretrain.summary import format_summary, sweep_row
@@ -47,6 +48,7 @@ from optimizers.sampling import trainable
 
 log = logging.getLogger("llm_pretrain")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+SNAPSHOT_STEPS = 3  # trainer.memory_snapshot covers this process's first 3 steps
 
 # Dense bf16 peak FLOP/s, for MFU (torchtitan's table).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -186,6 +188,7 @@ class Job:
     entropy: float | None
     memory: MemoryReport
     fingerprint: dict[str, Any]
+    predicted: Estimate | None = None
     logger: RunLogger | None = None
     train_model: torch.nn.Module | None = None
     step: int = 0
@@ -249,7 +252,14 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
     # (a copy: a slice would keep, and be counted with, the storage of all validation rows)
     probe = val["input_ids"].repeat(reps, 1)[: tc.micro_batch_size].clone().to(di.device)
     memory.activations = activation_bytes(model, probe, probe, autocast)
-    if di.device.type == "cuda":
+    if tc.memory_snapshot:
+        if di.device.type != "cuda":
+            raise ValueError(
+                "trainer.memory_snapshot=true records the CUDA caching allocator's history and "
+                f"needs a CUDA device (this run is on {di.device.type}); turn it off"
+            )
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
+    if di.device.type == "cuda":  # the peaks' window starts here: step 0 and its refresh in it
         torch.cuda.reset_peak_memory_stats(di.device)
     return Job(
         cfg=cfg,
@@ -266,6 +276,8 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
         entropy=data.source_entropy(cfg.data, tokenizer, val),
         memory=memory,
         fingerprint=fingerprint(cfg, di.world_size, precision),
+        # the estimator's prediction (meta device), reported beside what this run measures
+        predicted=estimate(cfg, precision),
     )
 
 
@@ -458,8 +470,20 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     window_tokens, window_s, loop_tokens = 0, 0.0, 0
     batches = iter(job.loader)
     job.train_model.train()
+    first_of_process = job.step  # (a resumed run starts later)
     while job.step < tc.max_steps:
+        first_step = job.memory.weights == 0  # this process's first: memory gets measured
         label_tokens, input_tokens, loss_sum, grad_norm = train_step(job, batches, timer)
+        if first_step:
+            logger.log(job.memory.record(job.step))
+        snapshot_due = job.step == min(tc.max_steps, first_of_process + SNAPSHOT_STEPS)
+        if tc.memory_snapshot and snapshot_due:
+            path = job.run_dir / f"memory_snapshot_rank{di.rank}.pickle"
+            torch.cuda.memory._dump_snapshot(str(path))
+            torch.cuda.memory._record_memory_history(enabled=None)
+            log.info(
+                f"saved the CUDA memory snapshot to {path} (open it at pytorch.org/memory_viz)"
+            )
         window_tokens += int(input_tokens)
         loop_tokens += int(input_tokens)
         bar.update(1)
@@ -567,7 +591,10 @@ def build_summary(
             "source_entropy": job.entropy,
             "gap_to_entropy": final["loss"] - job.entropy if job.entropy is not None else None,
         },
-        "memory": job.memory.to_dict(),
+        "memory": {
+            **job.memory.to_dict(),
+            "predicted": job.predicted.to_dict() if job.predicted is not None else None,
+        },
         "timing": timer.summary(),
     }
 

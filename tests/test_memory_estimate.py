@@ -36,11 +36,12 @@ def measured_activations(model_cfg, precision, batch, seq, rso=None):
 @pytest.mark.parametrize(
     "rso", [None, (8, ["attn", "mlp"]), (8, ["mlp"]), (4, ["q_proj", "down_proj"])]
 )
-def test_the_activation_formula_equals_the_saved_tensor_count(precision, rso):
+@pytest.mark.parametrize("batch", [1, 2])  # one sequence: the head's slices are views
+def test_the_activation_formula_equals_the_saved_tensor_count(precision, rso, batch):
     model_cfg = compose_cfg(["model=llama_20m", "model.vocab_size=512"]).model
-    measured = measured_activations(model_cfg, precision, 2, 48, rso)
+    measured = measured_activations(model_cfg, precision, batch, 48, rso)
     predicted = activation_bytes_formula(
-        model_cfg, precision, 2, 48, *(rso if rso is not None else (None, ()))
+        model_cfg, precision, batch, 48, *(rso if rso is not None else (None, ()))
     )
     # the issue asks for 10%; the formula is term-by-term, so it is exact on this CPU
     assert predicted == measured
@@ -71,6 +72,7 @@ def measured_state(cfg):
         opt = optimizers.build(cfg.optimizer, model)
     x = torch.randint(0, cfg.model.vocab_size, (cfg.trainer.micro_batch_size, cfg.data.seq_len))
     report = MemoryReport()
+    report.activations = activation_bytes(model, x, x)  # after the build, as in training
     model(x, x).backward()
     opt.step()
     report.measure_training_state(model, opt)
@@ -78,7 +80,7 @@ def measured_state(cfg):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_weights_gradients_and_state_are_predicted_exactly_on_llama_20m(name):
+def test_every_category_is_predicted_exactly_on_llama_20m(name):
     overrides = ["model=llama_20m", f"optimizer={name}", "trainer.micro_batch_size=1"]
     overrides += ["data.seq_len=32", "trainer.precision=fp32"]
     cfg = compose_cfg(overrides)
@@ -86,6 +88,7 @@ def test_weights_gradients_and_state_are_predicted_exactly_on_llama_20m(name):
     measured = measured_state(cfg)
     assert predicted.weights == measured.weights
     assert predicted.gradients == measured.gradients
+    assert predicted.activations == measured.activations  # RSO and the samplers change them
     assert predicted.optimizer_state_by_category == {
         k: v for k, v in measured.optimizer_state_by_category.items() if v
     }
@@ -161,3 +164,23 @@ def test_bad_cli_input_is_explained(argv, match):
 def test_a_config_typo_is_refused():
     with pytest.raises(Exception, match="optimizer.rnak|rnak"):
         main(["optimizer=galore", "optimizer.rnak=4"])
+
+
+def test_a_run_logs_its_memory_and_the_prediction(tmp_path):
+    import json
+
+    s = train(compose_cfg([*TINY, "trainer.max_steps=2", "trainer.precision=fp32"]), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    memory = [r for r in records if "memory/weights" in r]
+    assert len(memory) == 1 and memory[0]["step"] == 1  # measured at the first step
+    mem = s["memory"]
+    assert memory[0]["memory/optimizer_state"] == mem["optimizer_state"] > 0
+    assert memory[0]["memory/state/moments"] == mem["optimizer_state_by_category"]["moments"]
+    predicted = mem["predicted"]
+    for key in ("weights", "gradients", "optimizer_state", "activations"):
+        assert predicted[key] == mem[key], key
+
+
+def test_a_memory_snapshot_needs_cuda(tmp_path):
+    with pytest.raises(ValueError, match="memory_snapshot=true .* needs a CUDA device"):
+        train(compose_cfg([*TINY, "trainer.max_steps=1", "trainer.memory_snapshot=true"]), tmp_path)
