@@ -31,6 +31,7 @@ from torch import nn
 
 from llm_pretrain.config import RsoConfig
 from optimizers.accounting import CATEGORIES, state_nbytes
+from optimizers.per_parameter import PerParameterOptimizer
 from optimizers.projectors.gaussian import draw_seed, gaussian
 from optimizers.registry import adam_kwargs, dtype_bytes, register
 from optimizers.rules.adam import AdamRule
@@ -245,12 +246,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-class RsoOptimizer(torch.optim.Optimizer):
+class RsoOptimizer(PerParameterOptimizer):
     """Adam (torch's AdamW arithmetic) on each B and on every other trainable tensor; every
     ``update_gap`` steps, merge, resample and reset (in place, so memory does not move).
 
-    Steps are counted once per ``step()``; under per-layer updates the training loop steps each
-    parameter with ``update_parameter`` and then calls ``step()`` with no gradients left.
+    Steps are counted once per ``step()`` (``optimizers/per_parameter.py``).
     """
 
     def __init__(
@@ -280,25 +280,10 @@ class RsoOptimizer(torch.optim.Optimizer):
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._steps = 0
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+    def end_step(self) -> None:
         self._steps += 1
         if self._steps % self.update_gap == 0:
             self._next_subspace()
-        return loss
-
-    @torch.no_grad()
-    def update_parameter(self, p: torch.Tensor) -> None:
-        if p.grad is not None:
-            self._update(p, self._group_of[p])
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         lr, wd = group["lr"], group["weight_decay"]

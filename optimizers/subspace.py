@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from optimizers.accounting import CATEGORIES, state_nbytes
+from optimizers.per_parameter import PerParameterOptimizer
 from optimizers.rules import AdamRule
 from optimizers.sampling import LayerSampler
 
@@ -87,7 +88,7 @@ class Sampling:
             raise ValueError(f"{len(self.units)} units for a sampler of {self.sampler.n_units}")
 
 
-class SubspaceOptimizer(torch.optim.Optimizer):
+class SubspaceOptimizer(PerParameterOptimizer):
     """``params``: param groups (named parameters welcome: errors then name the matrix); a group
     with ``projected=True`` is projected, the others take ``plain_rule``.
 
@@ -171,26 +172,6 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------------ stepping
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        self.end_step()
-        return loss
-
-    @torch.no_grad()
-    def update_parameter(self, p: torch.Tensor) -> None:
-        """Step one parameter (per-layer updates, from its post-accumulate-grad hook); the
-        training loop calls ``end_step`` once all of them are done."""
-        if p.grad is not None:
-            self._update(p, self._group_of[p])
-
     def end_step(self) -> None:
         """Count the step; at a period boundary, switch the sampled units for the next one."""
         self._steps += 1

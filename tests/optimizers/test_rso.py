@@ -44,6 +44,13 @@ def batches(n: int):
     return [(torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g)) for _ in range(n)]
 
 
+def fit(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    for x, y in batches(steps):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 # ---------------------------------------------------------------- the reparametrized linear
 def test_the_function_matches_autograd_on_the_dense_reparametrization():
     g = torch.Generator().manual_seed(0)
@@ -161,10 +168,7 @@ def test_the_outer_step_merges_exactly_then_resamples_and_resets():
 def test_merge_and_unwrap_are_exact():
     model = Net()
     opt = optimizers.build(rso_cfg(update_gap=100), model)
-    for x, y in batches(4):
-        F.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    fit(model, opt, 4)
     lin = model.mlp
     w0, b, p = lin.weight.clone(), lin.rso_b.detach().clone(), lin.projection()
     assert b.abs().sum() > 0
@@ -242,10 +246,7 @@ def test_a_stored_projection_trains_identically_and_is_counted():
         model = Net()
         cfg = rso_cfg(store_projection=store)
         opt = optimizers.build(cfg, model)
-        for x, y in batches(7):
-            F.mse_loss(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
+        fit(model, opt, 7)
         runs[store] = (model.state_dict(), optimizers.state_nbytes(opt))
         assert optimizers.state_nbytes(opt) == optimizers.memory_formula("rso", Net(), cfg)
     for key, value in runs[False][0].items():
@@ -272,10 +273,7 @@ def test_memory_formula_leaves_the_model_alone():
 def test_resume_needs_the_model_state_of_the_same_checkpoint():
     model = Net()
     opt = optimizers.build(rso_cfg(update_gap=2), model)
-    for x, y in batches(3):
-        F.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    fit(model, opt, 3)
     fresh = Net()
     opt2 = optimizers.build(rso_cfg(update_gap=2), fresh)
     with pytest.raises(ValueError, match="load the model state of the same checkpoint"):
