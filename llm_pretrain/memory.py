@@ -184,7 +184,7 @@ def render(columns: dict, baseline: str | None) -> str:
     rows += [
         ("activations (1 micro-batch)", lambda e: e.activations),
         ("total", lambda e: e.total),
-        ("paper convention (weights + state, bf16)", lambda e: e.paper_convention()),
+        ("weights + state (GaLore Table 2's quantity in bf16)", lambda e: e.paper_convention()),
     ]
     head = "| GiB | " + " | ".join(names) + " |"
     if baseline is not None:

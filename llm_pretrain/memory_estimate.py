@@ -50,9 +50,8 @@ class Estimate:
         return self.weights + self.gradients + self.optimizer_state + self.activations
 
     def paper_convention(self) -> int:
-        """Weights + optimizer state as if both were bf16 (GaLore Table 2's estimate)."""
-        scale = 0.5 if self.precision != "bf16" else 1.0
-        return int(scale * (self.weights + self.optimizer_state))
+        """Weights + optimizer state: GaLore Table 2's quantity (when the precision is bf16)."""
+        return self.weights + self.optimizer_state
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}

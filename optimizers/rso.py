@@ -84,6 +84,15 @@ class RsoLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_b, None, None, None
 
 
+def check_rank(rank: int, shape: tuple[int, int]) -> None:
+    d_in = shape[1]
+    if not 1 <= rank <= d_in:
+        raise ValueError(
+            f"optimizer.rank={rank}: RSO's rank must lie in [1, d_in={d_in}] for a linear of "
+            f"shape {shape}; lower optimizer.rank or leave it out of optimizer.target_modules"
+        )
+
+
 class RsoLinear(nn.Module):
     """A linear reparametrized as W0 + P B (see the module docstring). It takes over the
     wrapped linear's ``weight`` (frozen: it is W0) and ``bias`` (still trained), so the model's
@@ -93,12 +102,7 @@ class RsoLinear(nn.Module):
     def __init__(self, linear: nn.Linear, rank: int, seed: int, store_projection: bool) -> None:
         super().__init__()
         d_out, d_in = linear.weight.shape
-        if not 1 <= rank <= d_in:
-            raise ValueError(
-                f"optimizer.rank={rank}: RSO's rank must lie in [1, d_in={d_in}] for a linear "
-                f"of shape {tuple(linear.weight.shape)}; lower optimizer.rank or leave it out "
-                "of optimizer.target_modules"
-            )
+        check_rank(rank, (d_out, d_in))
         self.in_features, self.out_features, self.rank = d_in, d_out, rank
         self.weight = linear.weight
         self.weight.requires_grad_(False)
@@ -201,16 +205,21 @@ def wrap(
     """Replace the targeted linears of ``model`` by ``RsoLinear`` in place (linears already
     wrapped are kept) and return the wrappers in module order."""
     shared = _tied_weights(model)
-    wrapped = []
-    for name, module in rso_targets(model, targets):
+    found = rso_targets(model, targets)
+    for name, module in found:  # check them all first: a refusal leaves the model untouched
         if isinstance(module, RsoLinear):
-            wrapped.append(module)
             continue
         if id(module.weight) in shared:
             raise ValueError(
                 f"{name}.weight is shared with another module (tied weights): RSO would freeze "
                 "both; leave it out of optimizer.target_modules"
             )
+        check_rank(rank, tuple(module.weight.shape))
+    wrapped = []
+    for name, module in found:
+        if isinstance(module, RsoLinear):
+            wrapped.append(module)
+            continue
         new = RsoLinear(module, rank, linear_seed(seed, name), store_projection)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)

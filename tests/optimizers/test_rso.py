@@ -324,8 +324,20 @@ class Tied(nn.Module):
     ],
 )
 def test_bad_input_is_refused(model, overrides, error, match):
+    net = model()
+    before = [type(m) for m in net.modules()]
     with pytest.raises(error, match=match):
-        optimizers.build(rso_cfg(rank=overrides.pop("rank", 4), **overrides), model())
+        optimizers.build(rso_cfg(rank=overrides.pop("rank", 4), **overrides), net)
+    assert [type(m) for m in net.modules()] == before  # nothing was wrapped
+
+
+def test_a_rank_too_large_for_one_linear_leaves_the_others_unwrapped():
+    model = toy_llama()  # 32 x 32 attention, 48 x 32 and 32 x 48 MLP: d_in 48 for down_proj only
+    # layer 0's down_proj (d_in 48) comes before layer 1's q_proj (d_in 32), which is refused
+    cfg = rso_cfg(rank=40, target_modules=["down_proj", "layers.1.self_attn"])
+    with pytest.raises(ValueError, match=r"rank must lie in \[1, d_in=32\]"):
+        optimizers.build(cfg, model)
+    assert not any(isinstance(m, RsoLinear) for m in model.modules())
 
 
 # ---------------------------------------------------------------- in training
