@@ -112,6 +112,7 @@ def sweep_row(
                 "activations",
                 "cuda_peak_allocated",
                 "cuda_peak_reserved",
+                "optimizer_state_by_category",
             )
         },
     }

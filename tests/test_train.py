@@ -209,6 +209,12 @@ def test_multirun_appends_one_row_per_job(tmp_path):
         assert r["status"] == "ok" and math.isfinite(r["final_val_ppl"])
         assert r["tokens_seen"] == 3 * 8 * 32 and r["memory"]["weights"] > 0
         assert Path(r["run_dir"]).parent == sweep
+    # and the report reads it: one line per job, told apart by the swept override
+    report = run_cli([str(sweep)], cwd=tmp_path, module="llm_pretrain.report")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| adamw trainer.lr=0.001 |" in report.stdout  # (as Hydra writes the value)
+    assert "| adamw trainer.lr=0.003 |" in report.stdout
+    assert (sweep / "report.png").is_file()
 
 
 def test_multirun_flag_is_moved_before_the_overrides():

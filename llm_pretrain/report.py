@@ -1,0 +1,221 @@
+"""A sweep's results as one table and one plot: perplexity against memory, with the ratios to
+AdamW that answer "how much does X save, at what cost".
+
+    python -m llm_pretrain.report <sweep dir or results.jsonl> [--plot report.png]
+
+Reads the ``results.jsonl`` that every job of a multirun appends to (one JSON row per job, a
+failed job included), prints a markdown table per model (val ppl, ppl gap to AdamW of the same
+model (its best AdamW run), optimizer-state MiB and its ratio to AdamW's, peak memory, tokens/s
+and its ratio; runs are labelled by optimizer and the overrides that vary in the sweep) and
+writes a PNG of val ppl against optimizer-state memory with the Pareto front marked (the points
+no other run beats on both). A failed job, or a line that is not valid JSON (a run that crashed
+while writing), is listed as failed, never dropped. The peak is the CUDA allocator's peak when
+the run had one, else the sum of the measured categories (weights + gradients + state +
+activations of one micro-batch), marked as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+BASELINE = "adamw"
+
+
+@dataclass
+class Run:
+    label: str
+    model: str
+    optimizer: str
+    ok: bool
+    ppl: float | None = None
+    state_bytes: int | None = None
+    peak_bytes: int | None = None
+    peak_is_cuda: bool = False
+    tokens_per_s: float | None = None
+    error: str | None = None
+
+
+def results_file(path: Path) -> Path:
+    path = Path(path)
+    found = path / "results.jsonl" if path.is_dir() else path
+    if not found.is_file():
+        raise FileNotFoundError(
+            f"no results.jsonl at {path}: give a multirun sweep directory "
+            "(python -m llm_pretrain.train -m ...) or the file itself"
+        )
+    return found
+
+
+def load_runs(path: Path) -> list[Run]:
+    """Every line of the sweep's results, a readable row or not."""
+    runs, rows = [], []
+    for n, line in enumerate(results_file(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            runs.append(
+                Run(f"line {n}", "?", "?", False, error=f"unreadable row (crashed run?): {e}")
+            )
+            rows.append(None)
+            continue
+        runs.append(_run(row, n))
+        rows.append(row)
+    _label_by_varying_overrides(runs, rows)
+    return runs
+
+
+def _run(row: dict, n: int) -> Run:
+    model, optimizer = row.get("model", "?"), row.get("optimizer", "?")
+    label = optimizer
+    if row.get("status") != "ok":
+        return Run(label, model, optimizer, False, error=row.get("error") or "no status")
+    try:
+        mem = row["memory"]
+        cuda = mem.get("cuda_peak_allocated")
+        measured = sum(mem[k] for k in ("weights", "gradients", "optimizer_state", "activations"))
+        return Run(
+            label,
+            model,
+            optimizer,
+            True,
+            ppl=float(row["final_val_ppl"]),
+            state_bytes=int(mem["optimizer_state"]),
+            peak_bytes=int(cuda) if cuda is not None else int(measured),
+            peak_is_cuda=cuda is not None,
+            tokens_per_s=float(row["tokens_per_s"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        return Run(label, model, optimizer, False, error=f"row {n} lacks {e}")
+
+
+def _label_by_varying_overrides(runs: list[Run], rows: list[dict | None]) -> None:
+    """A run's label is its optimizer plus the sweep's overrides that vary between jobs (e.g.
+    ``trainer.lr=0.003``), so every point of a sweep is told apart."""
+    parsed = [
+        dict(o.split("=", 1) for o in (row or {}).get("overrides", []) if "=" in o) for row in rows
+    ]
+    keys = {k for p in parsed for k in p} - {"optimizer"}
+    varying = sorted(k for k in keys if len({p.get(k) for p in parsed if p}) > 1)
+    for run, p in zip(runs, parsed, strict=True):
+        extra = " ".join(f"{k}={p[k]}" for k in varying if k in p)
+        if extra:
+            run.label = f"{run.label} {extra}"
+    seen: dict[tuple[str, str], int] = {}
+    for run in runs:  # still alike (e.g. two runs with the same overrides): number them
+        key = (run.model, run.label)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            run.label = f"{run.label} #{seen[key]}"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (memory, ppl) that no other point beats on both (lower is better),
+    in order of memory."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.3f}"
+
+
+def table(runs: list[Run]) -> str:
+    out = []
+    for model in sorted({r.model for r in runs if r.ok}):
+        ok = sorted((r for r in runs if r.ok and r.model == model), key=lambda r: r.ppl)
+        base = next((r for r in ok if r.optimizer == BASELINE), None)
+        front = {ok[i].label for i in pareto_front([(r.state_bytes, r.ppl) for r in ok])}
+        out.append(f"### {model}\n")
+        out.append(
+            "| run | val ppl | ppl gap to AdamW | state MiB | state / AdamW | peak MiB | "
+            "tokens/s | tokens/s / AdamW | Pareto |"
+        )
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
+        for r in ok:
+            gap = "-" if base is None else f"{r.ppl - base.ppl:+.2f}"
+            peak = _mib(r.peak_bytes) + ("" if r.peak_is_cuda else " (sum)")
+            out.append(
+                f"| {r.label} | {r.ppl:.2f} | {gap} | {_mib(r.state_bytes)} | "
+                f"{_ratio(r.state_bytes, base.state_bytes if base else None)} | {peak} | "
+                f"{r.tokens_per_s:,.0f} | "
+                f"{_ratio(r.tokens_per_s, base.tokens_per_s if base else None)} | "
+                f"{'yes' if r.label in front else ''} |"
+            )
+        if base is None:
+            out.append(f"\n(no `{BASELINE}` run for {model}: no ratios)")
+        out.append("")
+    failed = [r for r in runs if not r.ok]
+    if failed:
+        out.append("### failed\n")
+        out += [f"- {r.model} / {r.label}: {r.error}" for r in failed]
+        out.append("")
+    out.append(
+        "peak MiB: the CUDA allocator's peak; '(sum)': weights + gradients + optimizer state + "
+        "activations of one micro-batch, measured (no CUDA)."
+    )
+    return "\n".join(out)
+
+
+def plot(runs: list[Run], path: Path) -> Path:
+    """Val ppl against optimizer-state memory, one marker per run, the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in runs if r.ok]
+    if not ok:
+        raise ValueError("no successful run to plot")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in sorted({r.model for r in ok}):
+        mine = [r for r in ok if r.model == model]
+        xs = [r.state_bytes / 2**20 for r in mine]
+        ys = [r.ppl for r in mine]
+        ax.scatter(xs, ys, label=model, zorder=3)
+        for r, x, y in zip(mine, xs, ys, strict=True):
+            ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        front = pareto_front(list(zip(xs, ys, strict=True)))
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", alpha=0.6, zorder=2)
+    ax.set_xlabel("optimizer state (MiB)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("perplexity vs optimizer-state memory (dashed: Pareto front)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep", type=Path, help="a multirun directory or its results.jsonl")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to it)")
+    args = ap.parse_args(argv)
+    try:
+        runs = load_runs(args.sweep)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    print(table(runs))
+    if any(r.ok for r in runs):
+        target = args.plot or results_file(args.sweep).with_name("report.png")
+        print(f"\nplot: {plot(runs, target)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""python -m llm_pretrain.report on a fixture sweep: the table, the failed rows, the plot."""
+
+import json
+
+import pytest
+
+from llm_pretrain.report import load_runs, main, pareto_front, plot, table
+
+MiB = 2**20
+
+
+def row(optimizer, ppl, state_mib, tps, model="llama_20m", cuda=None):
+    return {
+        "status": "ok",
+        "model": model,
+        "optimizer": optimizer,
+        "overrides": [f"optimizer={optimizer}"],
+        "final_val_ppl": ppl,
+        "final_val_loss": 3.0,
+        "tokens_seen": 1000,
+        "tokens_per_s": tps,
+        "wall_time_s": 10.0,
+        "memory": {
+            "weights": 10 * MiB,
+            "gradients": 10 * MiB,
+            "optimizer_state": state_mib * MiB,
+            "activations": 5 * MiB,
+            "cuda_peak_allocated": cuda,
+            "cuda_peak_reserved": cuda,
+        },
+    }
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    lines = [
+        json.dumps(row("adamw", 80.0, 20, 1000.0)),
+        json.dumps(row("galore", 81.0, 12, 800.0)),
+        json.dumps(row("apollo_mini", 85.0, 4, 1100.0, cuda=64 * MiB)),
+        json.dumps(row("flora", 90.0, 14, 500.0)),  # beaten by galore on both: off the front
+        json.dumps({"status": "failed", "model": "llama_20m", "optimizer": "osd", "error": "OOM"}),
+        '{"status": "ok", "model": "llama_20m", "optimizer": "gr',  # the run died mid-write
+    ]
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_the_table_has_ratios_to_adamw_the_front_and_every_failure(sweep):
+    runs = load_runs(sweep)
+    assert [r.ok for r in runs] == [True, True, True, True, False, False]
+    text = table(runs)
+    lines = text.splitlines()
+    galore = next(line for line in lines if line.startswith("| galore |"))
+    assert galore == ("| galore | 81.00 | +1.00 | 12.0 | 0.600 | 37.0 (sum) | 800 | 0.800 | yes |")
+    mini = next(line for line in lines if line.startswith("| apollo_mini |"))
+    assert "| 64.0 |" in mini and mini.endswith("| yes |")  # the CUDA peak when there is one
+    flora = next(line for line in lines if line.startswith("| flora |"))
+    assert flora.endswith("|  |")  # not on the front
+    assert "- llama_20m / osd: OOM" in text
+    assert "line 6" in text and "unreadable row" in text
+    # sorted by ppl within the model
+    order = [
+        line.split("|")[1].strip() for line in lines if line.startswith("| ") and "---" not in line
+    ]
+    assert order[1:] == ["adamw", "galore", "apollo_mini", "flora"]
+
+
+def test_the_pareto_front():
+    points = [(20, 80.0), (12, 81.0), (4, 85.0), (14, 90.0), (4, 86.0)]
+    assert pareto_front(points) == [2, 1, 0]
+
+
+def test_the_plot_is_a_png(sweep, tmp_path):
+    path = plot(load_runs(sweep), tmp_path / "p.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_the_cli_prints_and_plots(sweep, capsys):
+    main([str(sweep)])
+    out = capsys.readouterr().out
+    assert "### llama_20m" in out and (sweep / "report.png").is_file()
+
+
+def test_a_missing_sweep_is_explained(tmp_path):
+    with pytest.raises(SystemExit, match="no results.jsonl"):
+        main([str(tmp_path)])
+
+
+def test_without_adamw_there_are_no_ratios(tmp_path):
+    (tmp_path / "results.jsonl").write_text(json.dumps(row("galore", 81.0, 12, 800.0)) + "\n")
+    text = table(load_runs(tmp_path))
+    assert "| galore | 81.00 | - | 12.0 | - |" in text and "no `adamw` run" in text
