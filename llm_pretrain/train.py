@@ -159,6 +159,8 @@ def mfu(
 def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict[str, Any]:
     """Run one training job; returns the summary (also written to ``run_dir/summary.json``)."""
     dist_info = distributed.init(cfg.trainer.device)
+    if sweep_dir is not None and cfg.logger.group is None:
+        cfg.logger.group = f"sweep-{Path(sweep_dir).name}"  # one wandb group per sweep
     try:
         run_dir = Path(distributed.broadcast_object(str(run_dir)))
         return _train(cfg, run_dir, dist_info)

@@ -91,3 +91,41 @@ def test_without_adamw_there_are_no_ratios(tmp_path):
     (tmp_path / "results.jsonl").write_text(json.dumps(row("galore", 81.0, 12, 800.0)) + "\n")
     text = table(load_runs(tmp_path))
     assert "| galore | 81.00 | - | 12.0 | - |" in text and "no `adamw` run" in text
+
+
+def test_a_sweeps_wandb_runs_share_a_group_and_carry_ppl_and_memory(tmp_path, monkeypatch):
+    """Each job of a sweep joins the group named after the sweep directory, and its wandb summary
+    holds what the report plots (the UI can draw the same scatter)."""
+    import wandb
+
+    from llm_pretrain.train import train
+    from tests.conftest import TINY, compose_cfg
+
+    calls = []
+
+    class FakeRun:
+        id = "fake"
+
+        def __init__(self):
+            self.summary = {}
+
+        def define_metric(self, *args, **kwargs):
+            pass
+
+        def log(self, *args, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    def fake_init(**kwargs):
+        calls.append((kwargs, FakeRun()))
+        return calls[-1][1]
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    for job in ("0", "1"):
+        cfg = compose_cfg([*TINY, "trainer.max_steps=1", "logger=wandb"])
+        train(cfg, tmp_path / "sweep7" / job, sweep_dir=tmp_path / "sweep7")
+    assert [kw["group"] for kw, _ in calls] == ["sweep-sweep7", "sweep-sweep7"]
+    summary = calls[0][1].summary
+    assert "eval/final_ppl" in summary and "memory/optimizer_state" in summary
