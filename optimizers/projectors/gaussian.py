@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from optimizers.projectors.svd import LEFT, check_one_sided, side_for
+from optimizers.projectors.svd import LEFT, check_one_sided, check_rank_fits, side_for
 
 SEEDINGS = ("paper", "reference", "flora")
 _SEED_MASK = (1 << 63) - 1
@@ -91,12 +91,7 @@ class GaussianProjector:
         return side_for(self.proj_type, shape)
 
     def check(self, shape: tuple[int, int], name: str) -> None:
-        if self.rank > min(shape):
-            raise ValueError(
-                f"optimizer.rank={self.rank} exceeds min(shape)={min(shape)} of {name} "
-                f"{tuple(shape)}; lower optimizer.rank or leave this matrix out of "
-                "optimizer.target_modules"
-            )
+        check_rank_fits(self.rank, shape, name)
 
     def reduced_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         m, n = shape

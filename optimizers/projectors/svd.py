@@ -20,6 +20,16 @@ SIDES = ("std", "reverse_std", "left", "right", "full")
 LEFT, RIGHT, FULL = 0, 1, 2
 
 
+def check_rank_fits(rank: int | None, shape: tuple[int, int], name: str) -> None:
+    """A rank-r projection of ``name`` needs r <= min(shape)."""
+    if rank is not None and rank > min(shape):
+        raise ValueError(
+            f"optimizer.rank={rank} exceeds min(shape)={min(shape)} of {name} "
+            f"{tuple(shape)}; lower optimizer.rank or leave this matrix out of "
+            "optimizer.target_modules"
+        )
+
+
 def check_one_sided(rank: int, update_gap: int, proj_type: str, what: str) -> None:
     """The arguments every one-sided projector shares, refused with the key to fix."""
     if rank <= 0:
@@ -134,12 +144,7 @@ class SvdProjector:
                 f"asks for {self.rank_for(shape)} singular vectors of {name} {tuple(shape)}, "
                 f"which has {min(shape)}; use proj_type=std or a lower density"
             )
-        if self.rank is not None and self.rank > min(shape):
-            raise ValueError(
-                f"optimizer.rank={self.rank} exceeds min(shape)={min(shape)} of {name} "
-                f"{tuple(shape)}; lower optimizer.rank or leave this matrix out of "
-                "optimizer.target_modules"
-            )
+        check_rank_fits(self.rank, shape, name)
 
     def reduced_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         m, n = shape
