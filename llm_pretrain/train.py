@@ -278,9 +278,18 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
         entropy=data.source_entropy(cfg.data, tokenizer, val),
         memory=memory,
         fingerprint=fingerprint(cfg, di.world_size, precision),
-        # the estimator's prediction (meta device), reported beside what this run measures
-        predicted=estimate(cfg, precision),
+        predicted=_predict(cfg, precision),
     )
+
+
+def _predict(cfg: DictConfig, precision: str) -> Estimate | None:
+    """The estimator's prediction (meta device), reported beside what this run measures; a
+    failure is a warning, not a reason to stop a training run."""
+    try:
+        return estimate(cfg, precision)
+    except Exception as e:  # noqa: BLE001 - any estimator bug must not block training
+        log.warning(f"memory estimate failed ({type(e).__name__}: {e}); summary has none")
+        return None
 
 
 def restore(job: Job, state: dict[str, Any], path: Path) -> None:

@@ -184,3 +184,15 @@ def test_a_run_logs_its_memory_and_the_prediction(tmp_path):
 def test_a_memory_snapshot_needs_cuda(tmp_path):
     with pytest.raises(ValueError, match="memory_snapshot=true .* needs a CUDA device"):
         train(compose_cfg([*TINY, "trainer.max_steps=1", "trainer.memory_snapshot=true"]), tmp_path)
+
+
+def test_an_estimator_failure_warns_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    import llm_pretrain.train as train_module
+
+    def broken(cfg, precision=None):
+        raise RuntimeError("formula bug")
+
+    monkeypatch.setattr(train_module, "estimate", broken)
+    s = train(compose_cfg([*TINY, "trainer.max_steps=1"]), tmp_path)
+    assert s["status"] == "ok" and s["memory"]["predicted"] is None
+    assert "memory estimate failed (RuntimeError: formula bug)" in caplog.text
