@@ -1,0 +1,48 @@
+"""Launchers: Hydra's submitit plugin runs a sweep's jobs (locally here; on SLURM on a cluster)."""
+
+import json
+
+from tests.conftest import TINY, run_cli
+
+
+def test_a_two_job_sweep_runs_through_submitit_local(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_cli(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            *TINY,
+            "trainer.max_steps=3",
+            "trainer.lr=1e-3,3e-3",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Submitit 'local' sweep" in out.stdout + out.stderr
+    rows = [json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["config"]["optimizer"]["lr"] for r in rows) == [1e-3, 3e-3]
+    assert all(r["status"] == "ok" for r in rows)
+    assert list((sweep / ".submitit").iterdir())  # submitit's own job folders
+
+
+def test_the_slurm_launcher_takes_the_cluster_keys(tmp_path):
+    out = run_cli(
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.account=proj",
+            "hydra.launcher.nodes=2",
+            "hydra.launcher.gpus_per_node=8",
+            "hydra.launcher.timeout_min=600",
+            "--cfg",
+            "hydra",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "SlurmLauncher" in text
+    for line in ("partition: gpu", "account: proj", "nodes: 2", "gpus_per_node: 8"):
+        assert line in text, line
+    assert "timeout_min: 600" in text
