@@ -8,8 +8,8 @@ failed job included), prints a markdown table per model (val ppl, ppl gap to Ada
 model (its best AdamW run), optimizer-state MiB and its ratio to AdamW's, peak memory, tokens/s
 and its ratio; runs are labelled by optimizer and the overrides that vary in the sweep) and
 writes a PNG of val ppl against optimizer-state memory with the Pareto front marked (the points
-no other run beats on both). A failed job, or a line that is not valid JSON (a run that crashed
-while writing), is listed as failed, never dropped. The peak is the CUDA allocator's peak when
+no other run beats on both). A failed job, an empty row, or a line that is not valid JSON (a run
+that crashed while writing) is listed as failed, never dropped. The peak is the CUDA allocator's peak when
 the run had one, else the sum of the measured categories (weights + gradients + state +
 activations of one micro-batch), marked as such.
 """
@@ -54,6 +54,8 @@ def load_runs(path: Path) -> list[Run]:
     runs, rows = [], []
     for n, line in enumerate(results_file(path).read_text().splitlines(), start=1):
         if not line.strip():
+            runs.append(Run(f"line {n}", "?", "?", False, error="empty row (crashed run?)"))
+            rows.append(None)
             continue
         try:
             row = json.loads(line)

@@ -40,6 +40,8 @@ def sweep(tmp_path):
         json.dumps(row("flora", 90.0, 14, 500.0)),  # beaten by galore on both: off the front
         json.dumps({"status": "failed", "model": "llama_20m", "optimizer": "osd", "error": "OOM"}),
         '{"status": "ok", "model": "llama_20m", "optimizer": "gr',  # the run died mid-write
+        "",  # an empty row
+        "{}",  # a row with nothing in it
     ]
     (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
     return tmp_path
@@ -47,7 +49,7 @@ def sweep(tmp_path):
 
 def test_the_table_has_ratios_to_adamw_the_front_and_every_failure(sweep):
     runs = load_runs(sweep)
-    assert [r.ok for r in runs] == [True, True, True, True, False, False]
+    assert [r.ok for r in runs] == [True, True, True, True, False, False, False, False]
     text = table(runs)
     lines = text.splitlines()
     galore = next(line for line in lines if line.startswith("| galore |"))
@@ -58,6 +60,7 @@ def test_the_table_has_ratios_to_adamw_the_front_and_every_failure(sweep):
     assert flora.endswith("|  |")  # not on the front
     assert "- llama_20m / osd: OOM" in text
     assert "line 6" in text and "unreadable row" in text
+    assert "line 7: empty row" in text and "? / ?: no status" in text
     # sorted by ppl within the model
     order = [
         line.split("|")[1].strip() for line in lines if line.startswith("| ") and "---" not in line
