@@ -9,9 +9,9 @@ model (its best AdamW run), optimizer-state MiB and its ratio to AdamW's, peak m
 and its ratio; runs are labelled by optimizer and the overrides that vary in the sweep) and
 writes a PNG of val ppl against optimizer-state memory with the Pareto front marked (the points
 no other run beats on both). A failed job, an empty row, or a line that is not valid JSON (a run
-that crashed while writing) is listed as failed, never dropped. The peak is the CUDA allocator's peak when
-the run had one, else the sum of the measured categories (weights + gradients + state +
-activations of one micro-batch), marked as such.
+that crashed while writing) is listed as failed, never dropped. The peak is the CUDA allocator's
+peak when the run had one, else the sum of the measured categories (weights + gradients + state
++ activations of one micro-batch), marked as such.
 """
 
 from __future__ import annotations

@@ -255,6 +255,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_outer_loop(update_gap: int, proximal: float) -> None:
+    if update_gap < 1:
+        raise ValueError(f"optimizer.update_gap={update_gap} must be >= 1 (steps per subspace)")
+    if proximal < 0:
+        raise ValueError(f"optimizer.proximal={proximal} must be >= 0 (it is 1 / eta)")
+
+
 class RsoOptimizer(PerParameterOptimizer):
     """Adam (torch's AdamW arithmetic) on each B and on every other trainable tensor; every
     ``update_gap`` steps, merge, resample and reset (in place, so memory does not move).
@@ -277,10 +284,7 @@ class RsoOptimizer(PerParameterOptimizer):
             raise ValueError(f"optimizer.lr={lr} must be positive")
         if weight_decay < 0:
             raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
-        if update_gap < 1:
-            raise ValueError(f"optimizer.update_gap={update_gap} must be >= 1 (steps per subspace)")
-        if proximal < 0:
-            raise ValueError(f"optimizer.proximal={proximal} must be >= 0 (it is 1 / eta)")
+        check_outer_loop(update_gap, proximal)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rso=False)
         super().__init__(params, defaults)
         self.rule = AdamRule(tuple(betas), eps, eps_placement="torch")
@@ -394,10 +398,7 @@ def build_rso(cfg: RsoConfig, model: nn.Module) -> RsoOptimizer:
     optimizer of B and of every other trainable tensor."""
     if cfg.rank < 1:
         raise ValueError(f"optimizer.rank={cfg.rank} must be >= 1")
-    if cfg.update_gap < 1:
-        raise ValueError(f"optimizer.update_gap={cfg.update_gap} must be >= 1 (steps per subspace)")
-    if cfg.proximal < 0:
-        raise ValueError(f"optimizer.proximal={cfg.proximal} must be >= 0 (it is 1 / eta)")
+    check_outer_loop(cfg.update_gap, cfg.proximal)  # before wrapping: a refusal changes nothing
     kw = adam_kwargs(cfg)
     linears = wrap(model, list(cfg.target_modules), cfg.rank, cfg.seed, cfg.store_projection)
     bs = {id(lin.rso_b) for lin in linears}
