@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint bench bench-optim clean
+.PHONY: setup run test lint bench bench-optim cpu-bench clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,15 @@ bench-optim: $(STAMP)
 	$(PY) -m optimizers.bench --family projection $(ARGS)
 	$(PY) -m optimizers.bench_registry
 	$(PY) -m optimizers.bench_rso
+
+# experiment=cpu_bench for every registered optimizer (about 2 hours on 2 CPU cores), then the
+# sweep's report (docs/benchmarks.md).
+CPU_BENCH_DIR ?= outputs/sweeps/cpu_bench
+OPTIMIZERS = $(shell $(PY) -c 'import optimizers.registry as r; print(",".join(r.REGISTRY))')
+cpu-bench: $(STAMP)
+	$(PY) -m llm_pretrain.train -m experiment=cpu_bench optimizer=$(OPTIMIZERS) \
+		hydra.sweep.dir=$(CPU_BENCH_DIR) $(ARGS)
+	$(PY) -m llm_pretrain.report $(CPU_BENCH_DIR)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

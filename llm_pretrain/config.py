@@ -105,6 +105,7 @@ class MuonConfig(OptimizerConfig):
     nesterov: bool = True
     ns_steps: int = 5
     adjust_lr_fn: str = "match_rms_adamw"  # original | match_rms_adamw (torch.optim.Muon)
+    ns_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
     adamw_lr: float | None = None  # None: the same lr
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -207,6 +208,7 @@ class GumConfig(OptimizerConfig):
     momentum: float = 0.95
     ns_steps: int = 5
     adjust_lr_fn: str = "match_rms_adamw"  # original | match_rms_adamw (as torch.optim.Muon)
+    ns_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
     adamw_lr: float | None = None  # embeddings, lm_head, norms; None: the same lr
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -393,6 +395,30 @@ class LoggerConfig:
 
 
 @dataclass
+class RecipeSize:
+    """One model size of a paper recipe; unset fields leave the config as it is."""
+
+    max_steps: int | None = None
+    warmup_steps: int | None = None
+    micro_batch_size: int | None = None  # the paper's per-GPU batch (memory), not the math
+    grad_clip: float | None = None
+    lr: float | None = None
+    rank: int | None = None
+    update_gap: int | None = None
+    scale: float | None = None
+    paper_ppl: float | None = None  # the paper's validation perplexity at this size
+
+
+@dataclass
+class ExperimentConfig:
+    """A named experiment (``experiment=<name>``); paper recipes add a table by model name."""
+
+    name: str = MISSING
+    paper: str | None = None  # where ``paper_ppl`` comes from (paper and table)
+    sizes: dict[str, RecipeSize] = field(default_factory=dict)  # model name -> recipe
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -401,6 +427,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment: ExperimentConfig | None = None
     run_name: str | None = None
 
 

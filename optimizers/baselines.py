@@ -26,6 +26,7 @@ from optimizers.registry import (
     trainable_params,
 )
 from optimizers.rules.adam8bit import BLOCK, CODE_MAP_BYTES, blockwise_state_nbytes
+from optimizers.rules.muon import muon_lr_factor, newton_schulz, resolve_ns_dtype
 from optimizers.sampling import trainable
 
 
@@ -153,6 +154,45 @@ def _muon_formula(shape, projected, cfg, dtype) -> dict[str, int]:
     return _adamw_formula(shape, projected, cfg, dtype)
 
 
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with the Newton-Schulz dtype as a setting (``ns_dtype``, see
+    ``optimizers.rules.muon.resolve_ns_dtype``): in bf16 the step is torch's own; in another
+    dtype it is the same arithmetic (momentum lerp, Nesterov, decoupled decay, lr adjustment)
+    with the iteration in that dtype."""
+
+    def __init__(self, params, *, ns_dtype: str = "auto", **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        resolve_ns_dtype(ns_dtype, torch.device("cpu"))  # refuse a wrong name now
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = params[0].device if params else torch.device("cpu")
+        dtype = resolve_ns_dtype(self.ns_dtype, device)
+        if dtype == torch.bfloat16:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, state = p.grad, self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - mu)
+                update = grad.lerp(buf, mu) if group["nesterov"] else buf
+                ortho = newton_schulz(update, group["ns_steps"], dtype, group["eps"])
+                p.mul_(1 - lr * wd)
+                p.add_(ortho, alpha=-lr * muon_lr_factor(group["adjust_lr_fn"], p.shape))
+        return loss
+
+
 @register("muon", _muon_formula)
 def build_muon(cfg: MuonConfig, model: nn.Module) -> torch.optim.Optimizer:
     matrices, rest = split_targets(model, list(cfg.target_modules))
@@ -162,8 +202,9 @@ def build_muon(cfg: MuonConfig, model: nn.Module) -> torch.optim.Optimizer:
         )
     if len(cfg.adamw_betas) != 2:
         raise ValueError(f"optimizer.adamw_betas={list(cfg.adamw_betas)} must have two values")
-    muon = torch.optim.Muon(
+    muon = Muon(
         matrices,
+        ns_dtype=cfg.ns_dtype,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,

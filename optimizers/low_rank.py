@@ -261,7 +261,7 @@ def build_gum(cfg: GumConfig, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay=cfg.weight_decay,
         projector=projector,
         scale=1.0,
-        rule=MuonRule(cfg.momentum, cfg.ns_steps, cfg.adjust_lr_fn),
+        rule=MuonRule(cfg.momentum, cfg.ns_steps, cfg.adjust_lr_fn, cfg.ns_dtype),
         plain_rule=AdamRule(tuple(cfg.adamw_betas), cfg.adamw_eps, "torch"),
         decay_first=True,
         sampling=sampling,

@@ -211,6 +211,45 @@ def test_muon_takes_the_targeted_matrices_and_adamw_the_rest():
     assert opt.param_groups == opt.parts["muon"].param_groups + opt.parts["adamw"].param_groups
 
 
+def _muon_run(opt_cls, steps=4, **kw):
+    torch.manual_seed(0)
+    w = [torch.nn.Parameter(torch.randn(12, 7)), torch.nn.Parameter(torch.randn(5, 9))]
+    opt = opt_cls(w, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", **kw)
+    for i in range(steps):
+        for j, p in enumerate(w):
+            p.grad = torch.sin(p.detach() * (i + 2) + j)
+        opt.step()
+    return [p.detach().clone() for p in w]
+
+
+def test_muon_step_outside_bf16_is_torch_muons_arithmetic(monkeypatch):
+    """In bf16 the step is torch.optim.Muon's own; our loop (any other dtype) with its iteration
+    forced back to bf16 reproduces it bit for bit; in fp32 (the CPU default) it stays close."""
+    import optimizers.baselines as baselines
+    from optimizers.rules import muon as muon_rule
+
+    reference = _muon_run(torch.optim.Muon)
+    same = _muon_run(baselines.Muon, ns_dtype="bfloat16")
+    assert all(torch.equal(a, b) for a, b in zip(same, reference, strict=True))
+    fp32 = _muon_run(baselines.Muon, ns_dtype="float32")
+    assert all(torch.allclose(a, b, atol=2e-2) for a, b in zip(fp32, reference, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(fp32, reference, strict=True))
+    monkeypatch.setattr(
+        baselines,
+        "newton_schulz",
+        lambda x, steps, dtype, eps: muon_rule.newton_schulz(x, steps, torch.bfloat16, eps),
+    )
+    ours = _muon_run(baselines.Muon, ns_dtype="float32")
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
+
+
+def test_muon_refuses_an_unknown_ns_dtype():
+    cfg = optimizer_cfg("muon")
+    cfg.ns_dtype = "float16"
+    with pytest.raises(ValueError, match="ns_dtype='float16': use auto, bfloat16 or float32"):
+        optimizers.build(cfg, toy_model())
+
+
 def test_fira_refuses_a_two_sided_projection_when_built():
     cfg = optimizer_cfg("fira")
     cfg.proj_type = "full"
