@@ -406,6 +406,7 @@ class RecipeSize:
     rank: int | None = None
     update_gap: int | None = None
     scale: float | None = None
+    scale_front: bool | None = None
     paper_ppl: float | None = None  # the paper's validation perplexity at this size
 
 
@@ -414,6 +415,7 @@ class ExperimentConfig:
     """A named experiment (``experiment=<name>``); paper recipes add a table by model name."""
 
     name: str = MISSING
+    optimizer: str | None = None  # the method the paper's perplexities are for
     paper: str | None = None  # where ``paper_ppl`` comes from (paper and table)
     sizes: dict[str, RecipeSize] = field(default_factory=dict)  # model name -> recipe
 
@@ -445,6 +447,18 @@ def check_known_keys(cfg: DictConfig, path: str = "") -> None:
         child = cfg._get_node(key)
         if isinstance(child, DictConfig):
             check_known_keys(child, f"{path}{key}.")
+
+
+def check_experiment(cfg: DictConfig) -> None:
+    """A paper recipe has settings for some model sizes only: name them, rather than let an
+    interpolation of the recipe table fail on the first key it reads."""
+    exp = cfg.get("experiment")
+    if exp is None or not exp.sizes or cfg.model.name in exp.sizes:
+        return
+    raise ValueError(
+        f"experiment={exp.name} has recipes for {', '.join(exp.sizes)}, not for "
+        f"model={cfg.model.name}; pick one of those with model=<name>"
+    )
 
 
 def register_configs() -> None:

@@ -1,6 +1,11 @@
 """torch.distributed set-up for torchrun (or SLURM via submitit): rank, device, collectives.
 
-Single-process runs need no process group; every helper degrades to the identity there.
+Two ways into a process group, both ``env://``: torchrun sets RANK, WORLD_SIZE and the master
+address itself; a submitit job with several tasks (``hydra/launcher=slurm`` or
+``submitit_local`` with ``tasks_per_node`` > 1, one task per GPU) runs the job once per task with
+no torchrun, and ``submitit.helpers.TorchDistributedEnvironment`` derives the same variables from
+the job's environment (SLURM's, or the local executor's). Single-process runs need no process
+group; every helper degrades to the identity there.
 """
 
 from __future__ import annotations
@@ -30,8 +35,25 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def export_submitit_environment() -> bool:
+    """In a multi-task submitit job not started by torchrun, export RANK, WORLD_SIZE, LOCAL_RANK
+    and the master address for ``env://``; returns whether it did."""
+    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return False
+    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if submitit.JobEnvironment().num_tasks <= 1:
+        return False
+    # CUDA_VISIBLE_DEVICES stays whole: init() picks the GPU by LOCAL_RANK, as under torchrun.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
 def init(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA) and pick a device."""
+    """Join the process group torchrun or submitit describes (gloo on CPU, NCCL on CUDA) and pick
+    a device."""
+    export_submitit_environment()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":

@@ -11,7 +11,9 @@ writes a PNG of val ppl against optimizer-state memory with the Pareto front mar
 no other run beats on both). A failed job, an empty row, or a line that is not valid JSON (a run
 that crashed while writing) is listed as failed, never dropped. The peak is the CUDA allocator's
 peak when the run had one, else the sum of the measured categories (weights + gradients + state
-+ activations of one micro-batch), marked as such.
++ activations of one micro-batch), marked as such. A run of a paper recipe
+(``experiment=galore_c4``, ...) with the recipe's own optimizer gets the paper's perplexity for
+its model size in a column of its own, with the source under the table.
 """
 
 from __future__ import annotations
@@ -36,6 +38,18 @@ class Run:
     peak_is_cuda: bool = False
     tokens_per_s: float | None = None
     error: str | None = None
+    paper_ppl: float | None = None
+    paper: str | None = None
+
+
+def paper_value(row: dict) -> tuple[float | None, str | None]:
+    """The paper's perplexity for this row's model size, if its experiment is a paper recipe for
+    this row's optimizer (a recipe run with another optimizer has no paper figure)."""
+    exp = (row.get("config") or {}).get("experiment") or {}
+    if not exp.get("optimizer") or exp["optimizer"] != row.get("optimizer"):
+        return None, None
+    ppl = ((exp.get("sizes") or {}).get(row.get("model")) or {}).get("paper_ppl")
+    return (float(ppl), exp.get("paper")) if ppl is not None else (None, None)
 
 
 def results_file(path: Path) -> Path:
@@ -77,6 +91,7 @@ def _run(row: dict, n: int) -> Run:
     if row.get("status") != "ok":
         return Run(label, model, optimizer, False, error=row.get("error") or "no status")
     try:
+        paper_ppl, paper = paper_value(row)
         mem = row["memory"]
         cuda = mem.get("cuda_peak_allocated")
         measured = sum(mem[k] for k in ("weights", "gradients", "optimizer_state", "activations"))
@@ -90,6 +105,8 @@ def _run(row: dict, n: int) -> Run:
             peak_bytes=int(cuda) if cuda is not None else int(measured),
             peak_is_cuda=cuda is not None,
             tokens_per_s=float(row["tokens_per_s"]),
+            paper_ppl=paper_ppl,
+            paper=paper,
         )
     except (KeyError, TypeError, ValueError) as e:
         return Run(label, model, optimizer, False, error=f"row {n} lacks {e}")
@@ -141,17 +158,27 @@ def table(runs: list[Run]) -> str:
         ok = sorted((r for r in runs if r.ok and r.model == model), key=lambda r: r.ppl)
         base = next((r for r in ok if r.optimizer == BASELINE), None)
         front = {ok[i].label for i in pareto_front([(r.state_bytes, r.ppl) for r in ok])}
+        papers = any(r.paper_ppl is not None for r in ok)
         out.append(f"### {model}\n")
         out.append(
-            "| run | val ppl | ppl gap to AdamW | state MiB | state / AdamW | peak MiB | "
+            "| run | val ppl |"
+            + (" paper ppl |" if papers else "")
+            + " ppl gap to AdamW | state MiB | state / AdamW | peak MiB | "
             "tokens/s | tokens/s / AdamW | Pareto |"
         )
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
+        out.append(
+            "| --- | ---: |"
+            + (" ---: |" if papers else "")
+            + " ---: | ---: | ---: | ---: | ---: | ---: | :---: |"
+        )
         for r in ok:
             gap = "-" if base is None else f"{r.ppl - base.ppl:+.2f}"
             peak = _mib(r.peak_bytes) + ("" if r.peak_is_cuda else " (sum)")
+            paper = (
+                (f" {r.paper_ppl:.2f} |" if r.paper_ppl is not None else " - |") if papers else ""
+            )
             out.append(
-                f"| {r.label} | {r.ppl:.2f} | {gap} | {_mib(r.state_bytes)} | "
+                f"| {r.label} | {r.ppl:.2f} |{paper} {gap} | {_mib(r.state_bytes)} | "
                 f"{_ratio(r.state_bytes, base.state_bytes if base else None)} | {peak} | "
                 f"{r.tokens_per_s:,.0f} | "
                 f"{_ratio(r.tokens_per_s, base.tokens_per_s if base else None)} | "
@@ -159,6 +186,11 @@ def table(runs: list[Run]) -> str:
             )
         if base is None:
             out.append(f"\n(no `{BASELINE}` run for {model}: no ratios)")
+        sources = sorted({r.paper for r in ok if r.paper_ppl is not None and r.paper})
+        if sources:
+            out.append(
+                f"\npaper ppl: {'; '.join(sources)} (the papers' estimator, eval.compat=galore)"
+            )
         out.append("")
     failed = [r for r in runs if not r.ok]
     if failed:

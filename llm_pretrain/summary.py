@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 MiB = 2**20
 
@@ -86,12 +87,16 @@ def sweep_row(
     error: str | None = None,
 ) -> dict[str, Any]:
     """One row of a sweep's ``results.jsonl``; a failed job still gets a row, with its error."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # the job failed on this config: keep it as written
+        config = OmegaConf.to_container(cfg, resolve=False)
     row: dict[str, Any] = {
         "run_dir": str(run_dir),
         "overrides": overrides or [],
         "model": cfg.model.name,
         "optimizer": cfg.optimizer.name,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config,
     }
     if summary is None:
         return row | {"status": "failed", "error": error}
@@ -102,6 +107,7 @@ def sweep_row(
         "final_val_loss": ev["final_loss"],
         "tokens_seen": summary["tokens_seen"],
         "tokens_per_s": summary["tokens_per_s"],
+        "world_size": summary["world_size"],
         "wall_time_s": summary["wall_time_s"],
         "memory": {
             k: mem[k]

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import optimizers
 from llm_pretrain import checkpoint, data, distributed
-from llm_pretrain.config import check_known_keys, register_configs
+from llm_pretrain.config import check_experiment, check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
 from llm_pretrain.loggers import RunLogger
 from llm_pretrain.memory import MemoryReport, activation_bytes
@@ -162,6 +162,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict
     if sweep_dir is not None and cfg.logger.group is None:
         cfg.logger.group = f"sweep-{Path(sweep_dir).name}"  # one wandb group per sweep
     try:
+        check_experiment(cfg)
         run_dir = Path(distributed.broadcast_object(str(run_dir)))
         return _train(cfg, run_dir, dist_info)
     except Exception as e:

@@ -132,3 +132,31 @@ def test_a_sweeps_wandb_runs_share_a_group_and_carry_ppl_and_memory(tmp_path, mo
     assert [kw["group"] for kw, _ in calls] == ["sweep-sweep7", "sweep-sweep7"]
     summary = calls[0][1].summary
     assert "eval/final_ppl" in summary and "memory/optimizer_state" in summary
+
+
+def test_a_paper_recipe_run_gets_the_papers_perplexity_in_its_own_column(tmp_path):
+    """Only the recipe's own optimizer gets the figure (the paper ran nothing else)."""
+    experiment = {
+        "name": "galore_c4",
+        "optimizer": "galore",
+        "paper": "GaLore (Zhao et al. 2024), Table 2",
+        "sizes": {"llama_60m": {"rank": 128, "paper_ppl": 34.88}, "llama_130m": {"rank": 256}},
+    }
+    rows = [
+        row("adamw", 36.0, 20, 1000.0, model="llama_60m"),
+        row("galore", 35.5, 12, 900.0, model="llama_60m"),
+        row("galore", 26.0, 30, 500.0, model="llama_130m"),  # no paper figure at this size
+    ]
+    for r in rows:
+        r["config"] = {"experiment": experiment}
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = table(load_runs(tmp_path))
+    lines = text.splitlines()
+    assert "| run | val ppl | paper ppl | ppl gap to AdamW |" in text
+    assert "| galore | 35.50 | 34.88 | -0.50 |" in text
+    assert next(line for line in lines if line.startswith("| adamw |")).startswith(
+        "| adamw | 36.00 | - |"
+    )
+    assert "paper ppl: GaLore (Zhao et al. 2024), Table 2" in text
+    section_130m = text.split("### llama_130m")[1]
+    assert "paper ppl |" not in section_130m.split("\n\n")[1]  # no column without a figure

@@ -1,0 +1,119 @@
+"""Experiment configs: the papers' C4 recipes per model size, and the CPU benchmark."""
+
+import pytest
+from omegaconf import OmegaConf
+
+import optimizers
+from llm_pretrain.config import check_experiment
+from tests.conftest import REPO, SHARED_DATA, compose_cfg, run_cli
+
+RECIPES = sorted(
+    p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml") if p.stem != "cpu_bench"
+)
+SIZES = ["llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b"]
+
+
+@pytest.mark.parametrize("experiment", RECIPES)
+def test_every_recipe_composes_for_each_of_its_sizes(experiment):
+    base = compose_cfg([f"experiment={experiment}"])
+    sizes = list(base.experiment.sizes)
+    assert set(sizes) <= set(SIZES) and sizes
+    for size in sizes:
+        cfg = compose_cfg([f"experiment={experiment}", f"model={size}"])
+        resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        check_experiment(cfg)
+        t = resolved["trainer"]
+        assert (t["global_batch_size"], t["precision"], t["scheduler"]) == (512, "bf16", "cosine")
+        assert t["warmup_steps"] * 10 == t["max_steps"]  # warmup is 10% of the steps
+        assert resolved["eval"] == {
+            "tokens": 10_000_000,
+            "batch_size": t["micro_batch_size"],
+            "compat": "galore",
+        }
+        assert resolved["data"]["source"] == "c4" and resolved["data"]["layout"] == "paper"
+        if base.experiment.optimizer is not None:
+            assert resolved["optimizer"]["name"] == base.experiment.optimizer
+
+
+def test_galore_c4_takes_the_papers_settings_per_size():
+    def pick(size):
+        c = OmegaConf.to_container(
+            compose_cfg(["experiment=galore_c4", f"model={size}"]), resolve=True
+        )
+        o, t = c["optimizer"], c["trainer"]
+        return o["rank"], o["lr"], o["update_gap"], o["scale"], t["max_steps"], t["grad_clip"]
+
+    assert pick("llama_60m") == (128, 0.01, 200, 0.25, 10_000, 0.0)
+    assert pick("llama_1b") == (512, 0.01, 200, 0.25, 100_000, 0.0)
+    assert pick("llama_7b") == (1024, 0.005, 500, 0.25, 150_000, 1.0)
+    cfg = compose_cfg(["experiment=galore_c4", "model=llama_350m", "optimizer.rank=64"])
+    assert cfg.optimizer.rank == 64  # the command line still wins
+
+
+def test_the_default_size_is_60m_and_other_recipes_differ_where_the_papers_do():
+    assert compose_cfg(["experiment=apollo_c4"]).model.name == "llama_60m"
+    apollo = compose_cfg(["experiment=apollo_c4", "model=llama_130m"]).optimizer
+    assert (apollo.name, apollo.rank, apollo.scale_type) == ("apollo", 192, "channel")
+    mini = compose_cfg(["experiment=apollo_mini_c4", "model=llama_350m"]).optimizer
+    assert (mini.rank, mini.scale_front, round(mini.scale**2)) == (1, False, 128)
+    fira = compose_cfg(["experiment=fira_c4", "model=llama_1b"]).optimizer
+    assert (fira.rank, fira.scale) == (512, 0.0625)
+    seven = compose_cfg(["experiment=galore_8bit_c4"])
+    assert (seven.model.name, seven.optimizer.name, seven.experiment.sizes.llama_7b.paper_ppl) == (
+        "llama_7b",
+        "galore_8bit",
+        14.65,
+    )
+
+
+def test_a_size_without_a_recipe_is_refused_with_the_sizes_it_has(tmp_path):
+    cfg = compose_cfg(["experiment=galore_c4", "model=llama_20m"])
+    with pytest.raises(
+        ValueError, match="has recipes for llama_60m, llama_130m, .*model=llama_20m"
+    ):
+        check_experiment(cfg)
+    out = run_cli(["experiment=adamw_c4", "model=llama_9m"], cwd=tmp_path)  # before any download
+    assert out.returncode != 0
+    assert (
+        "experiment=adamw_c4 has recipes for llama_60m, llama_130m, llama_350m, llama_1b, "
+        "llama_7b, not for model=llama_9m; pick one of those with model=<name>"
+    ) in out.stderr
+
+
+def test_cpu_bench_gives_every_optimizer_the_same_data_schedule_and_budget():
+    common = None
+    for name in optimizers.REGISTRY:
+        cfg = OmegaConf.to_container(
+            compose_cfg(["experiment=cpu_bench", f"optimizer={name}"]), resolve=True
+        )
+        same = {k: cfg[k] for k in ("model", "data", "trainer", "eval")}
+        common = common or same
+        assert same == common, name
+        if "rank" in cfg["optimizer"] and name != "apollo_mini":
+            assert cfg["optimizer"]["rank"] == 64, name  # hidden / 4
+        for key in ("update_gap", "interval", "kappa"):
+            assert cfg["optimizer"].get(key, 0) <= 25, (name, key)  # 4+ subspaces in 100 steps
+    assert common["model"]["name"] == "llama_20m"
+    assert common["data"]["path"].endswith("/c4/c4_en_sample_2000.jsonl.gz")
+    assert common["data"]["tokenizer"].endswith("/t5_tokenizer/spiece.model")
+    t = common["trainer"]
+    assert (t["max_steps"], t["global_batch_size"], common["data"]["seq_len"]) == (100, 8, 256)
+
+
+def test_cpu_bench_runs_a_method(tmp_path):
+    out = run_cli(
+        [
+            "experiment=cpu_bench",
+            "optimizer=galore",
+            "trainer.max_steps=2",
+            "eval.tokens=2000",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env={"LLM_PRETRAIN_SHARED_DATA": str(SHARED_DATA)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model llama_20m" in out.stdout
+    assert "28 matrices (3.16M params) projected: svd basis at rank 64 (std), refresh every 25" in (
+        out.stdout
+    )
