@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from optimizers.quant import dequantize, quantize
+from kernels.quant_blockwise import dequantize, quantize
 
 
 class Int8Weights:

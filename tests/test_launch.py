@@ -1,8 +1,78 @@
-"""Launchers: Hydra's submitit plugin runs a sweep's jobs (locally here; on SLURM on a cluster)."""
+"""Launchers: Hydra's submitit plugin runs a sweep's jobs (locally here; on SLURM on a cluster),
+and the torchrun / sbatch scripts under launch/ start multi-process jobs."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import REPO, TINY, run_cli
+
+TWO_RANKS = [
+    *TINY,
+    "trainer.max_steps=2",
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _script(path, args, env, cwd):
+    full = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        ["bash", str(REPO / path), *args],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_torchrun_sh_starts_one_process_per_rank(tmp_path):
+    run = tmp_path / "run"
+    out = _script(
+        "launch/torchrun.sh", [*TWO_RANKS, f"hydra.run.dir={run}"], {"NPROC": "2"}, tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+
+
+def test_the_sbatch_script_runs_srun_torchrun_with_c10d(tmp_path):
+    """SLURM's commands stubbed (one node, this host): the script's rendezvous, run directory
+    and resume flag reach a real 2-process torchrun job."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho localhost\n")
+    (bin_dir / "srun").write_text(  # drop srun's own flags, run the command once (one node)
+        '#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n'
+    )
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    run = tmp_path / "slurm-run"
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node[01]",
+        "SLURM_JOB_NUM_NODES": "1",
+        "GPUS_PER_NODE": "2",
+        "RDZV_PORT": str(_free_port()),
+        "RUN_DIR": str(run),
+    }
+    out = _script("launch/slurm/pretrain.sbatch", TWO_RANKS, env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "job 4242: 1 node(s) x 2 process(es), rendezvous at localhost:" in out.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    resolved = (run / "config.yaml").read_text()
+    assert "resume: auto" in resolved
 
 
 def test_a_two_job_sweep_runs_through_submitit_local(tmp_path):

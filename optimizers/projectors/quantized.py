@@ -31,7 +31,7 @@ import torch
 
 from optimizers.accounting import CATEGORIES
 from optimizers.projectors.svd import LEFT, SvdProjector
-from optimizers.quant import BITS, QuantizedTensor, dequantize, quantize, quantized_nbytes
+from kernels.quant_blockwise import BITS, QuantizedTensor, dequantize, quantize, quantized_nbytes
 
 
 class QuantizedSvdProjector(SvdProjector):

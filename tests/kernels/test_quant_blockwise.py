@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from optimizers.quant import (
+from kernels.quant_blockwise import (
     dequantize,
     pack_4bit,
     quantize,
@@ -151,3 +151,38 @@ def test_bad_format_refused(bits, group_size, match):
 def test_integer_input_refused():
     with pytest.raises(ValueError, match="floating-point"):
         quantize(torch.arange(10), 8, 4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [7, 256, 1000])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_quantizer_gives_the_references_codes_bit_for_bit(
+    interpret, bits, group_size, scale_dtype
+):
+    from kernels.quant_blockwise import (
+        dequantize_reference,
+        dequantize_triton,
+        quantize_reference,
+        quantize_triton,
+    )
+
+    g = torch.Generator().manual_seed(group_size + bits)
+    x = torch.randn(3001, generator=g) * torch.logspace(-3, 2, 3001)  # odd: a half-filled byte
+    x[:group_size] = 0.25  # a constant group
+    x[-5:] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5])  # exact halves somewhere
+    ref = quantize_reference(x, bits, group_size, scale_dtype=scale_dtype)
+    ours = quantize_triton(x, bits, group_size, scale_dtype=scale_dtype)
+    assert torch.equal(ours.codes, ref.codes)
+    assert torch.equal(ours.scale, ref.scale) and torch.equal(ours.zero, ref.zero)
+    fp32 = dequantize_triton(ref, torch.float32)
+    assert torch.equal(fp32, dequantize_reference(ref, torch.float32))  # the same fp32 arithmetic
+    bf16 = dequantize_triton(ref, torch.bfloat16)  # the interpreter's bf16 cast may truncate
+    ulp = 2.0**-7 * fp32.abs()
+    assert ((bf16.float() - dequantize_reference(ref, torch.bfloat16).float()).abs() <= ulp).all()
+
+
+def test_the_triton_quantizer_refuses_what_it_does_not_reproduce(interpret):
+    from kernels.quant_blockwise import quantize_triton
+
+    with pytest.raises(ValueError, match="stochastic rounding and integer zero points"):
+        quantize_triton(torch.randn(10), 8, 4, stochastic=True)

@@ -1,4 +1,5 @@
-"""Groupwise asymmetric integer quantization, Q-GaLore's scheme (Zhang et al. 2024, Sec. 3.1).
+"""Groupwise asymmetric integer quantization, Q-GaLore's scheme (Zhang et al. 2024, Sec. 3.1),
+shared by Q-GaLore's projector and weights and MicroAdam's error feedback.
 
 The flattened tensor is cut into groups of ``group_size`` consecutive values. Each group keeps a
 ``scale = (max - min) / (2^bits - 1)`` and a zero point ``zero = -min / scale``; a value becomes
@@ -12,6 +13,14 @@ bf16 ``scale_dtype`` the stored zero point adds bf16's relative precision of the
 "4-bit" projector cost as much as an 8-bit one). When ``numel`` is not a multiple of
 ``group_size`` the last group is padded with copies of the last value, which leaves its min and
 max unchanged; the padding exists only while quantizing and is never stored.
+
+``quantize`` and ``dequantize`` dispatch (``kernels.dispatch``): on CUDA with triton installed,
+round-to-nearest quantization with the exact zero point and every dequantization run as Triton
+kernels (group min/max, then codes packed in the same pass); stochastic rounding and the
+reference's integer zero points stay on the PyTorch reference, whose random stream
+(``torch.Generator``) a kernel would not reproduce. The kernels give the reference's codes bit
+for bit: the scale and zero point come from the same PyTorch arithmetic on the group statistics,
+and each code is the same fp32 division, addition and round-half-to-even.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import math
 from typing import NamedTuple
 
 import torch
+
+from kernels.dispatch import check_triton, triton_kernels, use_triton
 
 BITS = (4, 8)
 
@@ -74,7 +85,15 @@ def _scale(spread: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tenso
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def quantize(
+def _scale_zero(
+    lo: torch.Tensor, hi: torch.Tensor, levels: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored scale and zero point of groups with fp32 minima ``lo`` and maxima ``hi``."""
+    scale = _scale(hi - lo, levels, dtype)
+    return scale, (-lo / scale.float()).to(dtype)
+
+
+def quantize_reference(
     x: torch.Tensor,
     bits: int,
     group_size: int,
@@ -119,8 +138,7 @@ def quantize(
         return QuantizedTensor(
             pack_4bit(codes) if bits == 4 else codes, scale, zero, tuple(x.shape), bits, group_size
         )
-    scale = _scale(grouped.amax(dim=1) - lo, levels, scale_dtype)
-    zero = (-lo / scale.float()).to(scale_dtype)
+    scale, zero = _scale_zero(lo, grouped.amax(dim=1), levels, scale_dtype)
     v = grouped / scale.float()[:, None] + zero.float()[:, None]  # (groups, group_size)
     if stochastic:
         noise = torch.rand(v.shape, generator=generator, device=v.device)
@@ -133,17 +151,22 @@ def quantize(
     return QuantizedTensor(codes, scale, zero, tuple(x.shape), bits, group_size)
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``scale * (code - zero)`` in fp32, returned in ``dtype`` (default the scale's dtype) and
-    the original shape."""
+def _check_quantized(q: QuantizedTensor) -> int:
+    """Refuse codes and scales that do not fit the shape and format; return numel."""
     check_format(q.bits, q.group_size)
-    n = math.prod(q.shape)
     expected = quantized_nbytes(q.shape, q.bits, q.group_size, q.scale.dtype)
     if q.codes.numel() != expected["codes"] or q.scale.nbytes != expected["scale"]:
         raise ValueError(
             f"{q.codes.numel()} code bytes and {q.scale.numel()} scales do not match shape "
             f"{tuple(q.shape)} at bits={q.bits}, group_size={q.group_size}"
         )
+    return math.prod(q.shape)
+
+
+def dequantize_reference(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``scale * (code - zero)`` in fp32, returned in ``dtype`` (default the scale's dtype) and
+    the original shape."""
+    n = _check_quantized(q)
     codes = unpack_4bit(q.codes, n) if q.bits == 4 else q.codes
     groups = q.scale.numel()
     values = codes.float()
@@ -164,3 +187,85 @@ def quantized_nbytes(
     n = math.prod(shape)
     per_group = -(-n // group_size) * scale_dtype.itemsize
     return {"codes": n if bits == 8 else -(-n // 2), "scale": per_group, "zero": per_group}
+
+
+# --- Triton ---------------------------------------------------------------------------------
+
+BLOCK = 1024
+
+
+def quantize_triton(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    scale_dtype: torch.dtype | None = None,
+    zero_point: str = "exact",
+) -> QuantizedTensor:
+    """``quantize_reference`` as Triton kernels; round-to-nearest with the exact zero point only."""
+    check_format(bits, group_size)
+    if stochastic or zero_point != "exact":
+        raise ValueError(
+            "the Triton quantizer rounds to nearest with the exact zero point; stochastic "
+            "rounding and integer zero points run on quantize_reference"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"quantize takes a floating-point tensor, got {x.dtype}")
+    check_triton(x)
+    tk = triton_kernels("quant_blockwise")
+    scale_dtype = scale_dtype or x.dtype
+    levels = 2**bits - 1
+    flat = x.detach().reshape(-1).contiguous()
+    n = flat.numel()
+    groups = -(-n // group_size)
+    lo = torch.empty(groups, device=x.device, dtype=torch.float32)
+    hi = torch.empty_like(lo)
+    tk.group_min_max[(groups,)](flat, lo, hi, n, group_size, BLOCK=min(BLOCK, _pow2(group_size)))
+    scale, zero = _scale_zero(lo, hi, levels, scale_dtype)
+    n_out = -(-n // 2) if bits == 4 else n
+    codes = torch.empty(n_out, device=x.device, dtype=torch.uint8)
+    tk.encode[(-(-n_out // BLOCK),)](
+        flat, scale, zero, codes, n, n_out, group_size, float(levels), PACK=bits == 4, BLOCK=BLOCK
+    )
+    return QuantizedTensor(codes, scale, zero, tuple(x.shape), bits, group_size)
+
+
+def dequantize_triton(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``dequantize_reference`` as one Triton kernel."""
+    n = _check_quantized(q)
+    check_triton(q.codes)
+    tk = triton_kernels("quant_blockwise")
+    out = torch.empty(n, device=q.codes.device, dtype=dtype or q.scale.dtype)
+    tk.decode[(-(-n // BLOCK),)](
+        q.codes, q.scale, q.zero, out, n, q.group_size, PACK=q.bits == 4, BLOCK=BLOCK
+    )
+    return out.view(q.shape)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    scale_dtype: torch.dtype | None = None,
+    zero_point: str = "exact",
+) -> QuantizedTensor:
+    """Groupwise codes of ``x`` (``quantize_reference`` documents the arithmetic): the Triton
+    kernels on CUDA for round-to-nearest with the exact zero point, the reference otherwise."""
+    if use_triton(x) and not stochastic and zero_point == "exact":
+        return quantize_triton(x, bits, group_size, scale_dtype=scale_dtype)
+    return quantize_reference(x, bits, group_size, stochastic, generator, scale_dtype, zero_point)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``scale * (code - zero)`` in fp32, returned in ``dtype`` (default the scale's dtype) and
+    the original shape: Triton on CUDA, the reference otherwise."""
+    if use_triton(q.codes):
+        return dequantize_triton(q, dtype)
+    return dequantize_reference(q, dtype)
