@@ -341,6 +341,29 @@ class RsoConfig(AdamConfig):
 
 
 @dataclass
+class MicroAdamConfig(AdamConfig):
+    """MicroAdam: Adam rebuilt from a window of Top-K gradients, 4-bit error feedback."""
+
+    window: int = 10  # m: sparse gradients kept
+    density: float = 0.01  # k: share of each Top-K block kept per step
+    block_size: int = 16384  # Top-K block (fixed: the reference's depends on the GPU)
+    quant_group_size: int = 100_000  # q: values per error-feedback scale and zero point
+    alpha: float = 0.0  # > 0: add alpha x the error to the update, keep (1 - alpha) of it
+
+
+@dataclass
+class LDAdamConfig(AdamConfig):
+    """LDAdam: Adam in a subspace moved every step, moments transported, error feedback."""
+
+    rank: int = 16
+    rho: float = 0.908  # weight of the momentum in the matrix the subspace is fitted to
+    proj_method: str = "power_iteration"  # power_iteration (warm-started) | svd (every step)
+    error_feedback: bool = True
+    error_dtype: str = "param"  # param | float32 | bfloat16: the error buffer's dtype
+    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
 class TrainerConfig:
     lr: float | None = None  # peak lr; null: the optimizer config's own (its paper default)
     max_steps: int = 1000
@@ -490,5 +513,7 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_coap", node=CoapConfig)
     cs.store(group="optimizer", name="base_osd", node=OsdConfig)
     cs.store(group="optimizer", name="base_rso", node=RsoConfig)
+    cs.store(group="optimizer", name="base_microadam", node=MicroAdamConfig)
+    cs.store(group="optimizer", name="base_ldadam", node=LDAdamConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)

@@ -3,13 +3,16 @@
 ``optimizers.build(cfg, model)`` turns ``conf/optimizer/<name>.yaml`` into a
 ``torch.optim.Optimizer``; ``state_nbytes`` reports its state memory by category and
 ``memory_formula`` gives the same bytes in closed form. Importing the package registers every
-method (``baselines``, ``low_rank``, ``layerwise``, ``projection_family``, ``rso``).
+method (``baselines``, ``low_rank``, ``layerwise``, ``projection_family``, ``rso``,
+``microadam``, ``ldadam``).
 """
 
 from optimizers import (  # noqa: F401  (they register the methods)
     baselines,
     layerwise,
+    ldadam,
     low_rank,
+    microadam,
     projection_family,
     rso,
 )

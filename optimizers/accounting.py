@@ -43,6 +43,12 @@ KEY_CATEGORY = {
     "qmap2": "quantization",
     "absmax1": "quantization",
     "absmax2": "quantization",
+    "window_indices": "indices",  # MicroAdam: the sparse gradients' positions ...
+    "window_values": "moments",  # ... and values, from which M and V are rebuilt
+    "error_codes": "error",  # MicroAdam's 4-bit error feedback
+    "error_scale": "quantization",
+    "error_zero": "quantization",
+    "error_feedback": "error",  # LDAdam's error buffer (in its own dtype)
 }
 
 

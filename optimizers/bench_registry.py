@@ -3,10 +3,11 @@
 Each method runs with its own ``conf/optimizer/<name>.yaml`` defaults (the paper's recipe) on the
 same fp32 llama_60m and the same fixed random gradients for every parameter. Reported: the
 optimizer-state bytes (exact, after the timed steps; with the closed-form formula as a check),
-their ratio to AdamW's, the median step time as a ratio to AdamW's, and the first step (which
-computes every initial basis and state) as a ratio too. The memory column answers "how much
-does X save"; the time column is this machine's CPU cost of the update alone, not of training
-(RSO's costs and savings are in the forward and backward: ``optimizers.bench_rso`` measures them).
+per parameter, their ratio to AdamW's, the median step time as a ratio to AdamW's, and the
+first step (which computes every initial basis and state) as a ratio too. The memory column
+answers "how much does X save"; the time column is this machine's CPU cost of the update
+alone, not of training (RSO's costs and savings are in the forward and backward:
+``optimizers.bench_rso`` measures them).
 
     python -m optimizers.bench_registry [--steps 5] [--model llama_60m] [--only a,b]
 """
@@ -84,13 +85,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} threads\n"
     )
     print(
-        "| method | state MiB | state / AdamW | formula = real | step / AdamW "
+        "| method | state MiB | bytes / param | state / AdamW | formula = real | step / AdamW "
         "| first step / AdamW |"
     )
-    print("| --- | ---: | ---: | :---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | :---: | ---: | ---: |")
     for name, r in rows.items():
         print(
-            f"| {name} | {r['bytes'] / 2**20:.1f} | {r['bytes'] / base['bytes']:.3f} | "
+            f"| {name} | {r['bytes'] / 2**20:.1f} | {r['bytes'] / r['params']:.3f} | "
+            f"{r['bytes'] / base['bytes']:.3f} | "
             f"{'yes' if r['formula'] == r['bytes'] else 'NO'} | {r['step'] / base['step']:.2f}x | "
             f"{r['first'] / base['step']:.1f}x |"
         )

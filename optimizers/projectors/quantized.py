@@ -29,9 +29,9 @@ import math
 
 import torch
 
+from kernels.quant_blockwise import BITS, QuantizedTensor, dequantize, quantize, quantized_nbytes
 from optimizers.accounting import CATEGORIES
 from optimizers.projectors.svd import LEFT, SvdProjector
-from kernels.quant_blockwise import BITS, QuantizedTensor, dequantize, quantize, quantized_nbytes
 
 
 class QuantizedSvdProjector(SvdProjector):

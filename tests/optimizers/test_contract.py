@@ -31,6 +31,8 @@ def optimizer_cfg(name: str):
             cfg.interval = 2
     if "density" in cfg:  # FRUGAL: switch blocks within the test
         cfg.update_gap = 2
+    if "window" in cfg:  # MicroAdam: 1% of the toy's small tensors is a handful of values
+        cfg.density = 0.1
     if "min_8bit_size" in cfg:  # the toy's tensors are small: quantise the larger ones
         cfg.min_8bit_size = 300
     return cfg
