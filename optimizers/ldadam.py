@@ -43,6 +43,7 @@ from llm_pretrain.config import LDAdamConfig
 from optimizers.per_parameter import PerParameterOptimizer
 from optimizers.projectors.svd import check_rank_fits
 from optimizers.registry import dtype_bytes, param_groups, register, split_targets
+from optimizers.rules.adam import check_adam_settings
 
 PROJ_METHODS = ("power_iteration", "svd")
 ERROR_DTYPES = {"param": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -67,13 +68,7 @@ class LDAdam(PerParameterOptimizer):
         error_feedback: bool = True,
         error_dtype: str = "param",
     ) -> None:
-        if lr <= 0:
-            raise ValueError(f"optimizer.lr={lr} must be positive")
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"optimizer.betas={list(betas)} must lie in [0, 1)")
-        if eps <= 0 or weight_decay < 0:
-            raise ValueError("optimizer.eps must be positive and optimizer.weight_decay >= 0")
+        b1, b2 = check_adam_settings(lr, betas, eps, weight_decay)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"optimizer.rank={rank} must be a positive integer")
         if not 0.0 <= rho <= 1.0:
@@ -87,16 +82,8 @@ class LDAdam(PerParameterOptimizer):
         self.rank, self.rho, self.proj_method = rank, rho, proj_method
         self.error_feedback, self.error_dtype = error_feedback, error_dtype
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-        for group in self.param_groups:
-            if group["projected"]:
-                names = group.get("param_names") or ["a matrix"] * len(group["params"])
-                for name, p in zip(names, group["params"], strict=True):
-                    if p.dim() != 2:
-                        raise ValueError(
-                            f"{name}: a projected parameter must be a 2-D matrix, got shape "
-                            f"{tuple(p.shape)}; leave it out of optimizer.target_modules"
-                        )
-                    check_rank_fits(rank, tuple(p.shape), name)
+        for name, p in self.projected_matrices():
+            check_rank_fits(rank, tuple(p.shape), name)
 
     # ------------------------------------------------------------------ stepping
     def _update(self, p: torch.Tensor, group: dict) -> None:
@@ -184,17 +171,6 @@ class LDAdam(PerParameterOptimizer):
         return torch.linalg.svd(a, full_matrices=False).U[:, :r]
 
     # ------------------------------------------------------------------ checkpoints, memory
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but every state tensor keeps its saved dtype (an fp32 error buffer of a
-        bf16 model stays fp32)."""
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, saved in state_dict["state"].items():
-            live = self.state[params[index]]
-            for key, value in saved.items():
-                if isinstance(value, torch.Tensor) and live[key].dtype != value.dtype:
-                    live[key] = value.to(device=params[index].device)
-
     def projection_report(self) -> str:
         projected = [p for g in self.param_groups if g["projected"] for p in g["params"]]
         plain = [p for g in self.param_groups if not g["projected"] for p in g["params"]]

@@ -39,9 +39,9 @@ from kernels.quant_blockwise import QuantizedTensor, dequantize, quantize, quant
 from llm_pretrain.config import MicroAdamConfig
 from optimizers.per_parameter import PerParameterOptimizer
 from optimizers.registry import register, trainable_params
+from optimizers.rules.adam import check_adam_settings
 
 ERROR_BITS = 4
-KEYS = ("window_indices", "window_values", "error_codes", "error_scale", "error_zero")
 
 
 class MicroAdam(PerParameterOptimizer):
@@ -58,13 +58,7 @@ class MicroAdam(PerParameterOptimizer):
         quant_group_size: int = 100_000,
         alpha: float = 0.0,
     ) -> None:
-        if lr <= 0:
-            raise ValueError(f"optimizer.lr={lr} must be positive")
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"optimizer.betas={list(betas)} must lie in [0, 1)")
-        if eps <= 0 or weight_decay < 0:
-            raise ValueError("optimizer.eps must be positive and optimizer.weight_decay >= 0")
+        b1, b2 = check_adam_settings(lr, betas, eps, weight_decay)
         if window < 1:
             raise ValueError(f"optimizer.window={window} must be at least 1")
         if not 0.0 < density <= 1.0:
@@ -164,8 +158,7 @@ class MicroAdam(PerParameterOptimizer):
         """Nothing to count: each tensor keeps its own step (its window position)."""
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but the state keeps its saved dtypes (torch would cast the bf16 window
-        values and error scales to an fp32 parameter's dtype)."""
+        """The base class's (saved dtypes kept), after checking the state means the same."""
         for saved in state_dict["state"].values():
             written = (saved["window_values"].shape[0], saved["density"], saved["block_size"])
             if written != (self.window, self.density, self.block_size):
@@ -176,12 +169,6 @@ class MicroAdam(PerParameterOptimizer):
                     "window's indices are relative to Top-K blocks of that size)"
                 )
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, saved in state_dict["state"].items():
-            live = self.state[params[index]]
-            for key in KEYS:
-                if key in saved and live[key].dtype != saved[key].dtype:
-                    live[key] = saved[key].to(device=params[index].device)
 
     def projection_report(self) -> str:
         """The start-up line: what every tensor keeps."""

@@ -39,3 +39,31 @@ class PerParameterOptimizer(torch.optim.Optimizer):
 
     def end_step(self) -> None:
         raise NotImplementedError
+
+    def projected_matrices(self):
+        """(name, parameter) of every parameter in a ``projected`` group, refusing any that is
+        not a 2-D matrix (names come from named parameter groups)."""
+        for group in self.param_groups:
+            if not group.get("projected"):
+                continue
+            names = group.get("param_names") or ["a matrix"] * len(group["params"])
+            for name, p in zip(names, group["params"], strict=True):
+                if p.dim() != 2:
+                    raise ValueError(
+                        f"{name}: a projected parameter must be a 2-D matrix, got shape "
+                        f"{tuple(p.shape)}; leave it out of optimizer.target_modules"
+                    )
+                yield name, p
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but every state tensor keeps the dtype it was saved with: torch casts
+        floating-point state to the parameter's dtype, which would turn fp32 block scales, bf16
+        window values or an fp32 error buffer of a bf16 model into the parameter's dtype and
+        break an exact resume."""
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, saved in state_dict["state"].items():
+            live = self.state[params[index]]
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor) and live[key].dtype != value.dtype:
+                    live[key] = value.to(device=params[index].device)

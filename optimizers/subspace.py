@@ -143,18 +143,10 @@ class SubspaceOptimizer(PerParameterOptimizer):
         self.transition = transition
         self._index = {p: i for i, p in enumerate(self._all_params())}
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-        for group in self.param_groups:
-            if group["projected"]:
-                if projector is None:
-                    raise ValueError("a projected group needs a projector")
-                names = group.get("param_names") or ["a matrix"] * len(group["params"])
-                for name, p in zip(names, group["params"], strict=True):
-                    if p.dim() != 2:
-                        raise ValueError(
-                            f"{name}: a projected parameter must be a 2-D matrix, got shape "
-                            f"{tuple(p.shape)}; leave it out of optimizer.target_modules"
-                        )
-                    projector.check(tuple(p.shape), name)
+        if projector is None and any(g["projected"] for g in self.param_groups):
+            raise ValueError("a projected group needs a projector")
+        for name, p in self.projected_matrices():
+            projector.check(tuple(p.shape), name)
         self._steps = 0  # optimizer steps taken: drives the sampler's periods
         self._unit: dict[torch.Tensor, int] = {}
         self._active: set[int] = set()
@@ -332,20 +324,11 @@ class SubspaceOptimizer(PerParameterOptimizer):
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but every state tensor keeps the dtype it was saved with: torch casts
-        floating-point state to the parameter's dtype, which would turn fp32 block scales or
-        fp32 moments of a bf16 model into bf16 and break an exact resume."""
+        """The base class's (saved dtypes kept), plus the sampler's position."""
         extra = state_dict.get("sampling")
         if extra is None:
             raise ValueError("optimizer state has no 'sampling' entry: not from this optimizer")
-        base = {k: v for k, v in state_dict.items() if k != "sampling"}
-        super().load_state_dict(base)
-        params = self._all_params()
-        for index, saved in state_dict["state"].items():
-            live = self.state[params[index]]
-            for key, value in saved.items():
-                if isinstance(value, torch.Tensor) and live[key].dtype != value.dtype:
-                    live[key] = value.to(device=params[index].device)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "sampling"})
         self._steps = int(extra["steps"])
         if self.sampling is not None:
             active = extra["active"].tolist()
