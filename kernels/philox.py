@@ -5,7 +5,7 @@ materialised matrix are the same numbers.
 Value ``i`` of stream ``seed`` depends only on (seed, i): the counter is (i mod 2^32, i >> 32,
 0, 0), the key (seed mod 2^32, seed >> 32). The integer outputs equal Triton's bit for bit; the
 Gaussian goes through fp32 log, sqrt, cos, which may differ from a GPU's by an ulp or so.
-Unsigned 32-bit arithmetic is emulated in int64 tensors (products split into 16-bit halves).
+Unsigned 32-bit arithmetic is emulated in int64 tensors.
 """
 
 from __future__ import annotations
@@ -19,27 +19,23 @@ ROUNDS = 10
 UNIFORM_SCALE = 4.6566127342e-10  # Triton's: the largest with MAX_INT * scale < 1 in fp32
 
 
-def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of a * b for a (int64 holding uint32) and a uint32 constant."""
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    x, y = a * b_hi, a * b_lo  # each < 2^48
-    hi = (x + (y >> 16)) >> 16
-    lo = (((x & 0xFFFF) << 16) + y) & MASK32
-    return hi, lo
-
-
 def philox(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The four uint32 outputs (as int64) of Philox-4x32-10 for each offset."""
+    """The four uint32 outputs (as int64) of Philox-4x32-10 for each offset.
+
+    A uint32 x uint32 product needs 64 bits: in int64 it wraps modulo 2^64 (two's complement),
+    which keeps its bit pattern, so its high and low words are still ``>> 32`` and ``& MASK32``.
+    """
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed={seed} must lie in [0, 2^64)")
     offsets = offsets.to(torch.int64)
     c0, c1 = offsets & MASK32, (offsets >> 32) & MASK32
-    c2 = c3 = torch.zeros_like(c0)
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(c2, ROUND_B)
-        hi_a, lo_a = _mul_hi_lo(c0, ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        prod_b, prod_a = c2 * ROUND_B, c0 * ROUND_A
+        c0 = (prod_b >> 32).bitwise_and_(MASK32).bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = (prod_a >> 32).bitwise_and_(MASK32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, c3 = prod_b.bitwise_and_(MASK32), prod_a.bitwise_and_(MASK32)
         k0, k1 = (k0 + KEY_A) & MASK32, (k1 + KEY_B) & MASK32
     return c0, c1, c2, c3
 

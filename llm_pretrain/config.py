@@ -236,6 +236,7 @@ class ApolloConfig(AdamConfig):
     limiter: bool = True  # Fira's norm-growth limiter on the update
     limiter_gamma: float = 1.01
     store_projection: bool = False  # keep P in the state instead of regenerating it from a seed
+    projection_rng: str = "torch"  # torch (fast draw, per device type) | philox (any device)
     compat: str = "none"  # none | reference: apollo-torch's seeds, sqrt(scale), stored P
     seed: int = 0
     target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
@@ -292,6 +293,7 @@ class FloraConfig(OptimizerConfig):
     scale_parameter: bool = True  # lr relative to RMS(W), as Adafactor
     proj_type: str = "std"
     compat: str = "none"  # none | reference: flora-opt's seeds
+    projection_rng: str = "torch"  # torch (fast draw, per device type) | philox (any device)
     seed: int = 0
     target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
 
@@ -336,6 +338,7 @@ class RsoConfig(AdamConfig):
     update_gap: int = 200  # tau: inner Adam steps per random subspace
     proximal: float = 0.0  # 1 / eta of the subproblem's (1 / 2 eta) ||B||^2; 0: off
     store_projection: bool = False  # keep P as a buffer instead of redrawing it from its seed
+    projection_rng: str = "torch"  # torch (fast draw, per device type) | philox (any device)
     seed: int = 0
     target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
 

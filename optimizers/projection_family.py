@@ -53,6 +53,7 @@ def build_apollo(cfg: ApolloConfig, model: nn.Module) -> SubspaceOptimizer:
         cfg.proj_type,
         store=cfg.store_projection,
         seeding="reference" if reference else "paper",
+        rng=cfg.projection_rng,
     )
     update = ScaledGradient(cfg.scale_type, cfg.limiter, cfg.limiter_gamma, cfg.scale_front)
     return build_subspace(
@@ -184,7 +185,11 @@ def build_flora(cfg: FloraConfig, model: nn.Module) -> torch.optim.Optimizer:
     )
     # the projector's own schedule is unused: the rule resamples every kappa steps
     projector = GaussianProjector(
-        cfg.rank, cfg.kappa, cfg.proj_type, seeding="flora" if reference else "paper"
+        cfg.rank,
+        cfg.kappa,
+        cfg.proj_type,
+        seeding="flora" if reference else "paper",
+        rng=cfg.projection_rng,
     )
     projected, plain = split_targets(model, list(cfg.target_modules))
     return SubspaceOptimizer(

@@ -11,7 +11,12 @@ activation and gradient memory shrink too, which no gradient-projection method c
 
 P is never stored by default: forward and backward each regenerate it from (seed, draw), the
 same on every DDP rank and after a resume; ``store_projection=true`` keeps it as a
-(non-persistent) buffer to save the draws, counted as projector memory. The seed of a linear
+(non-persistent) buffer to save the draws, counted as projector memory. ``projection_rng``
+picks the generator: ``torch`` draws P with ``torch.Generator`` (the buffer ``rso_draw_device``
+records the device type of the current P's first draw, and a forward on another type is
+refused, since W0 + P B would silently become another model), ``philox`` with Triton's
+Philox, the same P on every device; on CUDA with Triton, x P and (dy B) P^T are then computed
+tile by tile (``kernels/seeded_projection.py``) and P never exists. The seed of a linear
 mixes ``optimizer.seed`` with a hash of its qualified name, so it does not depend on the order
 in which the model was built.
 
@@ -32,32 +37,44 @@ from torch import nn
 from llm_pretrain.config import RsoConfig
 from optimizers.accounting import CATEGORIES, state_nbytes
 from optimizers.per_parameter import PerParameterOptimizer
-from optimizers.projectors.gaussian import draw_seed, gaussian
+from optimizers.projectors.gaussian import (
+    check_draw_device,
+    check_rng,
+    device_code,
+    draw,
+    draw_seed,
+    gaussian,
+    times,
+)
 from optimizers.registry import adam_kwargs, dtype_bytes, register
 from optimizers.rules.adam import AdamRule
 from optimizers.sampling import trainable
 
-SEED_BYTES = 16  # the two int64 buffers (seed, draw) that identify a linear's projection
+SEED_BYTES = 24  # the int64 buffers (seed, draw, draw device) that identify a linear's P
 
 
 class RsoLinearFunction(torch.autograd.Function):
     """y = x W0^T + (x P) B^T + bias, saving x P (not x) for backward.
 
-    ``proj`` is the stored P or None, in which case P is drawn from ``seed`` here and drawn
-    again in backward. W0 is frozen: no gradient is computed for it. Under autocast the forward
-    matmuls run in the autocast dtype; backward computes in the gradient's dtype and returns
-    each gradient in its input's dtype, as autocast's casts would.
+    ``proj`` is the stored P or None, in which case P is drawn from ``seed`` by ``rng`` here and
+    drawn again in backward (with philox on CUDA, inside the matmuls). W0 is frozen: no
+    gradient is computed for it. Under autocast the forward matmuls run in the autocast dtype;
+    backward computes in the gradient's dtype and returns each gradient in its input's dtype,
+    as autocast's casts would.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, b, proj, seed, rank):
+    def forward(ctx, x, weight, bias, b, proj, seed, rank, rng="torch"):
         d_out, d_in = weight.shape
-        p = proj if proj is not None else gaussian((d_in, rank), rank, seed, x.device, b.dtype)
         x2 = x.reshape(-1, d_in)
-        xp = x2 @ p
+        if proj is None and rng == "philox":
+            xp = times(x2, seed, (d_in, rank), rank, rng)
+        else:
+            p = proj if proj is not None else gaussian((d_in, rank), rank, seed, x.device, b.dtype)
+            xp = x2 @ p
         y = torch.addmm(F.linear(x2, weight, bias), xp, b.t())
         ctx.save_for_backward(xp, weight, b, proj)
-        ctx.seed, ctx.rank, ctx.x_shape, ctx.x_dtype = seed, rank, x.shape, x.dtype
+        ctx.seed, ctx.rank, ctx.rng, ctx.x_shape, ctx.x_dtype = seed, rank, rng, x.shape, x.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*x.shape[:-1], d_out)
@@ -70,18 +87,22 @@ class RsoLinearFunction(torch.autograd.Function):
         g = grad_y.reshape(-1, d_out)
         grad_x = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
-            p = (
-                proj
-                if proj is not None
-                else gaussian((d_in, ctx.rank), ctx.rank, ctx.seed, g.device, b.dtype)
-            )
-            gx = torch.addmm(g @ weight.to(dt), g @ b.to(dt), p.to(dt).t())
+            if proj is None and ctx.rng == "philox":  # (dy B) P^T, P drawn inside the matmul
+                back = times(g @ b.to(dt), ctx.seed, (d_in, ctx.rank), ctx.rank, "philox", True)
+                gx = (g @ weight.to(dt)).add_(back)
+            else:
+                p = (
+                    proj
+                    if proj is not None
+                    else gaussian((d_in, ctx.rank), ctx.rank, ctx.seed, g.device, b.dtype)
+                )
+                gx = torch.addmm(g @ weight.to(dt), g @ b.to(dt), p.to(dt).t())
             grad_x = gx.reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             grad_b = (g.t() @ xp.to(dt)).to(b.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, grad_b, None, None, None
+        return grad_x, None, grad_bias, grad_b, None, None, None, None
 
 
 def check_rank(rank: int, shape: tuple[int, int]) -> None:
@@ -97,10 +118,18 @@ class RsoLinear(nn.Module):
     """A linear reparametrized as W0 + P B (see the module docstring). It takes over the
     wrapped linear's ``weight`` (frozen: it is W0) and ``bias`` (still trained), so the model's
     state-dict keys for them do not change; B is ``rso_b``, the projection's identity the
-    buffers ``rso_seed`` and ``rso_draw``."""
+    buffers ``rso_seed``, ``rso_draw`` and ``rso_draw_device`` (-1 until P is first drawn)."""
 
-    def __init__(self, linear: nn.Linear, rank: int, seed: int, store_projection: bool) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        rank: int,
+        seed: int,
+        store_projection: bool,
+        rng: str = "torch",
+    ) -> None:
         super().__init__()
+        check_rng(rng)
         d_out, d_in = linear.weight.shape
         check_rank(rank, (d_out, d_in))
         self.in_features, self.out_features, self.rank = d_in, d_out, rank
@@ -111,9 +140,12 @@ class RsoLinear(nn.Module):
         self.rso_b = nn.Parameter(torch.zeros(d_out, rank, dtype=w.dtype, device=w.device))
         self.register_buffer("rso_seed", torch.tensor(seed, dtype=torch.int64, device=w.device))
         self.register_buffer("rso_draw", torch.tensor(0, dtype=torch.int64, device=w.device))
-        self.store_projection = store_projection
+        self.register_buffer(
+            "rso_draw_device", torch.tensor(-1, dtype=torch.int64, device=w.device)
+        )
+        self.store_projection, self.rng = store_projection, rng
         self.register_buffer("rso_projection", None, persistent=False)
-        self._seed, self._draw = seed, 0
+        self._seed, self._draw, self._draw_device = seed, 0, -1
         self._sync_seed()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_seed())
 
@@ -123,24 +155,50 @@ class RsoLinear(nn.Module):
         if self.weight.device.type == "meta":
             return
         self._seed, self._draw = int(self.rso_seed), int(self.rso_draw)
-        if self.store_projection:
+        self._draw_device = int(self.rso_draw_device)
+        if self.store_projection:  # (re)draw: a loaded state may be at another draw
+            self.rso_projection = None
             self.rso_projection = self.projection()
 
     def draw_seed(self) -> int:
         return draw_seed(self._seed, self._draw)
+
+    def _check_device(self, device: torch.device) -> None:
+        """A torch-drawn P belongs to the device type it was first drawn on (see the module
+        docstring): record it at the first draw of a subspace, refuse any other afterwards."""
+        if self.rng != "torch" or device.type == "meta":
+            return
+        if self._draw_device < 0:
+            self._draw_device = device_code(device)
+            self.rso_draw_device.fill_(self._draw_device)
+        else:
+            check_draw_device(
+                self._draw_device,
+                device,
+                "RSO's P",
+                also="or merge the model there first (optimizers.rso.unwrap)",
+            )
 
     def projection(self) -> torch.Tensor:
         """The current P (d_in x r), in B's dtype: the stored one, or drawn from its seed."""
         if self.rso_projection is not None:
             return self.rso_projection
         w = self.weight
-        return gaussian(
-            (self.in_features, self.rank), self.rank, self.draw_seed(), w.device, w.dtype
-        )
+        self._check_device(w.device)
+        shape = (self.in_features, self.rank)
+        return draw(shape, self.rank, self.draw_seed(), w.device, w.dtype, self.rng)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_device(x.device)
         return RsoLinearFunction.apply(
-            x, self.weight, self.bias, self.rso_b, self.rso_projection, self.draw_seed(), self.rank
+            x,
+            self.weight,
+            self.bias,
+            self.rso_b,
+            self.rso_projection,
+            self.draw_seed(),
+            self.rank,
+            self.rng,
         )
 
     @torch.no_grad()
@@ -152,6 +210,7 @@ class RsoLinear(nn.Module):
     def resample(self) -> None:
         """The next outer iteration: a new P (the next draw of this linear's seed), B = 0."""
         self.rso_draw.add_(1)
+        self.rso_draw_device.fill_(-1)
         self.rso_b.zero_()
         self.rso_projection = None
         self._sync_seed()
@@ -164,7 +223,7 @@ class RsoLinear(nn.Module):
         stored = "stored" if self.store_projection else "regenerated"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, bias={self.bias is not None}, projection={stored}"
+            f"rank={self.rank}, bias={self.bias is not None}, projection={stored} ({self.rng})"
         )
 
 
@@ -200,10 +259,16 @@ def rso_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Modu
 
 
 def wrap(
-    model: nn.Module, targets: list[str], rank: int, seed: int, store_projection: bool = False
+    model: nn.Module,
+    targets: list[str],
+    rank: int,
+    seed: int,
+    store_projection: bool = False,
+    rng: str = "torch",
 ) -> list[RsoLinear]:
     """Replace the targeted linears of ``model`` by ``RsoLinear`` in place (linears already
     wrapped are kept) and return the wrappers in module order."""
+    check_rng(rng)
     shared = _tied_weights(model)
     found = rso_targets(model, targets)
     for name, module in found:  # check them all first: a refusal leaves the model untouched
@@ -220,7 +285,7 @@ def wrap(
         if isinstance(module, RsoLinear):
             wrapped.append(module)
             continue
-        new = RsoLinear(module, rank, linear_seed(seed, name), store_projection)
+        new = RsoLinear(module, rank, linear_seed(seed, name), store_projection, rng)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         wrapped.append(new)
@@ -348,7 +413,7 @@ class RsoOptimizer(PerParameterOptimizer):
         """The projections' identities (and stored P): model buffers that exist for RSO."""
         tensors = []
         for lin in self.linears:
-            tensors += [lin.rso_seed, lin.rso_draw]
+            tensors += [lin.rso_seed, lin.rso_draw, lin.rso_draw_device]
             if lin.rso_projection is not None:
                 tensors.append(lin.rso_projection)
         return {"projector": tensors}
@@ -400,7 +465,14 @@ def build_rso(cfg: RsoConfig, model: nn.Module) -> RsoOptimizer:
         raise ValueError(f"optimizer.rank={cfg.rank} must be >= 1")
     check_outer_loop(cfg.update_gap, cfg.proximal)  # before wrapping: a refusal changes nothing
     kw = adam_kwargs(cfg)
-    linears = wrap(model, list(cfg.target_modules), cfg.rank, cfg.seed, cfg.store_projection)
+    linears = wrap(
+        model,
+        list(cfg.target_modules),
+        cfg.rank,
+        cfg.seed,
+        cfg.store_projection,
+        cfg.projection_rng,
+    )
     bs = {id(lin.rso_b) for lin in linears}
     names = {id(p): n for n, p in model.named_parameters()}
     plain = [p for p in model.parameters() if trainable(p) and id(p) not in bs]

@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Tests run Triton kernels only in Triton's interpreter (CPU tensors). triton.language's own
+# @jit functions (tl.randn, ...) are decorated when triton is first imported, which torch may do
+# at any point, so the interpreter has to be on before that, for the whole session.
+os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -37,6 +42,38 @@ TINY = [
     "eval.tokens=1000",
     "eval.batch_size=8",
 ]
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Triton's interpreter for this test (CPU tensors); triton is a test dependency."""
+    from kernels.dispatch import triton_installed
+
+    if not triton_installed():
+        pytest.fail("triton is not installed: it is a test dependency (pip install -e '.[dev]')")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def triton_dispatch(interpret, monkeypatch):
+    """The kernels' dispatch takes Triton for CPU tensors too (under the interpreter): code that
+    calls a kernel runs its CUDA path on this machine."""
+    from kernels import microadam_update, quant_blockwise, seeded_projection
+
+    class Dispatch:
+        modules = (seeded_projection, quant_blockwise, microadam_update)
+
+        def __init__(self) -> None:
+            self.original = {m: m.use_triton for m in self.modules}
+            for module in self.modules:
+                monkeypatch.setattr(module, "use_triton", lambda *tensors: True)
+
+        def undo(self) -> None:
+            """Back to the normal rule (the reference, on CPU) within the test."""
+            for module, rule in self.original.items():
+                module.use_triton = rule
+
+    return Dispatch()
 
 
 @pytest.fixture(scope="session")

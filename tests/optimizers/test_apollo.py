@@ -167,7 +167,10 @@ def test_paper_mode_stores_no_projection_and_equals_a_stored_one():
     for p in lean.param_groups[0]["params"]:
         assert all(
             k
-            in ("side", "full_dim", "draws", "seed", "step", "exp_avg", "exp_avg_sq", "update_norm")
+            in (
+                *("side", "full_dim", "draws", "seed", "draw_device", "step"),
+                *("exp_avg", "exp_avg_sq", "update_norm"),
+            )
             for k in lean.state[p]
         )
 
