@@ -364,3 +364,16 @@ def test_rso_trains_the_model_and_resumes_exactly(tmp_path):
     ckpt = tmp_path / "straight" / "checkpoints" / "step_00000005.pt"
     resumed = losses_of(tmp_path / "resumed", [*short, f"checkpoint.resume={ckpt}"])
     assert len(resumed) == 5 and resumed == straight[5:]
+
+
+def test_a_stored_projection_is_redrawn_for_the_loaded_draw():
+    """Loading a state at draw 2 into a fresh model (at draw 0) gives the draw-2 P, not the one
+    drawn when the fresh model was wrapped."""
+    trained = RsoLinear(nn.Linear(12, 8), 3, seed=4, store_projection=True)
+    trained(torch.randn(2, 12))
+    for _ in range(2):
+        trained.resample()
+    fresh = RsoLinear(nn.Linear(12, 8), 3, seed=4, store_projection=True)
+    assert not torch.equal(fresh.projection(), trained.projection())
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh.projection(), trained.projection())
