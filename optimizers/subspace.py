@@ -147,6 +147,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
             raise ValueError("a projected group needs a projector")
         for name, p in self.projected_matrices():
             projector.check(tuple(p.shape), name)
+        self._batched = self._can_batch()
         self._steps = 0  # optimizer steps taken: drives the sampler's periods
         self._unit: dict[torch.Tensor, int] = {}
         self._active: set[int] = set()
@@ -162,6 +163,21 @@ class SubspaceOptimizer(PerParameterOptimizer):
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
+
+    def _can_batch(self) -> bool:
+        """Whether the projected matrices can step together (APOLLO's composition: a residual
+        and a rule with multi-tensor forms, nothing per-matrix between projection and update)."""
+        return (
+            getattr(self.residual, "batchable", False)
+            and hasattr(self.rule, "directions")
+            and not hasattr(self.rule, "lr_factor")
+            and not getattr(self.rule, "full_space", False)
+            and not hasattr(self.projector, "post_step")
+            and self.sampling is None
+            and self.weight_quant is None
+            and self.transition is None
+            and not self.reset_on_refresh
+        )
 
     # ------------------------------------------------------------------ stepping
     def end_step(self) -> None:
@@ -191,6 +207,70 @@ class SubspaceOptimizer(PerParameterOptimizer):
         if s.inactive_mode == "inherit":
             return mode, s.inactive_weight
         return s.inactive_mode, 1.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """As ``PerParameterOptimizer.step``; a batchable composition steps each projected group's
+        matrices of one dtype together (``_update_many``): the same arithmetic, bit for bit, as
+        stepping them one by one, which per-layer updates still do."""
+        if not self._batched:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            ready = [p for p in group["params"] if p.grad is not None]
+            if not group["projected"]:
+                for p in ready:
+                    self._update(p, group)
+                continue
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for p in ready:
+                by_dtype.setdefault(p.dtype, []).append(p)
+            for params in by_dtype.values():
+                self._update_many(params, group)
+        self.end_step()
+        return loss
+
+    def _update_many(self, params: list[torch.Tensor], group: dict) -> None:
+        """``_update`` for projected matrices of one dtype, batched through the rule's and the
+        residual's multi-tensor forms (only for ``_can_batch`` compositions)."""
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError("sparse gradients are not supported")
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd > 0 and self.decay_first:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        grads = [p.grad for p in params]
+        states, lows, steps, grad_norms = [], [], [], []
+        for p, grad in zip(params, grads, strict=True):
+            state = self.state[p]
+            state.setdefault("seed", self.seed * 1_000_003 + self._index[p])
+            step = state.get("step", 0)
+            if self.projector.due(state, step):
+                if getattr(self.projector, "uses_context", False):
+                    self.projector.refresh(state, grad, self._context(p, lr, group))
+                else:
+                    self.projector.refresh(state, grad)
+            lows.append(self.projector.project(state, grad))
+            grad_norms.append(self.residual.grad_norm(state, grad))  # G is still in cache
+            state["step"] = step + 1
+            states.append(state)
+            steps.append(step + 1)
+        directions, corrections = self.rule.directions(states, lows, steps)
+        step_lr = lr * group["lr_scale"]
+        self.residual.apply_many(
+            params,
+            states,
+            grads,
+            lows,
+            directions,
+            grad_norms,
+            self.scale,
+            [-step_lr * c for c in corrections],
+        )
+        if wd > 0 and not self.decay_first:
+            torch._foreach_add_(params, params, alpha=-lr * wd)
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         if p.grad.is_sparse:

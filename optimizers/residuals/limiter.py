@@ -18,3 +18,23 @@ def limit_growth(state: dict, key: str, norm: torch.Tensor, gamma: float) -> tor
         norm = norm / divisor
     state[key] = norm.detach().reshape(())
     return divisor
+
+
+def limit_growth_many(
+    states: list[dict], key: str, norms: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """``limit_growth`` for many updates at once (``norms``: one per state, stacked): the
+    divisors, 1 where a state has no previous norm yet. Element for element the same
+    arithmetic, so the recorded norms and divisors equal the one-at-a-time ones."""
+    if all(key in state for state in states):
+        previous = torch.stack([state[key] for state in states])
+        divisors = torch.clamp(norms / (previous + LIMITER_EPS), min=gamma) / gamma
+        for state, norm in zip(states, (norms / divisors).unbind(), strict=True):
+            state[key] = norm.clone()
+        return divisors
+    divisors = torch.ones_like(norms)
+    for i, (state, norm) in enumerate(zip(states, norms.unbind(), strict=True)):
+        divisor = limit_growth(state, key, norm.clone(), gamma)
+        if divisor is not None:
+            divisors[i] = divisor
+    return divisors

@@ -264,3 +264,37 @@ def test_mini_state_is_sgd_like():
         assert state["exp_avg"].numel() == max(p.shape)
         assert state["update_norm"].numel() == 1
         assert "basis" not in state
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["optimizer.weight_decay=0.1"],
+        ["optimizer.compat=reference"],
+        ["optimizer.limiter=false", "optimizer.proj_type=left"],
+        ["optimizer.scale_front=false", "optimizer.projection_rng=philox"],
+    ],
+)
+def test_apollo_mini_steps_its_matrices_together_bit_for_bit(overrides):
+    """APOLLO-Mini's batched step (multi-tensor Adam on the 1 x n projections, stacked factors
+    and limiter, one foreach addcmul_) gives the weights of stepping matrix by matrix, exactly,
+    across refreshes; channel-wise APOLLO is not batched."""
+    weights = []
+    for batched in (True, False):
+        model = toy_llama()
+        cfg = compose_cfg(["optimizer=apollo_mini", *overrides]).optimizer
+        cfg.update_gap = 3
+        opt = optimizers.build(cfg, model)
+        assert opt._batched
+        opt._batched = batched
+        batch = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        for _ in range(7):
+            model(batch, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+    channel = compose_cfg(["optimizer=apollo"]).optimizer
+    channel.rank = 4
+    assert not optimizers.build(channel, toy_llama())._batched
