@@ -122,6 +122,12 @@ def _reference_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
+def _matrix_by_matrix(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The engine's per-matrix step (what per-layer updates run) instead of its batched one."""
+    opt._batched = False
+    return opt
+
+
 def measure(
     builds: dict[str, tuple[Callable, Callable]], steps: int, gap: int
 ) -> dict[str, dict[str, float]]:
@@ -246,6 +252,13 @@ def main(argv: list[str] | None = None) -> None:
     for label, cfg in ours.items():
         builds[label] = (
             lambda m, c=cfg: optimizers.build(c, _as_linears(m)),
+            lambda o: sum(optimizers.state_nbytes(o).values()),
+        )
+    if args.family == "projection":  # the batched APOLLO-Mini step against its per-matrix form
+        builds["apollo_mini (ours, matrix by matrix)"] = (
+            lambda m, c=ours["apollo_mini (ours)"]: _matrix_by_matrix(
+                optimizers.build(c, _as_linears(m))
+            ),
             lambda o: sum(optimizers.state_nbytes(o).values()),
         )
     if not torch.cuda.is_available():  # the reference 8-bit GaLore calls it unconditionally
