@@ -276,6 +276,9 @@ class DctConfig(AdamConfig):
     selection_norm: float = 1.0  # l_p norm of the columns of S = G C that ranks them
     transform: str = "matmul"  # matmul (stored DCT basis, GEMMs) | fft (Makhoul, no basis)
     rotate_subspace: bool = False  # carry the moments to the new columns (0/1 matching)
+    use_ef: bool = False  # error feedback: what the columns drop goes into the next gradient
+    ef_bits: int = 0  # 0: the error in full (parameter dtype) | 4 | 8: quantized per group
+    ef_group_size: int = 0  # 0: one quantization group per row (the reference's bucket)
     target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
 
 

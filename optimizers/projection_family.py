@@ -18,6 +18,7 @@ from llm_pretrain.config import (
     I3SConfig,
     OsdConfig,
 )
+from optimizers.error_feedback import ErrorFeedback
 from optimizers.low_rank import build_subspace, galore_projector
 from optimizers.projectors import CoordinateProjector
 from optimizers.projectors.coap import CoapProjector
@@ -111,8 +112,20 @@ def build_dct_adamw(cfg: DctConfig, model: nn.Module) -> torch.optim.Optimizer:
         cfg.refresh_phase,
     )
     transition = MomentTransition("abs") if cfg.rotate_subspace else None
+    if not cfg.use_ef and (cfg.ef_bits or cfg.ef_group_size):
+        raise ValueError(
+            f"optimizer.ef_bits={cfg.ef_bits} / ef_group_size={cfg.ef_group_size} shape the "
+            "error feedback, which is off: set optimizer.use_ef=true, or leave them at 0"
+        )
+    error_feedback = ErrorFeedback(cfg.ef_bits, cfg.ef_group_size) if cfg.use_ef else None
     return _galore_like(
-        cfg, model, projector, eps_placement="torch", decay_first=True, transition=transition
+        cfg,
+        model,
+        projector,
+        eps_placement="torch",
+        decay_first=True,
+        transition=transition,
+        error_feedback=error_feedback,
     )
 
 

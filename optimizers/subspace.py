@@ -114,6 +114,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
         state_free=None,
         weight_quant=None,
         transition=None,
+        error_feedback=None,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"optimizer.lr={lr} must be positive")
@@ -141,6 +142,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
         if transition is not None and reset_on_refresh:
             raise ValueError("moments are either reset or carried into the new basis, not both")
         self.transition = transition
+        self.error_feedback = error_feedback
         self._index = {p: i for i, p in enumerate(self._all_params())}
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         if projector is None and any(g["projected"] for g in self.param_groups):
@@ -176,6 +178,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
             and self.sampling is None
             and self.weight_quant is None
             and self.transition is None
+            and self.error_feedback is None
             and not self.reset_on_refresh
         )
 
@@ -310,6 +313,9 @@ class SubspaceOptimizer(PerParameterOptimizer):
             direction, correction = self.plain_rule.direction(state, grad, step)
             p.add_(direction, alpha=-lr * correction)
             return
+        ef = self.error_feedback if mode == "projected" else None
+        if ef is not None:  # A = G + E: the projector selects and projects A
+            grad = ef.corrected(state, grad)
         refreshed = self.projector.due(state, step)
         if refreshed:
             # the basis entries before the refresh (a refresh assigns new tensors, never
@@ -326,6 +332,8 @@ class SubspaceOptimizer(PerParameterOptimizer):
             elif old is not None:
                 self.transition.apply(state, old, self.projector)
         low = self.projector.project(state, grad)
+        if ef is not None:  # E <- A - back(project(A))
+            ef.record(state, grad, self.projector, low)
         state["step"] = step = step + 1
         factor = self.rule.lr_factor(tuple(p.shape)) if hasattr(self.rule, "lr_factor") else 1.0
         if mode == "complement":  # GUM's full-rank branch: the rule on G - P P^T G
@@ -512,6 +520,9 @@ class SubspaceOptimizer(PerParameterOptimizer):
             out[key] = out.get(key, 0) + n
         if mode == "projected" and self.residual is not None:
             for key, n in self.residual.extra_memory(dtype).items():
+                out[key] = out.get(key, 0) + n
+        if mode == "projected" and self.error_feedback is not None:
+            for key, n in self.error_feedback.memory(shape, dtype).items():
                 out[key] = out.get(key, 0) + n
         return out
 
