@@ -44,7 +44,7 @@ from optimizers.projectors.gaussian import (
     draw,
     draw_seed,
     gaussian,
-    times,
+    philox_times,
 )
 from optimizers.registry import adam_kwargs, dtype_bytes, register
 from optimizers.rules.adam import AdamRule
@@ -68,7 +68,7 @@ class RsoLinearFunction(torch.autograd.Function):
         d_out, d_in = weight.shape
         x2 = x.reshape(-1, d_in)
         if proj is None and rng == "philox":
-            xp = times(x2, seed, (d_in, rank), rank, rng)
+            xp = philox_times(x2, seed, (d_in, rank), rank)
         else:
             p = proj if proj is not None else gaussian((d_in, rank), rank, seed, x.device, b.dtype)
             xp = x2 @ p
@@ -88,7 +88,7 @@ class RsoLinearFunction(torch.autograd.Function):
         grad_x = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
             if proj is None and ctx.rng == "philox":  # (dy B) P^T, P drawn inside the matmul
-                back = times(g @ b.to(dt), ctx.seed, (d_in, ctx.rank), ctx.rank, "philox", True)
+                back = philox_times(g @ b.to(dt), ctx.seed, (d_in, ctx.rank), ctx.rank, True)
                 gx = (g @ weight.to(dt)).add_(back)
             else:
                 p = (

@@ -256,7 +256,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
                 else:
                     self.projector.refresh(state, grad)
             lows.append(self.projector.project(state, grad))
-            grad_norms.append(self.residual.grad_norm(state, grad))  # G is still in cache
+            grad_norms.append(self.residual.grad_norm(grad))  # while G is still in cache
             state["step"] = step + 1
             states.append(state)
             steps.append(step + 1)

@@ -112,21 +112,13 @@ def draw(
     return gaussian(shape, rank, seed, device, dtype)
 
 
-def times(
-    x: torch.Tensor,
-    seed: int,
-    shape: tuple[int, int],
-    rank: int,
-    rng: str = "torch",
-    transpose: bool = False,
+def philox_times(
+    x: torch.Tensor, seed: int, shape: tuple[int, int], rank: int, transpose: bool = False
 ) -> torch.Tensor:
-    """x @ P (or x @ P^T) for the seeded P of ``shape``; with ``philox`` on CUDA P is drawn
-    tile by tile inside the matmul and never exists as a whole."""
-    if rng == "philox":
-        scale = 1.0 / math.sqrt(rank)
-        return seeded_projection.seeded_matmul(x, seed, shape, scale, transpose)
-    p = gaussian(shape, rank, seed, x.device, x.dtype)
-    return x @ (p.T if transpose else p)
+    """x @ P (or x @ P^T) for the philox P of ``shape``, N(0, 1/rank): on CUDA P is drawn tile
+    by tile inside the matmul and never exists as a whole."""
+    scale = 1.0 / math.sqrt(rank)
+    return seeded_projection.seeded_matmul(x, seed, shape, scale, transpose)
 
 
 class GaussianProjector:
@@ -235,8 +227,8 @@ class GaussianProjector:
         if self._tiled(state):
             seed, shape = self._seed_and_shape(state, grad.device)
             if state["side"] == LEFT:  # P^T G = (G^T P)^T
-                return times(grad.T, seed, shape, self.rank, "philox").T
-            return times(grad, seed, shape, self.rank, "philox", transpose=True)
+                return philox_times(grad.T, seed, shape, self.rank).T
+            return philox_times(grad, seed, shape, self.rank, transpose=True)
         p = self.basis(state, grad)
         return p.T @ grad if state["side"] == LEFT else grad @ p.T
 
@@ -244,8 +236,8 @@ class GaussianProjector:
         if self._tiled(state):
             seed, shape = self._seed_and_shape(state, low.device)
             if state["side"] == LEFT:  # P L = (L^T P^T)^T
-                return times(low.T, seed, shape, self.rank, "philox", transpose=True).T
-            return times(low, seed, shape, self.rank, "philox")
+                return philox_times(low.T, seed, shape, self.rank, transpose=True).T
+            return philox_times(low, seed, shape, self.rank)
         p = self.basis(state, low)
         return p @ low if state["side"] == LEFT else low @ p
 

@@ -56,7 +56,7 @@ class ScaledGradient:
                 factor = factor / divisor
         p.addcmul_(grad, factor, value=step_size * scale)
 
-    def grad_norm(self, state: dict, grad: torch.Tensor) -> torch.Tensor:
+    def grad_norm(self, grad: torch.Tensor) -> torch.Tensor:
         """||G|| for ``apply_many``, taken right after the projection while G is in cache."""
         return grad.norm()
 
