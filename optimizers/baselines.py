@@ -18,6 +18,7 @@ from llm_pretrain.config import (
 )
 from optimizers.adam_mini import AdamMini, second_moment_numel
 from optimizers.composite import CompositeOptimizer
+from optimizers.per_parameter import closure_loss
 from optimizers.registry import (
     adam_kwargs,
     dtype_bytes,
@@ -172,10 +173,7 @@ class Muon(torch.optim.Muon):
         dtype = resolve_ns_dtype(self.ns_dtype, device)
         if dtype == torch.bfloat16:
             return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
             for p in group["params"]:

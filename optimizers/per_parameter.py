@@ -11,15 +11,20 @@ from __future__ import annotations
 import torch
 
 
+def closure_loss(closure):
+    """The loss of ``step(closure)``: the closure re-evaluated with gradients on, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class PerParameterOptimizer(torch.optim.Optimizer):
     _group_of: dict[torch.Tensor, dict]
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:

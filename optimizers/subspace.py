@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from optimizers.accounting import CATEGORIES, state_nbytes
-from optimizers.per_parameter import PerParameterOptimizer
+from optimizers.per_parameter import PerParameterOptimizer, closure_loss
 from optimizers.rules import AdamRule
 from optimizers.sampling import LayerSampler
 
@@ -218,10 +218,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
         stepping them one by one, which per-layer updates still do."""
         if not self._batched:
             return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             ready = [p for p in group["params"] if p.grad is not None]
             if not group["projected"]:

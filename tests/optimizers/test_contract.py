@@ -66,18 +66,19 @@ def test_decreases_the_loss(name):
     assert losses[-1] < 0.8 * losses[0]  # Flora (RMS-relative lr, momentum): 0.75
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_state_dict_round_trip_resumes_bit_identically(name):
-    cfg = optimizer_cfg(name)
+def check_exact_resume(cfg, before: int = 3, after: int = 3) -> None:
+    """Train ``before`` steps, save model, optimizer and schedule through ``torch.save`` +
+    ``torch.load(weights_only=True)``, resume in a fresh model for ``after`` steps: the weights
+    equal those of ``before + after`` straight steps, bit for bit."""
     tc = TrainerConfig(max_steps=10, warmup_steps=2)
     straight = toy_model()
     opt = optimizers.build(cfg, straight)
-    train_steps(straight, opt, 6, build_scheduler(opt, tc))
+    train_steps(straight, opt, before + after, build_scheduler(opt, tc))
 
     first = toy_model()
     opt1 = optimizers.build(cfg, first)
     sched1 = build_scheduler(opt1, tc)
-    train_steps(first, opt1, 3, sched1)  # crosses a subspace refresh (update_gap=2)
+    train_steps(first, opt1, before, sched1)
     buf = io.BytesIO()
     torch.save(
         {"opt": opt1.state_dict(), "sched": sched1.state_dict(), "model": first.state_dict()}, buf
@@ -91,8 +92,39 @@ def test_state_dict_round_trip_resumes_bit_identically(name):
     sched2 = build_scheduler(opt2, tc)  # before loading: LambdaLR's constructor resets the lr
     opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])
-    train_steps(resumed, opt2, 3, sched2)
+    train_steps(resumed, opt2, after, sched2)
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_dict_round_trip_resumes_bit_identically(name):
+    check_exact_resume(optimizer_cfg(name))  # crosses a subspace refresh (update_gap=2)
+
+
+# each of our own step() implementations: the engine per matrix (galore) and batched
+# (apollo_mini), Muon inside a composite, RSO, MicroAdam and LDAdam; the wrapped libraries
+# (torch, bitsandbytes) implement the closure themselves
+OWN_STEPS = ["galore", "apollo_mini", "muon", "rso", "microadam", "ldadam"]
+
+
+@pytest.mark.parametrize("name", OWN_STEPS)
+def test_step_takes_a_closure(name):
+    """``step(closure)`` (torch's protocol) returns the closure's loss and takes the same step."""
+    cfg = optimizer_cfg(name)
+    plain, with_closure = toy_model(), toy_model()
+    losses = train_steps(plain, optimizers.build(cfg, plain), 1)
+    opt = optimizers.build(cfg, with_closure)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = with_closure(BATCH, BATCH)
+        loss.backward()
+        return loss
+
+    for want in losses:
+        assert float(opt.step(closure).detach()) == want
+    for a, b in zip(plain.parameters(), with_closure.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

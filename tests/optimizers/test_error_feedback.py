@@ -1,8 +1,6 @@
 """DCT-AdamW's error feedback (``use_ef``): against the reference algorithm written out on dense
 tensors, nothing lost over the steps, exact state bytes, resume, and its settings."""
 
-import copy
-import io
 import math
 
 import pytest
@@ -14,7 +12,7 @@ from kernels.quant_blockwise import dequantize, quantize
 from optimizers.error_feedback import ErrorFeedback
 from optimizers.projectors.dct import DctProjector
 from tests.conftest import compose_cfg, toy_llama
-from tests.optimizers.test_contract import real_state_bytes, train_steps
+from tests.optimizers.test_contract import check_exact_resume, real_state_bytes, train_steps
 
 RANK, LR, WD, STEPS = 3, 0.01, 0.1, 6
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -122,24 +120,7 @@ def test_state_bytes_are_exact_and_match_the_formula(bits, dtype):
 
 @pytest.mark.parametrize("bits", [0, 4])
 def test_resume_continues_bit_identically(bits):
-    cfg = dct_cfg(ef_bits=bits)
-    straight = toy_llama()
-    opt = optimizers.build(cfg, straight)
-    train_steps(straight, opt, 5)
-    first = toy_llama()
-    opt1 = optimizers.build(cfg, first)
-    train_steps(first, opt1, 2)
-    buf = io.BytesIO()
-    torch.save({"opt": opt1.state_dict(), "model": copy.deepcopy(first.state_dict())}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    resumed = toy_llama(seed=9)
-    opt2 = optimizers.build(cfg, resumed)
-    resumed.load_state_dict(saved["model"])
-    opt2.load_state_dict(saved["opt"])
-    train_steps(resumed, opt2, 3)
-    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    check_exact_resume(dct_cfg(ef_bits=bits), before=2, after=3)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from optimizers.rso import RsoLinear, RsoLinearFunction
 from optimizers.subspace import SubspaceOptimizer
 from tests.conftest import compose_cfg, toy_llama
 from tests.optimizers.test_apollo import make_params, run
+from tests.optimizers.test_contract import train_steps
 
 RANK, GAP = 4, 3
 
@@ -120,15 +121,7 @@ def test_every_seeded_method_trains_with_philox(name):
     model = toy_llama()
     cfg = compose_cfg([f"optimizer={name}", "optimizer.projection_rng=philox"]).optimizer
     cfg.rank = 4
-    opt = optimizers.build(cfg, model)
-    batch = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(4):
-        loss = model(batch, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+    losses = train_steps(model, optimizers.build(cfg, model), 4)
     assert losses[-1] < losses[0]
 
 
