@@ -142,7 +142,8 @@ class QGaLoreConfig(GaLore8bitConfig):
     queue_size: int = 5  # over the last this many refreshes
     growth: float = 2.0  # gap <- floor(gap x growth)
     abs_cos: bool = True  # |cos| (SVD signs are arbitrary); false: the reference's signed cos
-    weight_quant: bool = True  # INT8 (simulated) weights for the projected matrices
+    weight_quant: bool = True  # INT8 weights for the projected matrices
+    weight_storage: str = "simulated"  # simulated (any world size) | int8 (codes: 1 B/weight)
     stochastic_round: bool = True
     weight_group_size: int = 256
     compat: str = "none"  # none | reference: q-galore-torch's integer zero points, signed cos

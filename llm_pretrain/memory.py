@@ -29,7 +29,11 @@ def _unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    return _unique_nbytes(model.parameters())
+    """Parameters' storages, plus the codes, scales and zero points of weights stored as INT8
+    (Q-GaLore's ``Int8Linear``, whose parameter is a one-element placeholder)."""
+    from optimizers.int8_linear import stored_weight_tensors
+
+    return _unique_nbytes([*model.parameters(), *stored_weight_tensors(model)])
 
 
 def grad_bytes(model: nn.Module) -> int:

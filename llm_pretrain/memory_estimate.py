@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 import optimizers
 from llm_pretrain.config import ModelConfig
 from llm_pretrain.model import build_model
+from optimizers.int8_linear import stored_weight_tensors
 
 PRECISIONS = ("fp32", "bf16_autocast", "bf16")
 LINEARS = {
@@ -180,7 +181,8 @@ def estimate(cfg: DictConfig, precision: str | None = None) -> Estimate:
         warnings.simplefilter("ignore")  # e.g. bitsandbytes' notices about the meta device
         optimizer = optimizers.build(cfg.optimizer, model)
     params = {id(p): p for p in model.parameters()}.values()
-    weights = sum(p.numel() * p.element_size() for p in params)
+    # storages, not numel: Q-GaLore's INT8 weights are codes behind a one-element placeholder
+    weights = sum(t.untyped_storage().nbytes() for t in [*params, *stored_weight_tensors(model)])
     trained = [p for p in params if p.requires_grad]
     if cfg.trainer.per_layer_update:  # each gradient is consumed in its own hook
         gradients = max((p.numel() * p.element_size() for p in trained), default=0)

@@ -3,7 +3,10 @@ Q-GaLore, Fira, FRUGAL and GUM."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from llm_pretrain import distributed
@@ -15,6 +18,7 @@ from llm_pretrain.config import (
     GumConfig,
     QGaLoreConfig,
 )
+from optimizers.int8_linear import wrap_int8
 from optimizers.projectors import CoordinateProjector, SvdProjector
 from optimizers.projectors.quantized import QuantizedSvdProjector
 from optimizers.registry import (
@@ -23,12 +27,13 @@ from optimizers.registry import (
     param_groups,
     register,
     split_targets,
+    targeted_linears,
 )
 from optimizers.residuals import NormScaledResidual, StateFreeResidual
 from optimizers.rules import AdamRule, BlockwiseAdam8bitRule, MuonRule
 from optimizers.sampling import LayerSampler, decoder_layers
 from optimizers.subspace import Sampling, SubspaceOptimizer
-from optimizers.weight_quant import Int8Weights
+from optimizers.weight_quant import Int8Storage, Int8Weights
 
 
 def galore_projector(cfg: GaLoreConfig, **extra) -> SvdProjector:
@@ -91,7 +96,15 @@ def build_galore_8bit(cfg: GaLore8bitConfig, model: nn.Module) -> torch.optim.Op
     return build_subspace(cfg, model, rule=_rule_8bit(cfg))
 
 
-@register("q_galore", built_formula("q_galore"), model_level=True)
+def _q_galore_formula(model: nn.Module, cfg: QGaLoreConfig, steps: int) -> dict[str, int]:
+    """Optimizer state does not depend on how the weights are stored: the simulated build,
+    which leaves the model as it is (INT8 storage would wrap its linears)."""
+    simulated = copy.copy(cfg) if not isinstance(cfg, DictConfig) else cfg.copy()
+    simulated.weight_storage = "simulated"
+    return build_q_galore(simulated, model).memory_formula(steps)
+
+
+@register("q_galore", _q_galore_formula, model_level=True)
 def build_q_galore(cfg: QGaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Q-GaLore (Zhang et al. 2024): 8-bit GaLore whose projector is stored in 4 bits and
     refreshed lazily, with the projected weights kept on an INT8 grid."""
@@ -115,13 +128,44 @@ def build_q_galore(cfg: QGaLoreConfig, model: nn.Module) -> torch.optim.Optimize
         abs_cos=cfg.abs_cos and not reference,
         zero_point=zero_point,
     )
-    weights = (
-        Int8Weights(cfg.weight_group_size, cfg.stochastic_round, zero_point)
-        if cfg.weight_quant
-        else None
-    )
+    weights = _int8_weights(cfg, model, zero_point)
     return build_subspace(
         cfg, model, rule=_rule_8bit(cfg), projector=projector, weight_quant=weights
+    )
+
+
+WEIGHT_STORAGES = ("simulated", "int8")
+
+
+def _int8_weights(cfg: QGaLoreConfig, model: nn.Module, zero_point: str):
+    """Q-GaLore's INT8 weights: simulated (the parameters stay in their dtype, on the INT8 grid)
+    or stored as codes, the targeted linears wrapped in ``Int8Linear`` (single process)."""
+    if cfg.weight_storage not in WEIGHT_STORAGES:
+        raise ValueError(
+            f"optimizer.weight_storage={cfg.weight_storage!r}: use one of {WEIGHT_STORAGES}"
+        )
+    if not cfg.weight_quant:
+        if cfg.weight_storage != "simulated":
+            raise ValueError(
+                "optimizer.weight_storage=int8 stores INT8 weights, which "
+                "optimizer.weight_quant=false turns off: drop one of the two"
+            )
+        return None
+    if cfg.weight_storage == "simulated":
+        return Int8Weights(cfg.weight_group_size, cfg.stochastic_round, zero_point)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise ValueError(
+            "optimizer.weight_storage=int8 is single-process (as the reference's real INT8): "
+            "DDP broadcasts into each weight, which is stored as codes here. Use "
+            "optimizer.weight_storage=simulated for multi-GPU runs (the same arithmetic)"
+        )
+    found = targeted_linears(model, list(cfg.target_modules))
+    linears = wrap_int8(model, found, cfg.weight_group_size, zero_point)
+    return Int8Storage(
+        {lin.weight: lin for lin in linears},
+        cfg.weight_group_size,
+        cfg.stochastic_round,
+        zero_point,
     )
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from llm_pretrain.config import OptimizerConfig
 from optimizers import accounting
+from optimizers.int8_linear import Int8Linear
 from optimizers.sampling import trainable
 
 Builder = Callable[[OptimizerConfig, nn.Module], torch.optim.Optimizer]
@@ -81,16 +82,22 @@ def adam_kwargs(cfg) -> dict:
     return dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def targeted_linears(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the linears (``nn.Linear``, or Q-GaLore's ``Int8Linear``) whose
+    qualified name contains one of ``targets``."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Int8Linear)) and any(t in name for t in targets)
+    ]
+
+
 def split_targets(model: nn.Module, targets: list[str]) -> tuple[list, list]:
     """(projected, plain) named parameters: the weights of ``nn.Linear`` modules whose qualified
     name contains one of ``targets`` (the papers' rule: "attn", "mlp"), and everything else."""
     if not targets:
         raise ValueError("optimizer.target_modules is empty: name the modules to project")
-    chosen = {
-        f"{name}.weight"
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(t in name for t in targets)
-    }
+    chosen = {f"{name}.weight" for name, _ in targeted_linears(model, targets)}
     if not chosen:
         raise ValueError(
             f"optimizer.target_modules={list(targets)} matches no nn.Linear of the model; "

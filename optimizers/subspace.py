@@ -279,22 +279,34 @@ class SubspaceOptimizer(PerParameterOptimizer):
         if mode == "frozen":
             return
         lr, wd = group["lr"], group["weight_decay"]
+        # Q-GaLore's INT8 weights: the step goes to a float view of the weight (the parameter
+        # itself when simulated, a dequantized temporary when stored as codes)
+        quantized = self.weight_quant is not None and group["projected"]
+        w = self.weight_quant.begin(p) if quantized else p
         if wd > 0 and self.decay_first:
-            p.mul_(1.0 - lr * wd)
+            w.mul_(1.0 - lr * wd)
         grad = p.grad if weight == 1.0 else p.grad * weight
         step_lr = lr * group["lr_scale"]
         if mode == "state_free":
-            self.state_free.step(p, grad, step_lr)
+            self.state_free.step(w, grad, step_lr)
         else:
-            self._stateful_update(p, grad, mode, step_lr, group)
+            self._stateful_update(p, w, grad, mode, step_lr, group)
         if wd > 0 and not self.decay_first:
-            p.add_(p, alpha=-lr * wd)
-        if self.weight_quant is not None and group["projected"]:
-            self.weight_quant.apply(p, self.state[p])  # Q-GaLore: back onto the INT8 grid
+            w.add_(w, alpha=-lr * wd)
+        if quantized:
+            self.weight_quant.end(p, w, self.state[p])  # back onto the INT8 grid
 
     def _stateful_update(
-        self, p: torch.Tensor, grad: torch.Tensor, mode: str, lr: float, group: dict
+        self,
+        p: torch.Tensor,
+        w: torch.Tensor,
+        grad: torch.Tensor,
+        mode: str,
+        lr: float,
+        group: dict,
     ) -> None:
+        """One step of ``p``'s state with ``grad``, applied to the weight ``w`` (``p`` itself
+        unless its weight is stored elsewhere, see ``_update``)."""
         state = self.state[p]
         state.setdefault("seed", self.seed * 1_000_003 + self._index[p])
         step = state.get("step", 0)
@@ -303,12 +315,12 @@ class SubspaceOptimizer(PerParameterOptimizer):
             # Flora: the rule steps the weight itself; the projector compresses its momentum
             state["step"] = step + 1
             projector = self.projector if mode == "projected" else None
-            full_space.step(p, state, grad, lr, projector, self._context(p, lr, group))
+            full_space.step(w, state, grad, lr, projector, self._context(p, lr, group))
             return
         if mode == "plain":
             state["step"] = step = step + 1
             direction, correction = self.plain_rule.direction(state, grad, step)
-            p.add_(direction, alpha=-lr * correction)
+            w.add_(direction, alpha=-lr * correction)
             return
         ef = self.error_feedback if mode == "projected" else None
         if ef is not None:  # A = G + E: the projector selects and projects A
@@ -337,15 +349,15 @@ class SubspaceOptimizer(PerParameterOptimizer):
             residual = grad.clone()  # G - P P^T G, in one buffer
             self.projector.add_back(state, residual, low, -1.0)
             direction, correction = self.rule.direction(state, residual, step)
-            p.add_(direction, alpha=-lr * correction * factor)
+            w.add_(direction, alpha=-lr * correction * factor)
             return
         direction, correction = self.rule.direction(state, low, step)
         step_size = -lr * correction * factor
         if self.residual is None:  # GaLore: W += step_size * scale * back(N), in one GEMM
-            self.projector.add_back(state, p, direction, step_size * self.scale)
+            self.projector.add_back(state, w, direction, step_size * self.scale)
         else:
             self.residual.apply(
-                p, state, grad, low, direction, self.projector, self.scale, step_size, lr
+                w, state, grad, low, direction, self.projector, self.scale, step_size, lr
             )
         if hasattr(self.projector, "post_step") and not refreshed:  # OSD: P_t -> P_{t+1}
             self.projector.post_step(state, grad, self._context(p, lr, group))

@@ -101,11 +101,15 @@ def test_every_category_is_predicted_exactly_on_llama_20m(name):
         ("galore", ["optimizer.rank=8", "trainer.per_layer_update=true", "trainer.precision=fp32"]),
         ("rso", ["optimizer.rank=8", "trainer.precision=bf16_autocast"]),
         ("lisa", ["optimizer.active_layers=1", "trainer.precision=fp32"]),
+        (
+            "q_galore",
+            ["optimizer.rank=8", "optimizer.weight_storage=int8", "trainer.precision=bf16"],
+        ),
     ],
 )
 def test_the_training_summary_matches_the_estimate(tmp_path, name, extra):
     """Through the real training loop: precision modes, per-layer updates (one gradient alive at
-    a time), a model wrapper and a layer sampler."""
+    a time), model wrappers (RSO; Q-GaLore's INT8-stored weights) and a layer sampler."""
     overrides = [*TINY, f"optimizer={name}", *extra, "trainer.max_steps=1"]
     overrides += ["trainer.global_batch_size=4", "trainer.eval_at_start=false"]
     cfg = compose_cfg(overrides)
