@@ -74,6 +74,7 @@ def activation_bytes_formula(
     rso_rank: int | None = None,
     rso_targets: list[str] | tuple[str, ...] = (),
     frozen_layers: int = 0,
+    int8_targets: list[str] | tuple[str, ...] = (),
 ) -> int:
     """Bytes saved for backward by one forward of ``micro_batch`` sequences of ``seq_len``.
 
@@ -83,7 +84,10 @@ def activation_bytes_formula(
     flash kernels and flash-attn alike); the MLP keeps gate, silu(gate), up and down_proj's input.
     Under autocast every linear keeps its own bf16 copy of its input and of its weight (per
     micro-batch, not per token), and RoPE's cos and sin in bf16. An RSO-wrapped linear keeps
-    x P (r values) instead of its input, and no weight copy. In a layer a sampler has frozen
+    x P (r values) instead of its input, and no weight copy. A linear whose weight is stored as
+    INT8 codes (Q-GaLore, ``int8_targets``) keeps its input as it arrives (under autocast the
+    fp32 norm output, shared by the linears that read it, instead of one bf16 cast each) and
+    no weight copy: it dequantizes the weight again in backward. In a layer a sampler has frozen
     (LISA, BAdam, OwLore), no weight needs a gradient, so the linears' inputs and the norms'
     outputs are not kept. The head keeps the token ids, the final norm, lm_head's input and the
     fp32 logits the loss reads, and the targets.
@@ -100,21 +104,32 @@ def activation_bytes_formula(
         if rso_rank is not None and any(t in f"model.layers.0.{name}" for t in rso_targets)
     }
     r = rso_rank or 0
+    stored = {
+        name
+        for group in LINEARS.values()
+        for name in group
+        if any(t in f"model.layers.0.{name}" for t in int8_targets)
+    }
 
     def norm() -> int:  # fp32 input (a copy when the model is bf16), 1/rms, normalised output
         return 4 * C + 4 + (2 * C if precision == "bf16" else 4 * C)
 
-    def linear_inputs(names: tuple[str, ...], width: int) -> int:
-        """Per-token input bytes the linears ``names`` (reading one tensor) keep: one shared
-        copy in fp32 and bf16, one bf16 cast each under autocast; x P instead under RSO."""
-        plain = [n for n in names if n not in wrapped]
-        out = e * r * (len(names) - len(plain))
-        if plain:
-            out += e * width * (len(plain) if autocast else 1)
+    def linear_inputs(names: tuple[str, ...], width: int, input_bytes: int) -> int:
+        """Per-token input bytes the linears ``names`` (reading one tensor of ``input_bytes``
+        per value) keep: one shared copy in fp32 and bf16, one bf16 cast each under autocast
+        (INT8-stored ones share the input as it is); x P instead under RSO."""
+        plain = [n for n in names if n not in wrapped and n not in stored]
+        int8 = [n for n in names if n in stored]
+        out = e * r * (len(names) - len(plain) - len(int8))
+        if autocast:
+            out += e * width * len(plain) + (input_bytes * width if int8 else 0)
+        elif plain or int8:
+            out += e * width
         return out
 
     def weight_copies(names: tuple[str, ...], shapes: dict[str, int]) -> int:
-        return sum(2 * shapes[n] for n in names if n not in wrapped) if autocast else 0
+        kept = [n for n in names if n not in wrapped and n not in stored]
+        return sum(2 * shapes[n] for n in kept) if autocast else 0
 
     shapes = {
         "self_attn.q_proj": C * C,
@@ -129,22 +144,22 @@ def activation_bytes_formula(
     o, gate_up, down = LINEARS["attn"][3:], LINEARS["mlp"][:2], LINEARS["mlp"][2:]
     per_token = (
         norm()
-        + linear_inputs(qkv, C)
+        + linear_inputs(qkv, C, 4)
         + 3 * e * C  # q, k, v after RoPE
         + 4 * h  # log-sum-exp
         + e * C  # attention output = o_proj's input (its view)
         + (e * r if o[0] in wrapped else 0)
         + norm()
-        + linear_inputs(gate_up, C)
+        + linear_inputs(gate_up, C, 4)
         + 3 * e * F  # gate, silu(gate), up
-        + linear_inputs(down, F)
+        + linear_inputs(down, F, e)  # silu(gate) * up, in the compute dtype
     )
     # frozen: the norms' outputs (kept for their weights' gradients) and the plain linears'
     # inputs (for theirs) go; x P stays, as RSO's B is trained in every layer
     frozen_saving = 2 * (4 * C if precision != "bf16" else 2 * C) + (
-        linear_inputs(qkv, C)
-        + linear_inputs(gate_up, C)
-        + linear_inputs(down, F)
+        linear_inputs(qkv, C, 4)
+        + linear_inputs(gate_up, C, 4)
+        + linear_inputs(down, F, e)
         - e * r * len(wrapped - set(o))
     )
     per_layer = weight_copies(qkv + o + gate_up + down, shapes)
@@ -198,6 +213,10 @@ def estimate(cfg: DictConfig, precision: str | None = None) -> Estimate:
         if v
     }
     rso = cfg.optimizer.name == "rso"
+    opt = cfg.optimizer
+    int8 = (
+        opt.name == "q_galore" and opt.get("weight_quant") and opt.get("weight_storage") == "int8"
+    )
     activations = activation_bytes_formula(
         cfg.model,
         precision,
@@ -206,6 +225,7 @@ def estimate(cfg: DictConfig, precision: str | None = None) -> Estimate:
         rso_rank=cfg.optimizer.rank if rso else None,
         rso_targets=list(cfg.optimizer.target_modules) if rso else (),
         frozen_layers=frozen,
+        int8_targets=list(opt.target_modules) if int8 else (),
     )
     return Estimate(
         precision=precision,

@@ -56,7 +56,8 @@ class Int8Weights:
 class Int8Storage(Int8Weights):
     """Real INT8 storage (``optimizers.int8_linear``): the weight is held as codes by its
     ``Int8Linear``; a step dequantizes it into a temporary, updates that, and requantizes it
-    with the same rounding as the simulated weights (the two agree up to float rounding)."""
+    with the simulated weights' rounding: from the same grid values and gradients the two give
+    the same weights bit for bit."""
 
     def __init__(self, modules: dict, group_size: int, stochastic: bool, zero_point: str) -> None:
         super().__init__(group_size, stochastic, zero_point)

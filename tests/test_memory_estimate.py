@@ -105,6 +105,10 @@ def test_every_category_is_predicted_exactly_on_llama_20m(name):
             "q_galore",
             ["optimizer.rank=8", "optimizer.weight_storage=int8", "trainer.precision=bf16"],
         ),
+        *(
+            ("q_galore", ["optimizer.rank=8", "optimizer.weight_storage=int8", f"trainer.{p}"])
+            for p in ("precision=fp32", "precision=bf16_autocast")
+        ),
     ],
 )
 def test_the_training_summary_matches_the_estimate(tmp_path, name, extra):
