@@ -42,7 +42,7 @@ from torch import nn
 from llm_pretrain.config import LDAdamConfig
 from optimizers.per_parameter import PerParameterOptimizer
 from optimizers.projectors.svd import check_rank_fits
-from optimizers.registry import dtype_bytes, param_groups, register, split_targets
+from optimizers.registry import adam_kwargs, dtype_bytes, param_groups, register, split_targets
 from optimizers.rules.adam import check_adam_settings
 
 PROJ_METHODS = ("power_iteration", "svd")
@@ -207,16 +207,11 @@ def state_bytes(shape: tuple[int, ...], projected: bool, cfg: LDAdamConfig, dtyp
 
 @register("ldadam", state_bytes)
 def build_ldadam(cfg: LDAdamConfig, model: nn.Module) -> LDAdam:
-    if len(cfg.betas) != 2:
-        raise ValueError(f"optimizer.betas={list(cfg.betas)} must have two values")
     targeted, plain = split_targets(model, list(cfg.target_modules))
     groups = param_groups(targeted, plain, {"projected": True})
     return LDAdam(
         groups,
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
+        **adam_kwargs(cfg),
         rank=cfg.rank,
         rho=cfg.rho,
         proj_method=cfg.proj_method,

@@ -38,7 +38,7 @@ from kernels.microadam_update import TopKLayout, microadam_update
 from kernels.quant_blockwise import QuantizedTensor, dequantize, quantize, quantized_nbytes
 from llm_pretrain.config import MicroAdamConfig
 from optimizers.per_parameter import PerParameterOptimizer
-from optimizers.registry import register, trainable_params
+from optimizers.registry import adam_kwargs, register, trainable_params
 from optimizers.rules.adam import check_adam_settings
 
 ERROR_BITS = 4
@@ -201,14 +201,9 @@ def _formula(shape, projected, cfg, dtype) -> dict[str, int]:
 
 @register("microadam", _formula)
 def build_microadam(cfg: MicroAdamConfig, model: nn.Module) -> MicroAdam:
-    if len(cfg.betas) != 2:
-        raise ValueError(f"optimizer.betas={list(cfg.betas)} must have two values")
     return MicroAdam(
         trainable_params(model),
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
+        **adam_kwargs(cfg),
         window=cfg.window,
         density=cfg.density,
         block_size=cfg.block_size,
