@@ -554,6 +554,8 @@ class SubspaceOptimizer(PerParameterOptimizer):
         )
         if self.weight_quant is not None:
             parts.append(f"projected matrices as {self.weight_quant.describe()}")
+        if self.error_feedback is not None:
+            parts.append(f"projected matrices with {self.error_feedback.describe()}")
         if self.sampling is not None:
             s = self.sampling
             active = {"inherit": "their usual step", "complement": "the full-rank complement"}

@@ -134,3 +134,11 @@ def test_resume_continues_bit_identically(bits):
 def test_bad_settings_are_explained(overrides, match):
     with pytest.raises(ValueError, match=match):
         optimizers.build(dct_cfg(**overrides), toy_llama())
+
+
+@pytest.mark.parametrize(
+    "bits, says",
+    [(0, "error feedback in full"), (4, "error feedback in 4 bits (one group per row)")],
+)
+def test_the_start_up_report_says_how_the_error_is_kept(bits, says):
+    assert says in optimizers.build(dct_cfg(ef_bits=bits), toy_llama()).projection_report()
