@@ -38,15 +38,15 @@ bench: $(STAMP)
 # Optimizer step cost on llama_60m shapes vs torch AdamW and the reference packages, then every
 # registered method's state memory and step cost on the whole llama_60m.
 bench-optim: $(STAMP)
-	$(PY) -m optimizers.bench $(ARGS)
-	$(PY) -m optimizers.bench --family projection $(ARGS)
-	$(PY) -m optimizers.bench_registry
-	$(PY) -m optimizers.bench_rso
+	$(PY) benchmarks/optimizer_step.py $(ARGS)
+	$(PY) benchmarks/optimizer_step.py --family projection $(ARGS)
+	$(PY) benchmarks/registry_table.py
+	$(PY) benchmarks/rso_memory.py
 
 # experiment=cpu_bench for every registered optimizer (about 2 hours on 2 CPU cores), then the
 # sweep's report (docs/benchmarks.md).
 CPU_BENCH_DIR ?= outputs/sweeps/cpu_bench
-OPTIMIZERS = $(shell $(PY) -c 'import optimizers.registry as r; print(",".join(r.REGISTRY))')
+OPTIMIZERS = $(shell $(PY) -c 'from llmpt.optimizers import api; print(",".join(api.REGISTRY))')
 cpu-bench: $(STAMP)
 	$(PY) -m llm_pretrain.train -m experiment=cpu_bench optimizer=$(OPTIMIZERS) \
 		hydra.sweep.dir=$(CPU_BENCH_DIR) $(ARGS)

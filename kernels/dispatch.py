@@ -54,7 +54,7 @@ def triton_kernels(name: str) -> ModuleType:
     """The module ``kernels/triton_src/<name>.py``, imported once per interpreter mode."""
     key = (name, interpreting())
     if key not in _LOADED:
-        module_name = f"kernels.triton_src.{name}{'_interpreted' if key[1] else ''}"
+        module_name = f"llmpt.kernels.triton_src.{name}{'_interpreted' if key[1] else ''}"
         spec = importlib.util.spec_from_file_location(module_name, SOURCES / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module

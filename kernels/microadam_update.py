@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.dispatch import check_triton, triton_kernels, use_triton
+from llmpt.kernels.dispatch import check_triton, triton_kernels, use_triton
 
 MAX_BLOCK = 2**15  # int16 indices relative to their block
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.dispatch import check_triton, triton_kernels, use_triton
+from llmpt.kernels.dispatch import check_triton, triton_kernels, use_triton
 
 BITS = (4, 8)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import philox
-from kernels.dispatch import check_triton, triton_kernels, use_triton
+from llmpt.kernels import philox
+from llmpt.kernels.dispatch import check_triton, triton_kernels, use_triton
 
 
 def gaussian(seed: int, shape: tuple[int, int], scale: float = 1.0, device=None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-import optimizers
+from llmpt.optimizers import api as optimizers
 
 
 def _unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -31,7 +31,7 @@ def _unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
 def weight_bytes(model: nn.Module) -> int:
     """Parameters' storages, plus the codes, scales and zero points of weights stored as INT8
     (Q-GaLore's ``Int8Linear``, whose parameter is a one-element placeholder)."""
-    from optimizers.int8_linear import stored_weight_tensors
+    from llmpt.optimizers.int8_linear import stored_weight_tensors
 
     return _unique_nbytes([*model.parameters(), *stored_weight_tensors(model)])
 
@@ -158,8 +158,7 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from llm_pretrain.config import check_known_keys, register_configs
-    from llm_pretrain.train import CONF_DIR
+    from llm_pretrain.config import CONF_DIR, check_known_keys, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -175,7 +174,7 @@ def _gib(n: int) -> str:
 
 def render(columns: dict, baseline: str | None) -> str:
     """A markdown table: one column per estimate (GiB), with ratios to ``baseline``."""
-    from optimizers.accounting import CATEGORIES
+    from llmpt.optimizers.accounting import CATEGORIES
 
     names = list(columns)
     rows = [("weights", lambda e: e.weights), ("gradients", lambda e: e.gradients)]

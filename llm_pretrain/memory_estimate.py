@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from omegaconf import DictConfig
 
-import optimizers
 from llm_pretrain.config import ModelConfig
 from llm_pretrain.model import build_model
-from optimizers.int8_linear import stored_weight_tensors
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.int8_linear import stored_weight_tensors
 
 PRECISIONS = ("fp32", "bf16_autocast", "bf16")
 LINEARS = {

@@ -33,9 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
-import optimizers
 from llm_pretrain import checkpoint, data, distributed
-from llm_pretrain.config import check_experiment, check_known_keys, register_configs
+from llm_pretrain.config import CONF_DIR, check_experiment, check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
 from llm_pretrain.loggers import RunLogger
 from llm_pretrain.memory import MemoryReport, activation_bytes
@@ -44,10 +43,10 @@ from llm_pretrain.model import IGNORE_INDEX, Llama, build_model
 from llm_pretrain.schedule import build_scheduler
 from llm_pretrain.summary import format_summary, sweep_row
 from llm_pretrain.tokenizer import load_tokenizer
-from optimizers.sampling import trainable
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.sampling import trainable
 
 log = logging.getLogger("llm_pretrain")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SNAPSHOT_STEPS = 3  # trainer.memory_snapshot covers this process's first 3 steps
 
 # Dense bf16 peak FLOP/s, for MFU (torchtitan's table).

@@ -8,10 +8,13 @@ each block kind, and a LLaMA whose names are not recognised is refused instead o
 
 from __future__ import annotations
 
+import functools
 import math
 
-from adam_mini import Adam_mini
+import torch
 from torch import nn
+
+from llmpt.optimizers.optional import missing_extra
 
 # v1.1.1's name substrings, in the order its step() tests them
 BIAS = ("bias",)
@@ -50,50 +53,71 @@ def second_moment_numel(name: str, shape: tuple[int, ...], dim: int, n_heads: in
     return 1
 
 
-class AdamMini(Adam_mini):
+def AdamMini(  # noqa: N802  (a class to its callers, built on the optional package)
+    model: nn.Module,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
     """The official optimizer, built from a model: ``dim`` and ``n_heads`` come from its config,
     unrecognised names are refused, and the block split is reported at start-up."""
+    return _adam_mini_class()(model, lr, betas, eps, weight_decay)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
-    ) -> None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.kinds = dict.fromkeys(KINDS, 0)
-        for name, p in named:
-            kind = classify(name)
-            self.kinds[kind] += 1
-            if kind in ("query_key", "per_row") and p.dim() != 2:
+
+@functools.cache
+def _adam_mini_class() -> type:
+    """The checked subclass of the official class, defined when an Adam-mini is first built:
+    the official package is optional, and the library imports nothing but torch."""
+    try:
+        from adam_mini import Adam_mini
+    except ImportError as e:
+        raise missing_extra("adam-mini", "adam_mini", "Adam-mini") from e
+
+    class CheckedAdamMini(Adam_mini):
+        def __init__(
+            self,
+            model: nn.Module,
+            lr: float,
+            betas: tuple[float, float],
+            eps: float,
+            weight_decay: float,
+        ) -> None:
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            self.kinds = dict.fromkeys(KINDS, 0)
+            for name, p in named:
+                kind = classify(name)
+                self.kinds[kind] += 1
+                if kind in ("query_key", "per_row") and p.dim() != 2:
+                    raise ValueError(
+                        f"{name}: Adam-mini gives a {kind} block one v per row or head, which "
+                        "needs "
+                        f"a 2-D matrix; got shape {tuple(p.shape)}"
+                    )
+            if not self.kinds["query_key"] or not self.kinds["per_row"]:
                 raise ValueError(
-                    f"{name}: Adam-mini gives a {kind} block one v per row or head, which needs "
-                    f"a 2-D matrix; got shape {tuple(p.shape)}"
+                    f"optimizer=adam_mini recognises no query/key or MLP matrices by name "
+                    f"({self.kinds}); it needs LLaMA names such as q_proj, k_proj, v_proj, o_proj, "
+                    "mlp, embed_tokens, lm_head"
                 )
-        if not self.kinds["query_key"] or not self.kinds["per_row"]:
-            raise ValueError(
-                f"optimizer=adam_mini recognises no query/key or MLP matrices by name "
-                f"({self.kinds}); it needs LLaMA names such as q_proj, k_proj, v_proj, o_proj, "
-                "mlp, embed_tokens, lm_head"
+            super().__init__(
+                named,
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                dim=model.cfg.hidden_size,
+                n_heads=model.cfg.num_heads,
+                verbose=False,
             )
-        super().__init__(
-            named,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            dim=model.cfg.hidden_size,
-            n_heads=model.cfg.num_heads,
-            verbose=False,
-        )
-        # v1.1.1 takes torch.cuda.device_count() as its shard count and all-reduces per-tensor
-        # statistics over it; parameters here are replicated (single process or DDP), never
-        # sharded, so its statistics are already complete on every rank.
-        self.world_size = 1
-        self.check_block_name = False  # its name check only prints; ours above refuses
+            # v1.1.1 takes torch.cuda.device_count() as its shard count and all-reduces per-tensor
+            # statistics over it; parameters here are replicated (single process or DDP), never
+            # sharded, so its statistics are already complete on every rank.
+            self.world_size = 1
+            self.check_block_name = False  # its name check only prints; ours above refuses
 
-    def projection_report(self) -> str:
-        split = ", ".join(f"{n} {k.replace('_', '/')}" for k, n in self.kinds.items() if n)
-        return f"Adam-mini blocks: {split} tensors (one v per head / row / tensor; biases Adam)"
+        def projection_report(self) -> str:
+            split = ", ".join(f"{n} {k.replace('_', '/')}" for k, n in self.kinds.items() if n)
+            return f"Adam-mini blocks: {split} tensors (one v per head / row / tensor; biases Adam)"
+
+    return CheckedAdamMini

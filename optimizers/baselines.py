@@ -8,27 +8,20 @@ import math
 import torch
 from torch import nn
 
-from llm_pretrain.config import (
-    AdafactorConfig,
-    Adam8bitConfig,
-    AdamMiniConfig,
-    AdamWConfig,
-    CameConfig,
-    MuonConfig,
-)
-from optimizers.adam_mini import AdamMini, second_moment_numel
-from optimizers.composite import CompositeOptimizer
-from optimizers.per_parameter import closure_loss
-from optimizers.registry import (
+from llmpt.optimizers.adam_mini import AdamMini, second_moment_numel
+from llmpt.optimizers.composite import CompositeOptimizer
+from llmpt.optimizers.optional import missing_extra
+from llmpt.optimizers.per_parameter import closure_loss
+from llmpt.optimizers.registry import (
     adam_kwargs,
     dtype_bytes,
     register,
     split_targets,
     trainable_params,
 )
-from optimizers.rules.adam8bit import BLOCK, CODE_MAP_BYTES, blockwise_state_nbytes
-from optimizers.rules.muon import muon_lr_factor, newton_schulz, resolve_ns_dtype
-from optimizers.sampling import trainable
+from llmpt.optimizers.rules.adam8bit import BLOCK, CODE_MAP_BYTES, blockwise_state_nbytes
+from llmpt.optimizers.rules.muon import muon_lr_factor, newton_schulz, resolve_ns_dtype
+from llmpt.optimizers.sampling import trainable
 
 
 def _adamw_formula(shape, projected, cfg, dtype) -> dict[str, int]:
@@ -69,12 +62,12 @@ def _adam_mini_formula(model, cfg, steps) -> dict[str, int]:
 
 
 @register("adam_mini", _adam_mini_formula, model_level=True)
-def build_adam_mini(cfg: AdamMiniConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_adam_mini(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return AdamMini(model, **adam_kwargs(cfg))
 
 
 @register("adamw", _adamw_formula)
-def build_adamw(cfg: AdamWConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_adamw(cfg, model: nn.Module) -> torch.optim.Optimizer:
     impl = {
         "auto": {},
         "foreach": {"foreach": True},
@@ -91,11 +84,11 @@ def build_adamw(cfg: AdamWConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 @register("adamw8bit", _adam8bit_formula, _adam8bit_shared)
-def build_adamw8bit(cfg: Adam8bitConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_adamw8bit(cfg, model: nn.Module) -> torch.optim.Optimizer:
     try:
         import bitsandbytes as bnb  # runs on CPU and CUDA since 0.45
     except ImportError as e:
-        raise ImportError("optimizer=adamw8bit needs bitsandbytes: pip install -e '.[bnb]'") from e
+        raise missing_extra("bitsandbytes", "bnb", "8-bit AdamW (optimizer=adamw8bit)") from e
 
     if cfg.block_size != BLOCK:
         raise ValueError(
@@ -108,7 +101,7 @@ def build_adamw8bit(cfg: Adam8bitConfig, model: nn.Module) -> torch.optim.Optimi
 
 
 @register("adafactor", _adafactor_formula)
-def build_adafactor(cfg: AdafactorConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_adafactor(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adafactor(
         trainable_params(model),
         lr=cfg.lr,
@@ -131,8 +124,11 @@ def _came_formula(shape, projected, cfg, dtype) -> dict[str, int]:
 
 
 @register("came", _came_formula)
-def build_came(cfg: CameConfig, model: nn.Module) -> torch.optim.Optimizer:
-    from pytorch_optimizer import CAME
+def build_came(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    try:
+        from pytorch_optimizer import CAME
+    except ImportError as e:
+        raise missing_extra("pytorch-optimizer", "came", "CAME (optimizer=came)") from e
 
     if len(cfg.betas) != 3:
         raise ValueError(f"optimizer.betas={list(cfg.betas)}: CAME takes three betas")
@@ -192,7 +188,7 @@ class Muon(torch.optim.Muon):
 
 
 @register("muon", _muon_formula)
-def build_muon(cfg: MuonConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_muon(cfg, model: nn.Module) -> torch.optim.Optimizer:
     matrices, rest = split_targets(model, list(cfg.target_modules))
     if cfg.adjust_lr_fn not in ("original", "match_rms_adamw"):
         raise ValueError(

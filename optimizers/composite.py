@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from optimizers.accounting import state_nbytes
+from llmpt.optimizers.accounting import state_nbytes
 
 
 class CompositeOptimizer(torch.optim.Optimizer):

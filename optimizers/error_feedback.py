@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from kernels.quant_blockwise import QuantizedTensor, dequantize, quantize, quantized_nbytes
+from llmpt.kernels.quant_blockwise import QuantizedTensor, dequantize, quantize, quantized_nbytes
 
 BITS = (0, 4, 8)
 SCALE_DTYPE = torch.bfloat16

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.quant_blockwise import QuantizedTensor, dequantize, quantize
+from llmpt.kernels.quant_blockwise import QuantizedTensor, dequantize, quantize
 
 
 class Int8LinearFunction(torch.autograd.Function):

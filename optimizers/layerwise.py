@@ -6,21 +6,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llm_pretrain import distributed
-from llm_pretrain.config import (
-    BAdamConfig,
-    LisaConfig,
-    OwLoreConfig,
-)
-from optimizers.low_rank import build_subspace
-from optimizers.registry import (
+from llmpt.optimizers.distributed import replicated_world
+from llmpt.optimizers.low_rank import build_subspace
+from llmpt.optimizers.registry import (
     adam_kwargs,
     built_formula,
     register,
 )
-from optimizers.rules import AdamRule
-from optimizers.sampling import LayerSampler, OutlierWeights, decoder_layers, trainable
-from optimizers.subspace import Sampling, SubspaceOptimizer
+from llmpt.optimizers.rules import AdamRule
+from llmpt.optimizers.sampling import LayerSampler, OutlierWeights, decoder_layers, trainable
+from llmpt.optimizers.subspace import Sampling, SubspaceOptimizer
 
 
 def _layer_sampler(cfg, n_layers: int, order: str | None = None) -> LayerSampler:
@@ -34,7 +29,7 @@ def _layer_sampler(cfg, n_layers: int, order: str | None = None) -> LayerSampler
     )
 
 
-def _layer_wise(cfg: LisaConfig, model: nn.Module, reset_active: bool) -> SubspaceOptimizer:
+def _layer_wise(cfg, model: nn.Module, reset_active: bool) -> SubspaceOptimizer:
     """LISA and BAdam: full Adam (torch's form) on the active decoder layers, the others frozen;
     embeddings, lm_head and the final norm are always trained."""
     if cfg.sampling_order == "weighted":
@@ -48,7 +43,7 @@ def _layer_wise(cfg: LisaConfig, model: nn.Module, reset_active: bool) -> Subspa
         units,
         inactive_mode="frozen",
         reset_active=reset_active,
-        freeze_grads=not distributed.active(),
+        freeze_grads=not replicated_world(),
     )
     named = [(n, p) for n, p in model.named_parameters() if trainable(p)]
     return SubspaceOptimizer(
@@ -56,7 +51,7 @@ def _layer_wise(cfg: LisaConfig, model: nn.Module, reset_active: bool) -> Subspa
         **adam_kwargs(cfg),
         projector=None,
         scale=1.0,
-        rule=AdamRule(tuple(cfg.betas), cfg.eps, "torch"),
+        rule=AdamRule("torch"),
         decay_first=True,
         sampling=sampling,
         seed=cfg.seed,
@@ -64,17 +59,17 @@ def _layer_wise(cfg: LisaConfig, model: nn.Module, reset_active: bool) -> Subspa
 
 
 @register("lisa", built_formula("lisa"), model_level=True)
-def build_lisa(cfg: LisaConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_lisa(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return _layer_wise(cfg, model, reset_active=False)
 
 
 @register("badam", built_formula("badam"), model_level=True)
-def build_badam(cfg: BAdamConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_badam(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return _layer_wise(cfg, model, reset_active=True)
 
 
 @register("owlore", built_formula("owlore"), model_level=True)
-def build_owlore(cfg: OwLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_owlore(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """OwLore (Li et al. 2024): GaLore on the active decoder layers, which are drawn with
     probabilities from their outlier ratio; inactive layers are frozen and their state freed."""
     if cfg.sampling_order not in ("weighted", "uniform"):
@@ -88,7 +83,7 @@ def build_owlore(cfg: OwLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
         _layer_sampler(cfg, len(layers)),
         [[p for p in layer.parameters() if trainable(p)] for _, layer in layers],
         inactive_mode="frozen",
-        freeze_grads=not distributed.active(),
+        freeze_grads=not replicated_world(),
         weights=outliers.weights if weighted else None,
         collect=outliers.collect if weighted else None,
         attach=outliers.attach if weighted else None,

@@ -39,11 +39,16 @@ import math
 import torch
 from torch import nn
 
-from llm_pretrain.config import LDAdamConfig
-from optimizers.per_parameter import PerParameterOptimizer
-from optimizers.projectors.svd import check_rank_fits
-from optimizers.registry import adam_kwargs, dtype_bytes, param_groups, register, split_targets
-from optimizers.rules.adam import check_adam_settings
+from llmpt.optimizers.per_parameter import PerParameterOptimizer
+from llmpt.optimizers.projectors.svd import check_rank_fits
+from llmpt.optimizers.registry import (
+    adam_kwargs,
+    dtype_bytes,
+    param_groups,
+    register,
+    split_targets,
+)
+from llmpt.optimizers.rules.adam import check_adam_settings
 
 PROJ_METHODS = ("power_iteration", "svd")
 ERROR_DTYPES = {"param": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -190,7 +195,7 @@ class LDAdam(PerParameterOptimizer):
         )
 
 
-def state_bytes(shape: tuple[int, ...], projected: bool, cfg: LDAdamConfig, dtype) -> dict:
+def state_bytes(shape: tuple[int, ...], projected: bool, cfg, dtype) -> dict:
     """Closed form: a projected m x n matrix (a = its shorter side, b the longer) holds the basis
     a x r and M, V of r x b in the parameter's dtype, and the a x b error buffer in
     ``error_dtype``; anything else holds AdamW's M and V."""
@@ -206,7 +211,7 @@ def state_bytes(shape: tuple[int, ...], projected: bool, cfg: LDAdamConfig, dtyp
 
 
 @register("ldadam", state_bytes)
-def build_ldadam(cfg: LDAdamConfig, model: nn.Module) -> LDAdam:
+def build_ldadam(cfg, model: nn.Module) -> LDAdam:
     targeted, plain = split_targets(model, list(cfg.target_modules))
     groups = param_groups(targeted, plain, {"projected": True})
     return LDAdam(

@@ -3,40 +3,30 @@ Q-GaLore, Fira, FRUGAL and GUM."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
-from llm_pretrain import distributed
-from llm_pretrain.config import (
-    FiraConfig,
-    FrugalConfig,
-    GaLore8bitConfig,
-    GaLoreConfig,
-    GumConfig,
-    QGaLoreConfig,
-)
-from optimizers.int8_linear import wrap_int8
-from optimizers.projectors import CoordinateProjector, SvdProjector
-from optimizers.projectors.quantized import QuantizedSvdProjector
-from optimizers.registry import (
+from llmpt.optimizers.distributed import replicated_world
+from llmpt.optimizers.int8_linear import wrap_int8
+from llmpt.optimizers.projectors import CoordinateProjector, SvdProjector
+from llmpt.optimizers.projectors.quantized import QuantizedSvdProjector
+from llmpt.optimizers.registry import (
     adam_kwargs,
     built_formula,
     param_groups,
     register,
     split_targets,
     targeted_linears,
+    with_values,
 )
-from optimizers.residuals import NormScaledResidual, StateFreeResidual
-from optimizers.rules import AdamRule, BlockwiseAdam8bitRule, MuonRule
-from optimizers.sampling import LayerSampler, decoder_layers
-from optimizers.subspace import Sampling, SubspaceOptimizer
-from optimizers.weight_quant import Int8Storage, Int8Weights
+from llmpt.optimizers.residuals import NormScaledResidual, StateFreeResidual
+from llmpt.optimizers.rules import AdamRule, BlockwiseAdam8bitRule, MuonRule
+from llmpt.optimizers.sampling import LayerSampler, decoder_layers
+from llmpt.optimizers.subspace import Sampling, SubspaceOptimizer
+from llmpt.optimizers.weight_quant import Int8Storage, Int8Weights
 
 
-def galore_projector(cfg: GaLoreConfig, **extra) -> SvdProjector:
+def galore_projector(cfg, **extra) -> SvdProjector:
     return SvdProjector(
         cfg.rank,
         cfg.update_gap,
@@ -49,11 +39,11 @@ def galore_projector(cfg: GaLoreConfig, **extra) -> SvdProjector:
 
 
 def _rule_8bit(cfg) -> BlockwiseAdam8bitRule:
-    return BlockwiseAdam8bitRule(tuple(cfg.betas), cfg.eps, cfg.min_8bit_size)
+    return BlockwiseAdam8bitRule(cfg.min_8bit_size)
 
 
 def build_subspace(
-    cfg: GaLoreConfig,
+    cfg,
     model: nn.Module,
     residual=None,
     rule=None,
@@ -87,25 +77,23 @@ def build_subspace(
 
 
 @register("galore", built_formula("galore"), model_level=True)
-def build_galore(cfg: GaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_galore(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return build_subspace(cfg, model)
 
 
 @register("galore_8bit", built_formula("galore_8bit"), model_level=True)
-def build_galore_8bit(cfg: GaLore8bitConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_galore_8bit(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return build_subspace(cfg, model, rule=_rule_8bit(cfg))
 
 
-def _q_galore_formula(model: nn.Module, cfg: QGaLoreConfig, steps: int) -> dict[str, int]:
+def _q_galore_formula(model: nn.Module, cfg, steps: int) -> dict[str, int]:
     """Optimizer state does not depend on how the weights are stored: the simulated build,
     which leaves the model as it is (INT8 storage would wrap its linears)."""
-    simulated = copy.copy(cfg) if not isinstance(cfg, DictConfig) else cfg.copy()
-    simulated.weight_storage = "simulated"
-    return build_q_galore(simulated, model).memory_formula(steps)
+    return build_q_galore(with_values(cfg, weight_storage="simulated"), model).memory_formula(steps)
 
 
 @register("q_galore", _q_galore_formula, model_level=True)
-def build_q_galore(cfg: QGaLoreConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_q_galore(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """Q-GaLore (Zhang et al. 2024): 8-bit GaLore whose projector is stored in 4 bits and
     refreshed lazily, with the projected weights kept on an INT8 grid."""
     if cfg.refresh_phase:
@@ -137,7 +125,7 @@ def build_q_galore(cfg: QGaLoreConfig, model: nn.Module) -> torch.optim.Optimize
 WEIGHT_STORAGES = ("simulated", "int8")
 
 
-def _int8_weights(cfg: QGaLoreConfig, model: nn.Module, zero_point: str):
+def _int8_weights(cfg, model: nn.Module, zero_point: str):
     """Q-GaLore's INT8 weights: simulated (the parameters stay in their dtype, on the INT8 grid)
     or stored as codes, the targeted linears wrapped in ``Int8Linear`` (single process)."""
     if cfg.weight_storage not in WEIGHT_STORAGES:
@@ -170,7 +158,7 @@ def _int8_weights(cfg: QGaLoreConfig, model: nn.Module, zero_point: str):
 
 
 @register("fira", built_formula("fira"), model_level=True)
-def build_fira(cfg: FiraConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_fira(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return build_subspace(cfg, model, NormScaledResidual(cfg.mode, cfg.limiter_gamma))
 
 
@@ -185,7 +173,7 @@ FRUGAL_BLOCK_ORDERS = {
 
 
 @register("frugal", built_formula("frugal"), model_level=True)
-def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_frugal(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """FRUGAL (Zmushko et al. 2025): torch-style Adam on the state-full part, signSGD (or SGD)
     on the state-free rest, weight decay first; regular parameters take full Adam."""
     if cfg.projection not in FRUGAL_PROJECTIONS:
@@ -204,7 +192,7 @@ def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
         scale=1.0,
-        rule=AdamRule(tuple(cfg.betas), cfg.eps, "torch"),
+        rule=AdamRule("torch"),
         reset_on_refresh=cfg.reset_statistics,
         decay_first=True,
         seed=cfg.seed,
@@ -234,7 +222,7 @@ def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
             # inactive_rule=none: a zero step, but FRUGAL still decays (and computes) them
             inactive_mode="state_free",
             reset_active=True,
-            freeze_grads=not distributed.active(),
+            freeze_grads=not replicated_world(),
         )
         targeted = {"projected": False, **scaled}
         projector, residual = None, None
@@ -255,7 +243,7 @@ def build_frugal(cfg: FrugalConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 @register("gum", built_formula("gum"), model_level=True)
-def build_gum(cfg: GumConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_gum(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """GUM (Pan et al. 2025): Muon on the GaLore projection of every targeted matrix, except in
     gamma sampled layers per period, which take Muon on the full-rank complement G - P P^T G;
     the importance weights 1/(1-q) and 1/q make the momentum's input unbiased."""
@@ -306,7 +294,7 @@ def build_gum(cfg: GumConfig, model: nn.Module) -> torch.optim.Optimizer:
         projector=projector,
         scale=1.0,
         rule=MuonRule(cfg.momentum, cfg.ns_steps, cfg.adjust_lr_fn, cfg.ns_dtype),
-        plain_rule=AdamRule(tuple(cfg.adamw_betas), cfg.adamw_eps, "torch"),
+        plain_rule=AdamRule("torch"),
         decay_first=True,
         sampling=sampling,
         seed=cfg.seed,

@@ -34,12 +34,11 @@ import math
 import torch
 from torch import nn
 
-from kernels.microadam_update import TopKLayout, microadam_update
-from kernels.quant_blockwise import QuantizedTensor, dequantize, quantize, quantized_nbytes
-from llm_pretrain.config import MicroAdamConfig
-from optimizers.per_parameter import PerParameterOptimizer
-from optimizers.registry import adam_kwargs, register, trainable_params
-from optimizers.rules.adam import check_adam_settings
+from llmpt.kernels.microadam_update import TopKLayout, microadam_update
+from llmpt.kernels.quant_blockwise import QuantizedTensor, dequantize, quantize, quantized_nbytes
+from llmpt.optimizers.per_parameter import PerParameterOptimizer
+from llmpt.optimizers.registry import adam_kwargs, register, trainable_params
+from llmpt.optimizers.rules.adam import check_adam_settings
 
 ERROR_BITS = 4
 
@@ -181,7 +180,7 @@ class MicroAdam(PerParameterOptimizer):
         )
 
 
-def state_bytes(shape: tuple[int, ...], cfg: MicroAdamConfig) -> dict[str, int]:
+def state_bytes(shape: tuple[int, ...], cfg) -> dict[str, int]:
     """Closed-form state of one tensor: 2 m k (indices) + 2 m k (values) + ceil(d / 2) (error
     codes) + 4 ceil(d / q) (bf16 scale and zero point)."""
     d = math.prod(shape)
@@ -200,7 +199,7 @@ def _formula(shape, projected, cfg, dtype) -> dict[str, int]:
 
 
 @register("microadam", _formula)
-def build_microadam(cfg: MicroAdamConfig, model: nn.Module) -> MicroAdam:
+def build_microadam(cfg, model: nn.Module) -> MicroAdam:
     return MicroAdam(
         trainable_params(model),
         **adam_kwargs(cfg),

@@ -9,28 +9,19 @@ import math
 import torch
 from torch import nn
 
-from llm_pretrain.config import (
-    ApolloConfig,
-    CoapConfig,
-    DctConfig,
-    FloraConfig,
-    GrassConfig,
-    I3SConfig,
-    OsdConfig,
-)
-from optimizers.error_feedback import ErrorFeedback
-from optimizers.low_rank import build_subspace, galore_projector
-from optimizers.projectors import CoordinateProjector
-from optimizers.projectors.coap import CoapProjector
-from optimizers.projectors.dct import DctProjector
-from optimizers.projectors.gaussian import GaussianProjector
-from optimizers.projectors.online_pca import OnlinePcaProjector
-from optimizers.registry import built_formula, param_groups, register, split_targets
-from optimizers.residuals.scaled_gradient import ScaledGradient
-from optimizers.rules import AdamRule, BlockwiseAdam8bitRule
-from optimizers.rules.flora import FloraRule
-from optimizers.subspace import SubspaceOptimizer
-from optimizers.transitions import MomentTransition
+from llmpt.optimizers.error_feedback import ErrorFeedback
+from llmpt.optimizers.low_rank import build_subspace, galore_projector
+from llmpt.optimizers.projectors import CoordinateProjector
+from llmpt.optimizers.projectors.coap import CoapProjector
+from llmpt.optimizers.projectors.dct import DctProjector
+from llmpt.optimizers.projectors.gaussian import GaussianProjector
+from llmpt.optimizers.projectors.online_pca import OnlinePcaProjector
+from llmpt.optimizers.registry import built_formula, param_groups, register, split_targets
+from llmpt.optimizers.residuals.scaled_gradient import ScaledGradient
+from llmpt.optimizers.rules import AdamRule, BlockwiseAdam8bitRule
+from llmpt.optimizers.rules.flora import FloraRule
+from llmpt.optimizers.subspace import SubspaceOptimizer
+from llmpt.optimizers.transitions import MomentTransition
 
 COMPAT = ("none", "reference")
 
@@ -41,7 +32,7 @@ def _check_compat(cfg) -> bool:
     return cfg.compat == "reference"
 
 
-def build_apollo(cfg: ApolloConfig, model: nn.Module) -> SubspaceOptimizer:
+def build_apollo(cfg, model: nn.Module) -> SubspaceOptimizer:
     """APOLLO (Zhu et al. 2025): Adam moments on a seeded Gaussian projection R of the gradient
     give the factor ||N|| / ||R|| per channel (or per tensor, APOLLO-Mini) by which the raw
     gradient is scaled; embeddings, lm_head and norms take AdamW in the same optimizer."""
@@ -61,24 +52,24 @@ def build_apollo(cfg: ApolloConfig, model: nn.Module) -> SubspaceOptimizer:
         cfg,
         model,
         residual=update,
-        rule=AdamRule(tuple(cfg.betas), cfg.eps, "hf"),
+        rule=AdamRule("hf"),
         projector=projector,
         scale=math.sqrt(cfg.scale) if reference else cfg.scale,
     )
 
 
 @register("apollo", built_formula("apollo"), model_level=True)
-def build_apollo_channel(cfg: ApolloConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_apollo_channel(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return build_apollo(cfg, model)
 
 
 @register("apollo_mini", built_formula("apollo_mini"), model_level=True)
-def build_apollo_mini(cfg: ApolloConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_apollo_mini(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return build_apollo(cfg, model)
 
 
 @register("grass", built_formula("grass"), model_level=True)
-def build_grass(cfg: GrassConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_grass(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """GRASS (Muhamed et al. 2024): Adam on r rows (or columns) selected by norm; projecting is
     a gather, projecting back a scatter-add into the selected rows, the state r indices."""
     projector = CoordinateProjector(
@@ -93,14 +84,14 @@ def build_grass(cfg: GrassConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 @register("i3s", built_formula("i3s"), model_level=True)
-def build_i3s(cfg: I3SConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_i3s(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """I3S (Zhang et al. 2025): GaLore with singular vectors sampled in proportion to the
     singular values."""
     return _galore_like(cfg, model, galore_projector(cfg, selection="sample"))
 
 
 @register("dct_adamw", built_formula("dct_adamw"), model_level=True)
-def build_dct_adamw(cfg: DctConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_dct_adamw(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """DCT-AdamW (Modoranu et al. 2025): Adam on the DCT columns most aligned with the gradient,
     torch-style eps and weight decay first, as the reference ``DCTAdamW``."""
     projector = DctProjector(
@@ -134,11 +125,11 @@ def _galore_like(
 ) -> SubspaceOptimizer:
     """Adam in the projector's subspace, scale times the back-projection, Adam elsewhere."""
     if rule is None:
-        rule = AdamRule(tuple(cfg.betas), cfg.eps, eps_placement)
+        rule = AdamRule(eps_placement)
     return build_subspace(cfg, model, rule=rule, projector=projector, **engine)
 
 
-def _coap(cfg: CoapConfig, model: nn.Module, rule=None) -> SubspaceOptimizer:
+def _coap(cfg, model: nn.Module, rule=None) -> SubspaceOptimizer:
     if cfg.restore_state and rule is not None:
         raise ValueError(
             "optimizer.restore_state=true carries dense moments into the new basis; the 8-bit "
@@ -152,20 +143,20 @@ def _coap(cfg: CoapConfig, model: nn.Module, rule=None) -> SubspaceOptimizer:
 
 
 @register("coap", built_formula("coap"), model_level=True)
-def build_coap(cfg: CoapConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_coap(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """COAP (Xiao et al. 2025): GaLore with an incrementally updated, correlation-aware basis."""
     return _coap(cfg, model)
 
 
 @register("coap_8bit", built_formula("coap_8bit"), model_level=True)
-def build_coap_8bit(cfg: CoapConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_coap_8bit(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """COAP with blockwise 8-bit subspace moments (the reference's CoapAdamW8bit)."""
-    rule = BlockwiseAdam8bitRule(tuple(cfg.betas), cfg.eps, cfg.min_8bit_size)
+    rule = BlockwiseAdam8bitRule(cfg.min_8bit_size)
     return _coap(cfg, model, rule=rule)
 
 
 @register("osd", built_formula("osd"), model_level=True)
-def build_osd(cfg: OsdConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_osd(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """Online Subspace Descent (Liang et al. 2024): one SVD, then an online-PCA AdamW step on the
     basis at every step."""
     projector = OnlinePcaProjector(
@@ -181,7 +172,7 @@ def build_osd(cfg: OsdConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 @register("flora", built_formula("flora"), model_level=True)
-def build_flora(cfg: FloraConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_flora(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """Flora (Hao et al. 2024): Adafactor whose momentum of each targeted matrix lives in a
     seeded Gaussian projection resampled every ``kappa`` steps; the other tensors keep a full
     momentum, as the reference's uncompressed path."""

@@ -7,23 +7,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from llm_pretrain.config import OptimizerConfig
-from optimizers import accounting
-from optimizers.int8_linear import Int8Linear
-from optimizers.sampling import trainable
+from llmpt.optimizers import accounting
+from llmpt.optimizers.int8_linear import Int8Linear
+from llmpt.optimizers.sampling import trainable
 
-Builder = Callable[[OptimizerConfig, nn.Module], torch.optim.Optimizer]
+# A method's settings: any object with the attributes its builder reads (the app passes its
+# Hydra config, a script may pass a SimpleNamespace); the library imports no config schema.
+Settings = Any
+Builder = Callable[[Settings, nn.Module], torch.optim.Optimizer]
 # (shape, projected?, config, dtype) -> state bytes by category, after the first step
-Formula = Callable[[tuple[int, ...], bool, OptimizerConfig, torch.dtype], dict[str, int]]
+Formula = Callable[[tuple[int, ...], bool, Settings, torch.dtype], dict[str, int]]
 # (all parameter shapes, config) -> bytes held once per optimizer (e.g. shared code maps)
-Shared = Callable[[list[tuple[int, ...]], OptimizerConfig], dict[str, int]]
+Shared = Callable[[list[tuple[int, ...]], Settings], dict[str, int]]
 # (model, config, optimizer steps taken) -> state bytes by category, for methods whose state
 # depends on parameter names or on which layers a sampler has active
-ModelFormula = Callable[[nn.Module, OptimizerConfig, int], dict[str, int]]
+ModelFormula = Callable[[nn.Module, Settings, int], dict[str, int]]
 REGISTRY: dict[str, Builder] = {}
 FORMULAS: dict[str, Formula | ModelFormula] = {}
 SHARED: dict[str, Shared] = {}
@@ -48,9 +51,7 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def memory_formula(
-    name: str, model: nn.Module, cfg: OptimizerConfig, steps: int = 1
-) -> dict[str, int]:
+def memory_formula(name: str, model: nn.Module, cfg, steps: int = 1) -> dict[str, int]:
     """Closed-form optimizer-state bytes of ``model`` under ``cfg`` after ``steps`` optimizer
     steps (>= 1), by category; works on the ``meta`` device, so any model size can be estimated
     without memory. ``steps`` matters only to methods that sample layers."""
@@ -59,7 +60,7 @@ def memory_formula(
     if name in MODEL_LEVEL:
         return FORMULAS[name](model, cfg, steps)
     projected = set()
-    if "target_modules" in cfg:
+    if hasattr(cfg, "target_modules"):
         projected = {id(p) for _, p in split_targets(model, list(cfg.target_modules))[0]}
     params = [p for p in model.parameters() if trainable(p)]
     parts = [FORMULAS[name](tuple(p.shape), id(p) in projected, cfg, p.dtype) for p in params]
@@ -117,7 +118,22 @@ def built_formula(name: str) -> ModelFormula:
     return formula
 
 
-def build(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+def with_values(cfg: Settings, **values) -> Settings:
+    """``cfg`` with some attributes replaced, leaving ``cfg`` itself as it is."""
+    return _Overridden(cfg, values)
+
+
+class _Overridden:
+    def __init__(self, base, values: dict) -> None:
+        self._base, self._values = base, values
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        return self._values[key] if key in self._values else getattr(self._base, key)
+
+
+def build(cfg: Settings, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.name not in REGISTRY:
         raise ValueError(
             f"optimizer.name={cfg.name!r} is not registered; known: {sorted(REGISTRY)}"

@@ -34,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_pretrain.config import RsoConfig
-from optimizers.accounting import CATEGORIES, state_nbytes
-from optimizers.per_parameter import PerParameterOptimizer
-from optimizers.projectors.gaussian import (
+from llmpt.optimizers.accounting import CATEGORIES, state_nbytes
+from llmpt.optimizers.per_parameter import PerParameterOptimizer
+from llmpt.optimizers.projectors.gaussian import (
     check_draw_device,
     check_rng,
     device_code,
@@ -46,9 +45,9 @@ from optimizers.projectors.gaussian import (
     gaussian,
     philox_times,
 )
-from optimizers.registry import adam_kwargs, dtype_bytes, register
-from optimizers.rules.adam import AdamRule
-from optimizers.sampling import trainable
+from llmpt.optimizers.registry import adam_kwargs, dtype_bytes, register
+from llmpt.optimizers.rules.adam import AdamRule
+from llmpt.optimizers.sampling import trainable
 
 SEED_BYTES = 24  # the int64 buffers (seed, draw, draw device) that identify a linear's P
 
@@ -352,7 +351,7 @@ class RsoOptimizer(PerParameterOptimizer):
         check_outer_loop(update_gap, proximal)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rso=False)
         super().__init__(params, defaults)
-        self.rule = AdamRule(tuple(betas), eps, eps_placement="torch")
+        self.rule = AdamRule(eps_placement="torch")
         self.linears, self.update_gap, self.proximal = linears, update_gap, proximal
         self._linear_of = {lin.rso_b: lin for lin in linears}
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -375,7 +374,7 @@ class RsoOptimizer(PerParameterOptimizer):
                 linear.weight.mul_(1.0 - lr * wd)
         state = self.state[p]
         state["step"] = step = state.get("step", 0) + 1
-        direction, correction = self.rule.direction(state, grad, step)
+        direction, correction = self.rule.direction(state, grad, step, group)
         p.add_(direction, alpha=-lr * correction)
 
     def _next_subspace(self) -> None:
@@ -437,7 +436,7 @@ class RsoOptimizer(PerParameterOptimizer):
         )
 
 
-def _rso_formula(model: nn.Module, cfg: RsoConfig, steps: int) -> dict[str, int]:
+def _rso_formula(model: nn.Module, cfg, steps: int) -> dict[str, int]:
     """Closed form without wrapping: per targeted linear, Adam on B (2 r d_out) plus the seed
     and draw buffers (and P when stored); Adam on every other trainable tensor. Moments are
     zeroed in place at a resample, so the bytes do not depend on ``steps``."""
@@ -458,7 +457,7 @@ def _rso_formula(model: nn.Module, cfg: RsoConfig, steps: int) -> dict[str, int]
 
 
 @register("rso", _rso_formula, model_level=True)
-def build_rso(cfg: RsoConfig, model: nn.Module) -> RsoOptimizer:
+def build_rso(cfg, model: nn.Module) -> RsoOptimizer:
     """Wraps the targeted linears of ``model`` in place (see ``wrap``) and returns the
     optimizer of B and of every other trainable tensor."""
     if cfg.rank < 1:

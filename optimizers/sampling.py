@@ -19,7 +19,7 @@ import re
 import torch
 from torch import nn
 
-from llm_pretrain import distributed
+from llmpt.optimizers.distributed import all_reduce_sum
 
 ORDERS = ("uniform", "weighted", "shuffled", "ascending", "descending", "mirror")
 
@@ -166,7 +166,7 @@ class OutlierWeights:
             self.sq.get(m, m.weight.new_zeros(m.in_features, dtype=torch.float32)) for m in mods
         ]
         flat = torch.cat(stats)
-        distributed.all_reduce(flat)  # the same probabilities on every rank
+        all_reduce_sum(flat)  # the same probabilities on every rank
         norms = iter(torch.split(flat.sqrt(), [m.in_features for m in mods]))
         lod = []
         for layer in self.linears:

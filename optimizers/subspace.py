@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from optimizers.accounting import CATEGORIES, state_nbytes
-from optimizers.per_parameter import PerParameterOptimizer, closure_loss
-from optimizers.rules import AdamRule
-from optimizers.sampling import LayerSampler
+from llmpt.optimizers.accounting import CATEGORIES, state_nbytes
+from llmpt.optimizers.per_parameter import PerParameterOptimizer, closure_loss
+from llmpt.optimizers.rules import AdamRule
+from llmpt.optimizers.sampling import LayerSampler
 
 ACTIVE_MODES = ("inherit", "complement")
 INACTIVE_MODES = ("frozen", "state_free", "inherit")
@@ -116,7 +116,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
         transition=None,
         error_feedback=None,
     ) -> None:
-        if lr <= 0:
+        if not lr > 0:  # also refuses NaN
             raise ValueError(f"optimizer.lr={lr} must be positive")
         if weight_decay < 0:
             raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
@@ -135,7 +135,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
                 "use std, reverse_std, left or right"
             )
         self.projector, self.scale, self.residual = projector, scale, residual
-        self.rule = rule if rule is not None else AdamRule(tuple(betas), eps)
+        self.rule = rule if rule is not None else AdamRule()
         self.plain_rule = plain_rule if plain_rule is not None else self.rule
         self.reset_on_refresh, self.decay_first, self.seed = reset_on_refresh, decay_first, seed
         self.sampling, self.state_free, self.weight_quant = sampling, state_free, weight_quant
@@ -147,6 +147,17 @@ class SubspaceOptimizer(PerParameterOptimizer):
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         if projector is None and any(g["projected"] for g in self.param_groups):
             raise ValueError("a projected group needs a projector")
+        if projector is not None and not any(g["projected"] for g in self.param_groups):
+            raise ValueError(
+                f"a projector ({projector.describe()}) was given, but no param group has "
+                "projected=True, so nothing would be projected and every matrix would take full "
+                "Adam: mark the matrices to project with a group {'params': [...], "
+                "'projected': True}"
+            )
+        for group in self.param_groups:  # each group's own values, checked before any step
+            rule = self.rule if group["projected"] else self.plain_rule
+            if hasattr(rule, "check_group"):
+                rule.check_group(group)
         for name, p in self.projected_matrices():
             projector.check(tuple(p.shape), name)
         self._batched = self._can_batch()
@@ -257,7 +268,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
             state["step"] = step + 1
             states.append(state)
             steps.append(step + 1)
-        directions, corrections = self.rule.directions(states, lows, steps)
+        directions, corrections = self.rule.directions(states, lows, steps, group)
         step_lr = lr * group["lr_scale"]
         self.residual.apply_many(
             params,
@@ -319,7 +330,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
             return
         if mode == "plain":
             state["step"] = step = step + 1
-            direction, correction = self.plain_rule.direction(state, grad, step)
+            direction, correction = self.plain_rule.direction(state, grad, step, group)
             w.add_(direction, alpha=-lr * correction)
             return
         ef = self.error_feedback if mode == "projected" else None
@@ -348,10 +359,10 @@ class SubspaceOptimizer(PerParameterOptimizer):
         if mode == "complement":  # GUM's full-rank branch: the rule on G - P P^T G
             residual = grad.clone()  # G - P P^T G, in one buffer
             self.projector.add_back(state, residual, low, -1.0)
-            direction, correction = self.rule.direction(state, residual, step)
+            direction, correction = self.rule.direction(state, residual, step, group)
             w.add_(direction, alpha=-lr * correction * factor)
             return
-        direction, correction = self.rule.direction(state, low, step)
+        direction, correction = self.rule.direction(state, low, step, group)
         step_size = -lr * correction * factor
         if self.residual is None:  # GaLore: W += step_size * scale * back(N), in one GEMM
             self.projector.add_back(state, w, direction, step_size * self.scale)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.quant_blockwise import dequantize, quantize
+from llmpt.kernels.quant_blockwise import dequantize, quantize
 
 
 class Int8Weights:

@@ -16,9 +16,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from llm_pretrain.config import ModelConfig, register_configs
+from llm_pretrain.config import CONF_DIR, ModelConfig, register_configs
 from llm_pretrain.model import Llama, build_model
-from llm_pretrain.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLM_PRETRAIN_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -47,7 +46,7 @@ TINY = [
 @pytest.fixture
 def interpret(monkeypatch):
     """Triton's interpreter for this test (CPU tensors); triton is a test dependency."""
-    from kernels.dispatch import triton_installed
+    from llmpt.kernels.dispatch import triton_installed
 
     if not triton_installed():
         pytest.fail("triton is not installed: it is a test dependency (pip install -e '.[dev]')")
@@ -58,7 +57,7 @@ def interpret(monkeypatch):
 def triton_dispatch(interpret, monkeypatch):
     """The kernels' dispatch takes Triton for CPU tensors too (under the interpreter): code that
     calls a kernel runs its CUDA path on this machine."""
-    from kernels import microadam_update, quant_blockwise, seeded_projection
+    from llmpt.kernels import microadam_update, quant_blockwise, seeded_projection
 
     class Dispatch:
         modules = (seeded_projection, quant_blockwise, microadam_update)

@@ -1,10 +1,10 @@
 import torch
 from torch import nn
 
-import optimizers
 from llm_pretrain.config import AdamWConfig, ModelConfig
 from llm_pretrain.memory import SavedTensorCounter, activation_bytes, grad_bytes, weight_bytes
 from llm_pretrain.model import build_model
+from llmpt.optimizers import api as optimizers
 
 
 def test_saved_tensor_counter_counts_activations_not_parameters():

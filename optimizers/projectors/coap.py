@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from optimizers.projectors.svd import LEFT, SvdProjector
+from llmpt.optimizers.projectors.svd import LEFT, SvdProjector
 
 OMEGA_SEED = 3407
 

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from optimizers.projectors.svd import LEFT, RIGHT, SIDES, side_for
+from llmpt.optimizers.projectors.svd import LEFT, RIGHT, SIDES, side_for
 
 CHOICES = ("columns", "rows")
 SELECTIONS = ("uniform", "top", "norm")

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from optimizers.projectors.svd import LEFT, RIGHT, check_one_sided, side_for
+from llmpt.optimizers.projectors.svd import LEFT, RIGHT, check_one_sided, side_for
 
 TRANSFORMS = ("matmul", "fft")
 

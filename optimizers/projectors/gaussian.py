@@ -37,8 +37,8 @@ import math
 
 import torch
 
-from kernels import seeded_projection
-from optimizers.projectors.svd import LEFT, check_one_sided, check_rank_fits, side_for
+from llmpt.kernels import seeded_projection
+from llmpt.optimizers.projectors.svd import LEFT, check_one_sided, check_rank_fits, side_for
 
 SEEDINGS = ("paper", "reference", "flora")
 RNGS = ("torch", "philox")

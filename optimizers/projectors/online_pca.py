@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from optimizers.projectors.svd import LEFT, SvdProjector
+from llmpt.optimizers.projectors.svd import LEFT, SvdProjector
 
 MODES = ("paper", "code")
 

@@ -29,9 +29,15 @@ import math
 
 import torch
 
-from kernels.quant_blockwise import BITS, QuantizedTensor, dequantize, quantize, quantized_nbytes
-from optimizers.accounting import CATEGORIES
-from optimizers.projectors.svd import LEFT, SvdProjector
+from llmpt.kernels.quant_blockwise import (
+    BITS,
+    QuantizedTensor,
+    dequantize,
+    quantize,
+    quantized_nbytes,
+)
+from llmpt.optimizers.accounting import CATEGORIES
+from llmpt.optimizers.projectors.svd import LEFT, SvdProjector
 
 
 class QuantizedSvdProjector(SvdProjector):

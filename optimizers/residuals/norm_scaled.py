@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from optimizers.projectors import LEFT
-from optimizers.residuals.limiter import LIMITER_EPS, limit_growth
+from llmpt.optimizers.projectors import LEFT
+from llmpt.optimizers.residuals.limiter import LIMITER_EPS, limit_growth
 
 
 class NormScaledResidual:

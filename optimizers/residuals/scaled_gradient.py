@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from optimizers.projectors.svd import LEFT
-from optimizers.residuals.limiter import limit_growth, limit_growth_many
+from llmpt.optimizers.projectors.svd import LEFT
+from llmpt.optimizers.residuals.limiter import limit_growth, limit_growth_many
 
 GRANULARITIES = ("channel", "tensor")
 RATIO_EPS = 1e-8

@@ -14,6 +14,9 @@ import math
 
 import torch
 
+from llmpt.optimizers.optional import missing_extra
+from llmpt.optimizers.rules.adam import AdamRule
+
 BLOCK = 256
 CODE_MAP_BYTES = 2 * 256 * 4  # the signed and unsigned 256-entry fp32 code maps
 
@@ -29,16 +32,16 @@ def blockwise_state_nbytes(shape: tuple[int, ...], min_8bit_size: int) -> dict[s
 
 
 class BlockwiseAdam8bitRule:
-    def __init__(self, betas: tuple[float, float], eps: float, min_8bit_size: int = 4096) -> None:
+    """bitsandbytes' blockwise 8-bit Adam; ``betas`` and ``eps`` come from the parameter's group
+    at every step, as ``AdamRule``'s."""
+
+    def __init__(self, min_8bit_size: int = 4096) -> None:
         try:
             import bitsandbytes.functional as bnbf
         except ImportError as e:
-            raise ImportError(
-                "8-bit optimizer states need bitsandbytes: pip install -e '.[bnb]'"
-            ) from e
+            raise missing_extra("bitsandbytes", "bnb", "8-bit optimizer states") from e
         self.F = bnbf
-        self.beta1, self.beta2 = betas
-        self.eps, self.min_8bit_size = eps, min_8bit_size
+        self.min_8bit_size = min_8bit_size
         self.qmap1 = bnbf.create_dynamic_map(signed=True)
         self.qmap2 = bnbf.create_dynamic_map(signed=False)
 
@@ -51,7 +54,12 @@ class BlockwiseAdam8bitRule:
         """Codes and block scales (or fp32 moments for small tensors), whatever ``dtype``."""
         return blockwise_state_nbytes(shape, self.min_8bit_size)
 
-    def direction(self, state: dict, grad: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
+    check_group = staticmethod(AdamRule.check_group)
+
+    def direction(
+        self, state: dict, grad: torch.Tensor, step: int, group: dict
+    ) -> tuple[torch.Tensor, float]:
+        (beta1, beta2), eps = group["betas"], group["eps"]
         grad = grad.contiguous()
         if "state1" not in state:
             self._init(state, grad)
@@ -65,11 +73,11 @@ class BlockwiseAdam8bitRule:
                 out,
                 state["state1"],
                 state["state2"],
-                self.beta1,
-                self.beta2,
+                beta1,
+                beta2,
                 0.0,
                 0.0,
-                self.eps,
+                eps,
                 step,
                 1.0,
                 self.qmap1,
@@ -84,12 +92,12 @@ class BlockwiseAdam8bitRule:
                 grad,
                 out,
                 state["state1"],
-                self.beta1,
-                self.eps,
+                beta1,
+                eps,
                 step,
                 1.0,
                 state["state2"],
-                self.beta2,
+                beta2,
                 0.0,
                 0.0,
                 0.0,

@@ -83,14 +83,18 @@ class MuonRule:
     def lr_factor(self, shape: tuple[int, int]) -> float:
         return muon_lr_factor(self.adjust_lr, shape)
 
+    @staticmethod
+    def check_group(group: dict) -> None:
+        """Muon's settings are the rule's own (no betas or eps): nothing to check per group."""
+
     def direction(
-        self, state: dict, grad: torch.Tensor, step: int, weight: float = 1.0
+        self, state: dict, grad: torch.Tensor, step: int, group: dict
     ) -> tuple[torch.Tensor, float]:
-        """R <- momentum R + weight * grad; returns NS(R) and 1 (no bias correction)."""
+        """R <- momentum R + grad; returns NS(R) and 1 (no bias correction)."""
         buf = state.get("momentum_buffer")
         if buf is None or buf.shape != grad.shape:  # new, or the branch changed shape
             buf = state["momentum_buffer"] = torch.zeros_like(grad)
-        buf.mul_(self.momentum).add_(grad, alpha=weight)
+        buf.mul_(self.momentum).add_(grad)
         dtype = resolve_ns_dtype(self.ns_dtype, buf.device)
         return newton_schulz(buf, self.ns_steps, dtype).to(buf.dtype), 1.0
 

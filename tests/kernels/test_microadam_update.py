@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.microadam_update import TopKLayout, microadam_update, reference, triton_impl
+from llmpt.kernels.microadam_update import TopKLayout, microadam_update, reference, triton_impl
 
 
 def _window(layout: TopKLayout, rows: int, seed: int = 0):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.quant_blockwise import (
+from llmpt.kernels.quant_blockwise import (
     dequantize,
     pack_4bit,
     quantize,
@@ -159,7 +159,7 @@ def test_integer_input_refused():
 def test_the_triton_quantizer_gives_the_references_codes_bit_for_bit(
     interpret, bits, group_size, scale_dtype
 ):
-    from kernels.quant_blockwise import (
+    from llmpt.kernels.quant_blockwise import (
         dequantize_reference,
         dequantize_triton,
         quantize_reference,
@@ -182,7 +182,7 @@ def test_the_triton_quantizer_gives_the_references_codes_bit_for_bit(
 
 
 def test_the_triton_quantizer_refuses_what_it_does_not_reproduce(interpret):
-    from kernels.quant_blockwise import quantize_triton
+    from llmpt.kernels.quant_blockwise import quantize_triton
 
     with pytest.raises(ValueError, match="stochastic rounding and integer zero points"):
         quantize_triton(torch.randn(10), 8, 4, stochastic=True)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import philox, seeded_projection
-from kernels.dispatch import triton_kernels
+from llmpt.kernels import philox, seeded_projection
+from llmpt.kernels.dispatch import triton_kernels
 
 
 def _triton_draws(seed, offsets):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import optimizers
-from optimizers.projectors.gaussian import GaussianProjector, draw_seed, reference_next_seed
-from optimizers.residuals.scaled_gradient import ScaledGradient
-from optimizers.rules import AdamRule
-from optimizers.subspace import SubspaceOptimizer
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.projectors.gaussian import GaussianProjector, draw_seed, reference_next_seed
+from llmpt.optimizers.residuals.scaled_gradient import ScaledGradient
+from llmpt.optimizers.rules import AdamRule
+from llmpt.optimizers.subspace import SubspaceOptimizer
 from tests.conftest import compose_cfg, toy_llama
 
 SHAPES = [(32, 16), (16, 32), (24, 24)]

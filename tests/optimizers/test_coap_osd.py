@@ -8,13 +8,13 @@ import re
 import pytest
 import torch
 
-import optimizers
-from optimizers.projectors import coap as coap_module
-from optimizers.projectors.coap import CoapProjector, range_finder
-from optimizers.projectors.online_pca import OnlinePcaProjector
-from optimizers.projectors.svd import LEFT, RIGHT
-from optimizers.rules import AdamRule, BlockwiseAdam8bitRule
-from optimizers.subspace import RefreshContext, SubspaceOptimizer
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.projectors import coap as coap_module
+from llmpt.optimizers.projectors.coap import CoapProjector, range_finder
+from llmpt.optimizers.projectors.online_pca import OnlinePcaProjector
+from llmpt.optimizers.projectors.svd import LEFT, RIGHT
+from llmpt.optimizers.rules import AdamRule, BlockwiseAdam8bitRule
+from llmpt.optimizers.subspace import RefreshContext, SubspaceOptimizer
 from tests.conftest import compose_cfg, toy_llama
 
 TALL, WIDE = (20, 12), (12, 20)  # std: a tall matrix keeps columns (RIGHT), a wide one rows
@@ -121,7 +121,7 @@ def test_projector_warm_start_on_a_wide_matrix_converges_to_the_top_left_subspac
     s = [6.0, 5.0, 4.0, 2.0, 1.5, 1.0, 0.5, 0.2]
     g, u, _ = spectral((30, 50), s, seed=7)
     proj = CoapProjector(r, update_gap=2, reproject_factor=3)
-    ctx = RefreshContext(0, AdamRule((0.9, 0.999), 1e-8), 0.01, 0.01)
+    ctx = RefreshContext(0, AdamRule(), 0.01, 0.01)
     state = {}
     proj.refresh(state, g)  # the first refresh: the seeded Gaussian
     assert state["side"] == LEFT and state["basis"].shape == (30, r)

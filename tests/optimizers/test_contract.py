@@ -7,10 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import optimizers
 from llm_pretrain.config import TrainerConfig
 from llm_pretrain.model import build_model
 from llm_pretrain.schedule import build_scheduler
+from llmpt.optimizers import api as optimizers
 from tests.conftest import compose_cfg, toy_llama
 
 METHODS = sorted(optimizers.REGISTRY)
@@ -259,8 +259,8 @@ def _muon_run(opt_cls, steps=4, **kw):
 def test_muon_step_outside_bf16_is_torch_muons_arithmetic(monkeypatch):
     """In bf16 the step is torch.optim.Muon's own; our loop (any other dtype) with its iteration
     forced back to bf16 reproduces it bit for bit; in fp32 (the CPU default) it stays close."""
-    import optimizers.baselines as baselines
-    from optimizers.rules import muon as muon_rule
+    import llmpt.optimizers.baselines as baselines
+    from llmpt.optimizers.rules import muon as muon_rule
 
     reference = _muon_run(torch.optim.Muon)
     same = _muon_run(baselines.Muon, ns_dtype="bfloat16")

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-import optimizers
+from llmpt.optimizers import api as optimizers
 from tests.optimizers.test_contract import METHODS, optimizer_cfg, toy_model
 
 

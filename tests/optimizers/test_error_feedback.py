@@ -7,10 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import optimizers
-from kernels.quant_blockwise import dequantize, quantize
-from optimizers.error_feedback import ErrorFeedback
-from optimizers.projectors.dct import DctProjector
+from llmpt.kernels.quant_blockwise import dequantize, quantize
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.error_feedback import ErrorFeedback
+from llmpt.optimizers.projectors.dct import DctProjector
 from tests.conftest import compose_cfg, toy_llama
 from tests.optimizers.test_contract import check_exact_resume, real_state_bytes, train_steps
 

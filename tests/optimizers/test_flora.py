@@ -4,10 +4,10 @@ resamplings, and the paper mode's properties (projection never stored, momentum 
 import pytest
 import torch
 
-import optimizers
-from optimizers.projectors.gaussian import GaussianProjector, split_seed
-from optimizers.rules.flora import FloraRule
-from optimizers.subspace import SubspaceOptimizer
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.projectors.gaussian import GaussianProjector, split_seed
+from llmpt.optimizers.rules.flora import FloraRule
+from llmpt.optimizers.subspace import SubspaceOptimizer
 from tests.conftest import compose_cfg, toy_llama
 
 SHAPES = [(32, 16), (16, 32), (24, 24)]

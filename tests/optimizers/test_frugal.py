@@ -19,8 +19,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import optimizers
-from optimizers.projectors.svd import LEFT, RIGHT
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.projectors.svd import LEFT, RIGHT
 from tests.conftest import compose_cfg, toy_llama
 
 TOL = 1e-6

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import optimizers
-from optimizers.ldadam import LDAdam
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.ldadam import LDAdam
 from tests.conftest import compose_cfg, toy_llama
 
 

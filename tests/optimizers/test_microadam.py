@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import optimizers
-from kernels.quant_blockwise import QuantizedTensor, dequantize, quantize
-from optimizers.microadam import MicroAdam, state_bytes
+from llmpt.kernels.quant_blockwise import QuantizedTensor, dequantize, quantize
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.microadam import MicroAdam, state_bytes
 from tests.conftest import compose_cfg
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-import optimizers
-from kernels import seeded_projection
-from optimizers.projectors.gaussian import GaussianProjector, draw_seed
-from optimizers.residuals.scaled_gradient import ScaledGradient
-from optimizers.rso import RsoLinear, RsoLinearFunction
-from optimizers.subspace import SubspaceOptimizer
+from llmpt.kernels import seeded_projection
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.projectors.gaussian import GaussianProjector, draw_seed
+from llmpt.optimizers.residuals.scaled_gradient import ScaledGradient
+from llmpt.optimizers.rso import RsoLinear, RsoLinearFunction
+from llmpt.optimizers.subspace import SubspaceOptimizer
 from tests.conftest import compose_cfg, toy_llama
 from tests.optimizers.test_apollo import make_params, run
 from tests.optimizers.test_contract import train_steps

@@ -5,10 +5,10 @@ import io
 import pytest
 import torch
 
-from optimizers.accounting import state_nbytes
-from optimizers.projectors import LEFT, RIGHT, SvdProjector
-from optimizers.projectors.quantized import QuantizedSvdProjector
-from optimizers.subspace import SubspaceOptimizer
+from llmpt.optimizers.accounting import state_nbytes
+from llmpt.optimizers.projectors import LEFT, RIGHT, SvdProjector
+from llmpt.optimizers.projectors.quantized import QuantizedSvdProjector
+from llmpt.optimizers.subspace import SubspaceOptimizer
 
 TALL, WIDE = (96, 48), (40, 120)
 

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-from optimizers.projectors import SvdProjector
-from optimizers.residuals import NormScaledResidual
-from optimizers.subspace import SubspaceOptimizer
+from llmpt.optimizers.projectors import SvdProjector
+from llmpt.optimizers.residuals import NormScaledResidual
+from llmpt.optimizers.subspace import SubspaceOptimizer
 
 SHAPES = [(32, 16), (16, 32), (24, 24)]  # tall (right side), wide (left side), square
 STEPS, GAP, RANK = 7, 3, 4
@@ -130,7 +130,7 @@ def test_fira_paper_and_code_modes_differ_only_when_scale_is_not_one():
 
 def test_galore_8bit_matches_galore_torch_8bit(monkeypatch):
     """8-bit moments in the subspace: 256 x 32 = 8,192 values quantised in 256-value blocks."""
-    from optimizers.rules import BlockwiseAdam8bitRule
+    from llmpt.optimizers.rules import BlockwiseAdam8bitRule
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -197,9 +197,9 @@ def test_q_galore_matches_q_galore_torch_simulate(monkeypatch, weight_quant):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from q_galore_torch import QGaLoreAdamW8bit_simulate
-    from optimizers.projectors.quantized import QuantizedSvdProjector
-    from optimizers.rules import BlockwiseAdam8bitRule
-    from optimizers.weight_quant import Int8Weights
+    from llmpt.optimizers.projectors.quantized import QuantizedSvdProjector
+    from llmpt.optimizers.rules import BlockwiseAdam8bitRule
+    from llmpt.optimizers.weight_quant import Int8Weights
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     shapes, steps, gap = [(512, 256), (256, 512)], 16, 2

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-import optimizers
 from llm_pretrain.memory import SavedTensorCounter, activation_bytes, grad_bytes
 from llm_pretrain.train import train
-from optimizers.projectors.gaussian import draw_seed, gaussian
-from optimizers.rso import RsoLinear, RsoLinearFunction, linear_seed, unwrap, wrap
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.projectors.gaussian import draw_seed, gaussian
+from llmpt.optimizers.rso import RsoLinear, RsoLinearFunction, linear_seed, unwrap, wrap
 from tests.conftest import TINY, compose_cfg, toy_llama
 from tests.test_train import losses_of
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import optimizers
-from optimizers.rules.muon import newton_schulz
-from optimizers.sampling import ORDERS, LayerSampler, OutlierWeights, decoder_layers
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.rules.muon import newton_schulz
+from llmpt.optimizers.sampling import ORDERS, LayerSampler, OutlierWeights, decoder_layers
 from tests.conftest import compose_cfg, toy_llama
 
 BATCH = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))

@@ -8,14 +8,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import optimizers
-from optimizers.accounting import state_nbytes
-from optimizers.projectors import CoordinateProjector, SvdProjector
-from optimizers.projectors.dct import DctProjector, dct_basis, dct_rows, idct_rows
-from optimizers.projectors.svd import LEFT, RIGHT
-from optimizers.rules import AdamRule
-from optimizers.subspace import SubspaceOptimizer
-from optimizers.transitions import MomentTransition
+from llmpt.optimizers import api as optimizers
+from llmpt.optimizers.accounting import state_nbytes
+from llmpt.optimizers.projectors import CoordinateProjector, SvdProjector
+from llmpt.optimizers.projectors.dct import DctProjector, dct_basis, dct_rows, idct_rows
+from llmpt.optimizers.projectors.svd import LEFT, RIGHT
+from llmpt.optimizers.rules import AdamRule
+from llmpt.optimizers.subspace import SubspaceOptimizer
+from llmpt.optimizers.transitions import MomentTransition
 from tests.conftest import compose_cfg, toy_llama
 
 TALL, WIDE = (20, 12), (12, 20)  # std: a tall matrix keeps columns (RIGHT), a wide one rows

@@ -6,7 +6,7 @@ process. Reported per method: the mean time of a step without a subspace refresh
 ``torch.optim.AdamW``; the extra time of a refresh step (all 56 bases at once, as in the
 references); the step time with that refresh amortised over ``--gap`` steps; and the state bytes.
 
-    python -m optimizers.bench [--family galore|projection] [--steps 15] [--rank 128] [--gap 200]
+    python benchmarks/optimizer_step.py [--family galore|projection] [--steps 15] [--rank 128] [--gap 200]
 
 ``--family projection`` times the projection family (APOLLO, APOLLO-Mini, Flora, GRASS, COAP,
 DCT-AdamW, OSD, I3S) beside ``apollo-torch``'s APOLLOAdamW; every method keeps its own refresh
@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 import torch
 
-import optimizers
 from llm_pretrain.config import (
     Adam8bitConfig,
     AdamWConfig,
@@ -39,6 +38,7 @@ from llm_pretrain.config import (
     I3SConfig,
     OsdConfig,
 )
+from llmpt.optimizers import api as optimizers
 
 SHAPES = [(512, 512)] * 4 + [(1376, 512)] * 2 + [(512, 1376)]
 LAYERS = 8

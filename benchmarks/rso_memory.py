@@ -7,7 +7,7 @@ storage once: the plain model's q, k and v share one saved input, gate and up an
 gradient bytes after backward, the optimizer-state bytes, and the forward + backward + step time
 as a ratio to AdamW, both in this process, alternating.
 
-    python -m optimizers.bench_rso [--model llama_60m] [--rank 128] [--batch 4] [--seq 256]
+    python benchmarks/rso_memory.py [--model llama_60m] [--rank 128] [--batch 4] [--seq 256]
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import time
 import torch
 from torch import nn
 
-import optimizers
 from llm_pretrain.memory import SavedTensorCounter, activation_bytes, grad_bytes
 from llm_pretrain.model import build_model
-from optimizers.bench_registry import compose_optimizer
-from optimizers.rso import RsoLinear, rso_targets
+from llmpt.optimizers import api as optimizers
+from registry_table import compose_optimizer
+from llmpt.optimizers.rso import RsoLinear, rso_targets
 
 
 def linear_activation_bytes(model: nn.Module, targets: list[str], batch: torch.Tensor) -> int:

@@ -7,9 +7,9 @@ per parameter, their ratio to AdamW's, the median step time as a ratio to AdamW'
 first step (which computes every initial basis and state) as a ratio too. The memory column
 answers "how much does X save"; the time column is this machine's CPU cost of the update
 alone, not of training (RSO's costs and savings are in the forward and backward:
-``optimizers.bench_rso`` measures them).
+``benchmarks/rso_memory.py`` measures them).
 
-    python -m optimizers.bench_registry [--steps 5] [--model llama_60m] [--only a,b]
+    python benchmarks/registry_table.py [--steps 5] [--model llama_60m] [--only a,b]
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-import optimizers
 from llm_pretrain.config import register_configs
 from llm_pretrain.model import build_model
+from llmpt.optimizers import api as optimizers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
