@@ -6,7 +6,8 @@ process. Reported per method: the mean time of a step without a subspace refresh
 ``torch.optim.AdamW``; the extra time of a refresh step (all 56 bases at once, as in the
 references); the step time with that refresh amortised over ``--gap`` steps; and the state bytes.
 
-    python benchmarks/optimizer_step.py [--family galore|projection] [--steps 15] [--rank 128] [--gap 200]
+    python benchmarks/optimizer_step.py [--family galore|projection] [--steps 15] [--rank 128]
+        [--gap 200]
 
 ``--family projection`` times the projection family (APOLLO, APOLLO-Mini, Flora, GRASS, COAP,
 DCT-AdamW, OSD, I3S) beside ``apollo-torch``'s APOLLOAdamW; every method keeps its own refresh

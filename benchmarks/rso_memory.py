@@ -17,12 +17,12 @@ import statistics
 import time
 
 import torch
+from registry_table import compose_optimizer
 from torch import nn
 
 from llm_pretrain.memory import SavedTensorCounter, activation_bytes, grad_bytes
 from llm_pretrain.model import build_model
 from llmpt.optimizers import api as optimizers
-from registry_table import compose_optimizer
 from llmpt.optimizers.rso import RsoLinear, rso_targets
 
 

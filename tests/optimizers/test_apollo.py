@@ -72,7 +72,7 @@ def ours(mats, vec, rank, scale, scale_type, scale_front, limiter, wd, seeding, 
         projector=GaussianProjector(rank, GAP, proj_type, seeding=seeding),
         scale=math.sqrt(scale) if seeding == "reference" else scale,
         residual=ScaledGradient(scale_type, limiter, 1.01, scale_front),
-        rule=AdamRule((0.9, 0.999), 1e-6, "hf"),
+        rule=AdamRule("hf"),
     )
 
 

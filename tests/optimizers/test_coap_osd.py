@@ -367,8 +367,9 @@ def test_8bit_first_moment_dequantizes_close_to_fp32_adam():
     import bitsandbytes as bnb
 
     shape = (48, 16)
-    rule8 = BlockwiseAdam8bitRule((0.9, 0.999), 1e-6, min_8bit_size=256)
-    rule32 = AdamRule((0.9, 0.999), 1e-6)
+    rule8 = BlockwiseAdam8bitRule(min_8bit_size=256)
+    rule32 = AdamRule()
+    group = {"betas": (0.9, 0.999), "eps": 1e-6}
     ref = torch.nn.Parameter(torch.zeros(shape))
     ref_opt = bnb.optim.Adam8bit([ref], lr=1.0, betas=(0.9, 0.999), eps=1e-6, min_8bit_size=256)
     s8, s32 = {}, {}
@@ -376,8 +377,8 @@ def test_8bit_first_moment_dequantizes_close_to_fp32_adam():
     errors = []
     for t in range(1, 21):
         g = randn(*shape, seed=t) * torch.linspace(0.1, 3.0, shape[1])
-        rule8.direction(s8, g, t)
-        rule32.direction(s32, g, t)
+        rule8.direction(s8, g, t, group)
+        rule32.direction(s32, g, t, group)
         ref.grad = g.clone()
         ref_opt.step()
         assert s8["state1"].dtype == torch.uint8 and s8["absmax1"].shape == (3,)
@@ -390,7 +391,7 @@ def test_8bit_first_moment_dequantizes_close_to_fp32_adam():
     assert max(errors) < 0.03, errors
     # a small tensor keeps fp32 moments, returned as they are
     small = {}
-    rule8.direction(small, randn(4, 4, seed=0), 1)
+    rule8.direction(small, randn(4, 4, seed=0), 1, group)
     assert small["state1"].dtype == torch.float32
     assert rule8.first_moment(small) is small["state1"]
 

@@ -180,7 +180,7 @@ def test_galore_8bit_matches_galore_torch_8bit(monkeypatch):
         weight_decay=0.01,
         projector=SvdProjector(32, GAP, "std"),
         scale=0.25,
-        rule=BlockwiseAdam8bitRule((0.9, 0.999), 1e-8),
+        rule=BlockwiseAdam8bitRule(),
     )
     got = run8(opt, ours_params)
     assert opt.state[ours_params[0]]["state1"].dtype == torch.uint8
@@ -255,7 +255,7 @@ def test_q_galore_matches_q_galore_torch_simulate(monkeypatch, weight_quant):
         weight_decay=0.0,
         projector=projector,
         scale=0.25,
-        rule=BlockwiseAdam8bitRule((0.9, 0.999), 1e-8),
+        rule=BlockwiseAdam8bitRule(),
         weight_quant=Int8Weights(256, stochastic=False, zero_point="integer")
         if weight_quant
         else None,

@@ -549,9 +549,9 @@ def test_outlier_statistics_ignore_eval_and_no_grad_forwards():
 def test_frozen_units_are_marked_for_clipping_also_under_ddp(monkeypatch):
     """Under DDP frozen layers keep requires_grad (DDP needs them) and get gradients; the
     training loop clips over the other parameters, so the norm is the same as on one process."""
-    from llm_pretrain import distributed
+    from llmpt.optimizers import layerwise
 
-    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(layerwise, "replicated_world", lambda: True)
     model = toy(layers=4)
     opt = optimizers.build(method_cfg("lisa", active_layers=1, interval=2), model)
     frozen = {u for u in range(4)} - set(opt.active_units())

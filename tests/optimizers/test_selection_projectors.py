@@ -460,7 +460,7 @@ def test_dct_basis_is_shared_per_dimension_and_memory_matches(transform):
         weight_decay=0.0,
         projector=proj,
         scale=1.0,
-        rule=AdamRule((0.9, 0.999), 1e-8, "torch"),
+        rule=AdamRule("torch"),
         decay_first=True,
         transition=MomentTransition("abs"),
     )
