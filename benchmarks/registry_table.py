@@ -24,9 +24,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from llm_pretrain import optim as optimizers
 from llm_pretrain.config import register_configs
 from llm_pretrain.model import build_model
-from llmpt.optimizers import api as optimizers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

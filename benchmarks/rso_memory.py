@@ -20,9 +20,9 @@ import torch
 from registry_table import compose_optimizer
 from torch import nn
 
+from llm_pretrain import optim as optimizers
 from llm_pretrain.memory import SavedTensorCounter, activation_bytes, grad_bytes
 from llm_pretrain.model import build_model
-from llmpt.optimizers import api as optimizers
 from llmpt.optimizers.rso import RsoLinear, rso_targets
 
 

@@ -6,7 +6,10 @@ of the wrong type fails at composition time with Hydra's own message, before any
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -62,315 +65,53 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
 
-@dataclass
-class AdamConfig(OptimizerConfig):
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-
-
-@dataclass
-class AdamWConfig(AdamConfig):
-    implementation: str = "auto"  # auto | foreach | fused | for_loop
-
-
-@dataclass
-class AdamMiniConfig(AdamConfig):
-    """Adam-mini: dim and heads come from the model config."""
-
-
-@dataclass
-class Adam8bitConfig(AdamConfig):
-    min_8bit_size: int = 4096  # smaller tensors keep 32-bit state (bitsandbytes' rule)
-    block_size: int = 256  # bitsandbytes' blockwise quantisation block (fixed on CPU and GPU)
-
-
-@dataclass
-class AdafactorConfig(OptimizerConfig):
-    beta2_decay: float = -0.8
-    eps1: float | None = None  # None: the parameter dtype's machine epsilon (torch's default)
-    eps2: float = 1e-3
-    clip_threshold: float = 1.0
-
-
-@dataclass
-class CameConfig(OptimizerConfig):
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999, 0.9999])
-    eps1: float = 1e-30
-    eps2: float = 1e-16
-    clip_threshold: float = 1.0
-
-
-@dataclass
-class MuonConfig(OptimizerConfig):
-    """Muon on the targeted matrices, AdamW on everything else (embeddings, lm_head, norms)."""
-
-    momentum: float = 0.95
-    nesterov: bool = True
-    ns_steps: int = 5
-    adjust_lr_fn: str = "match_rms_adamw"  # original | match_rms_adamw (torch.optim.Muon)
-    ns_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-    adamw_lr: float | None = None  # None: the same lr
-    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adamw_eps: float = 1e-8
-
-
-@dataclass
-class GaLoreConfig(AdamConfig):
-    """Low-rank projection with an SVD basis (GaLore); Fira extends it."""
-
-    rank: int = 128
-    update_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"  # std | reverse_std | left | right | full
-    svd_backend: str = "exact"  # exact | randomized (torch.svd_lowrank)
-    svd_power_iters: int = 1  # randomized only: subspace (power) iterations
-    refresh_phase: int = 0  # 1 reproduces pytorch-optimizer's GaLore (refresh at T-1, 2T-1, ...)
-    # Linear weights whose qualified name contains one of these strings are projected.
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-
-
-@dataclass
-class GaLore8bitConfig(GaLoreConfig):
-    min_8bit_size: int = 4096  # smaller (projected) tensors keep fp32 moments
-
-
-@dataclass
-class QGaLoreConfig(GaLore8bitConfig):
-    """Q-GaLore: 8-bit GaLore with a 4-bit projector, lazy refresh and INT8 weights."""
-
-    proj_bits: int = 4  # 4 (codes packed two per byte) | 8
-    proj_group_size: int = 256
-    cos_threshold: float = 0.4  # lazy refresh: grow the gap when the mean cosine reaches this
-    queue_size: int = 5  # over the last this many refreshes
-    growth: float = 2.0  # gap <- floor(gap x growth)
-    abs_cos: bool = True  # |cos| (SVD signs are arbitrary); false: the reference's signed cos
-    weight_quant: bool = True  # INT8 weights for the projected matrices
-    weight_storage: str = "simulated"  # simulated (any world size) | int8 (codes: 1 B/weight)
-    stochastic_round: bool = True
-    weight_group_size: int = 256
-    compat: str = "none"  # none | reference: q-galore-torch's integer zero points, signed cos
-
-
-@dataclass
-class FiraConfig(GaLoreConfig):
-    mode: str = "paper"  # paper | code (the pip fira 1.0.2 arithmetic)
-    limiter_gamma: float = 1.01
-
-
-@dataclass
-class FrugalConfig(AdamConfig):
-    """FRUGAL: Adam on a state-full subspace, a state-free step (signSGD) on the rest."""
-
-    projection: str = "block"  # block | svd | random | columns | rows
-    density: float = 0.25  # fraction of matrices (block) or of the projected dimension
-    update_gap: int = 200
-    proj_type: str = "std"  # svd / random: which side is projected
-    block_order: str = "descending"  # block: random | ascending | descending | mirror
-    inactive_rule: str = "sign"  # sign | sgd | none (none: GaLore-like or BAdam-like)
-    inactive_lr_scale: float = 1.0
-    proj_lr_scale: float = 1.0  # lr multiplier of the projectable matrices (both parts)
-    reset_statistics: bool = True  # fresh moments at every subspace change
-    seed: int = 0
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-
-
-@dataclass
-class LisaConfig(AdamConfig):
-    """LISA: full AdamW on a few sampled decoder layers, the others frozen."""
-
-    active_layers: int = 2
-    interval: int = 20  # steps between layer switches
-    sampling_order: str = "uniform"  # uniform | shuffled | ascending | descending
-    seed: int = 0
-
-
-@dataclass
-class BAdamConfig(LisaConfig):
-    """BAdam: block coordinate Adam, one block of layers at a time, state cleared at a switch."""
-
-    active_layers: int = 1
-    interval: int = 50
-    sampling_order: str = "shuffled"  # shuffled (BAdam's random) | ascending | descending
-
-
-@dataclass
-class OwLoreConfig(GaLoreConfig):
-    """OwLore: GaLore on sampled layers, drawn with outlier-weighted probabilities."""
-
-    active_layers: int = 2
-    interval: int = 200
-    outlier_ratio: float = 13.0  # OWL's M: a score is an outlier above M x the layer mean
-    sampling_order: str = "weighted"  # weighted | uniform (LISA's draw with GaLore)
-    seed: int = 0
-
-
-@dataclass
-class GumConfig(OptimizerConfig):
-    """GUM: GaLore with Muon and unbiased layerwise sampling of full-rank complements."""
-
-    momentum: float = 0.95
-    ns_steps: int = 5
-    adjust_lr_fn: str = "match_rms_adamw"  # original | match_rms_adamw (as torch.optim.Muon)
-    ns_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-    adamw_lr: float | None = None  # embeddings, lm_head, norms; None: the same lr
-    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adamw_eps: float = 1e-8
-    rank: int = 128
-    update_gap: int = 200  # K: projector and layer sample both refresh every K steps
-    proj_type: str = "left"
-    svd_backend: str = "exact"
-    svd_power_iters: int = 1
-    active_layers: int = 2  # gamma: layers in the full-rank branch per period, q = gamma / layers
-    seed: int = 0
-
-
-@dataclass
-class ApolloConfig(AdamConfig):
-    """APOLLO and APOLLO-Mini: Adam moments on a seeded random projection give a channel-wise
-    (or tensor-wise) scale for the raw gradient."""
-
-    rank: int = 128
-    update_gap: int = 200
-    scale: float = 1.0  # alpha, applied as is (compat=reference: the code's scale, applied as sqrt)
-    proj_type: str = "std"  # std | reverse_std | left | right
-    scale_type: str = "channel"  # channel (APOLLO) | tensor (APOLLO-Mini)
-    scale_front: bool = False  # apply the scale before the norm-growth limiter
-    limiter: bool = True  # Fira's norm-growth limiter on the update
-    limiter_gamma: float = 1.01
-    store_projection: bool = False  # keep P in the state instead of regenerating it from a seed
-    projection_rng: str = "torch"  # torch (fast draw, per device type) | philox (any device)
-    compat: str = "none"  # none | reference: apollo-torch's seeds, sqrt(scale), stored P
-    seed: int = 0
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-
-
-@dataclass
-class GrassConfig(AdamConfig):
-    """GRASS: Adam on r selected rows (or columns) of the gradient; indices are the projector."""
-
-    rank: int = 128
-    update_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"  # which side is selected: std takes coordinates of the shorter one
-    selection: str = "norm"  # top | norm (multinomial on squared norms) | uniform
-    replacement: bool = False  # with replacement: unbiasing scales 1 / sqrt(r q)
-    reset_on_refresh: bool = True  # new rows start with fresh moments
-    seed: int = 0
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-
-
-@dataclass
-class I3SConfig(GaLoreConfig):
-    """I3S: GaLore whose r singular vectors are sampled in proportion to the singular values."""
-
-    seed: int = 0
-
-
-@dataclass
-class DctConfig(AdamConfig):
-    """DCT-AdamW: Adam on the r DCT columns most aligned with the gradient; indices only."""
-
-    rank: int = 128
-    update_gap: int = 1  # the reference re-selects at every step
-    refresh_phase: int = 0  # 1: the reference's schedule for update_gap > 1 (steps 1, T, 2T, ...)
-    scale: float = 1.0
-    proj_type: str = "std"
-    selection_norm: float = 1.0  # l_p norm of the columns of S = G C that ranks them
-    transform: str = "matmul"  # matmul (stored DCT basis, GEMMs) | fft (Makhoul, no basis)
-    rotate_subspace: bool = False  # carry the moments to the new columns (0/1 matching)
-    use_ef: bool = False  # error feedback: what the columns drop goes into the next gradient
-    ef_bits: int = 0  # 0: the error in full (parameter dtype) | 4 | 8: quantized per group
-    ef_group_size: int = 0  # 0: one quantization group per row (the reference's bucket)
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-
-
-@dataclass
-class FloraConfig(OptimizerConfig):
-    """Flora: Adafactor with its momentum compressed by a seeded random projection."""
-
-    rank: int = 128
-    kappa: int = 1000  # steps between resamplings of the projection
-    beta1: float = 0.9
-    decay_rate: float = -0.8
-    eps1: float = 1e-30
-    eps2: float = 1e-3
-    clip_threshold: float = 1.0
-    scale_parameter: bool = True  # lr relative to RMS(W), as Adafactor
-    proj_type: str = "std"
-    compat: str = "none"  # none | reference: flora-opt's seeds
-    projection_rng: str = "torch"  # torch (fast draw, per device type) | philox (any device)
-    seed: int = 0
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-
-
-@dataclass
-class CoapConfig(AdamConfig):
-    """COAP: GaLore whose basis follows a correlation-aware gradient step every update_gap
-    steps and a warm-started range finder every reproject_factor x update_gap."""
-
-    rank: int = 128
-    update_gap: int = 40  # T_u
-    reproject_factor: int = 5
-    scale: float = 0.25
-    proj_type: str = "std"
-    proj_lr: float = 0.1  # the correlation step on P
-    restore_state: bool = False  # carry M and V into the new basis
-    min_8bit_size: int = 4096  # coap_8bit only
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-
-
-@dataclass
-class OsdConfig(AdamConfig):
-    """Online Subspace Descent: GaLore whose basis takes one online-PCA AdamW step per step."""
-
-    rank: int = 128
-    update_gap: int = 200  # only sets the code form's projector lr (1 / update_gap)
-    scale: float = 0.25
-    proj_type: str = "std"
-    mode: str = "paper"  # paper (penalty 0.1, lr 5 x lr_t) | code (the repository's)
-    proj_lr_ratio: float = 5.0
-    ortho_penalty: float = 0.1
-    proj_weight_decay: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-
-
-@dataclass
-class RsoConfig(AdamConfig):
-    """RSO: the targeted linears become W0 + P B (P seeded Gaussian, B trained by Adam), merged
-    and resampled every ``update_gap`` steps."""
-
-    rank: int = 128
-    update_gap: int = 200  # tau: inner Adam steps per random subspace
-    proximal: float = 0.0  # 1 / eta of the subproblem's (1 / 2 eta) ||B||^2; 0: off
-    store_projection: bool = False  # keep P as a buffer instead of redrawing it from its seed
-    projection_rng: str = "torch"  # torch (fast draw, per device type) | philox (any device)
-    seed: int = 0
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-
-
-@dataclass
-class MicroAdamConfig(AdamConfig):
-    """MicroAdam: Adam rebuilt from a window of Top-K gradients, 4-bit error feedback."""
-
-    window: int = 10  # m: sparse gradients kept
-    density: float = 0.01  # k: share of each Top-K block kept per step
-    block_size: int = 16384  # Top-K block (fixed: the reference's depends on the GPU)
-    quant_group_size: int = 100_000  # q: values per error-feedback scale and zero point
-    alpha: float = 0.0  # > 0: add alpha x the error to the update, keep (1 - alpha) of it
-
-
-@dataclass
-class LDAdamConfig(AdamConfig):
-    """LDAdam: Adam in a subspace moved every step, moments transported, error feedback."""
-
-    rank: int = 16
-    rho: float = 0.908  # weight of the momentum in the matrix the subspace is fitted to
-    proj_method: str = "power_iteration"  # power_iteration (warm-started) | svd (every step)
-    error_feedback: bool = True
-    error_dtype: str = "param"  # param | float32 | bfloat16: the error buffer's dtype
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+def optimizer_schema(name: str) -> type:
+    """The config schema of ``optimizer=<name>``, derived from the library's signature (one
+    source of defaults: the class), plus the app's own keys: ``target_modules`` for methods
+    whose parameters are grouped by module name, and Q-GaLore's ``weight_storage``. A tuple
+    argument (betas) is a list here; a misspelled key is still refused at composition."""
+    from llm_pretrain.optim import METHODS, signature_defaults
+
+    method = METHODS[name]
+    fields_: list = []
+    seen = {"name"}
+    for fn in method.sources():
+        hints = typing.get_type_hints(fn)
+        for key, param in signature_defaults(fn).items():
+            if key in seen:
+                continue
+            seen.add(key)
+            if param.default is inspect.Parameter.empty:
+                raise TypeError(f"{fn.__qualname__}({key}) has no default: it cannot be a setting")
+            fields_.append(_schema_field(key, hints.get(key, typing.Any), param.default))
+    if method.params == "projected" or method.surgery == "rso":
+        fields_.append(
+            ("target_modules", list[str], field(default_factory=lambda: ["attn", "mlp"]))
+        )
+    if method.surgery == "int8":
+        fields_.append(("weight_storage", str, field(default="simulated")))
+    cls_name = "".join(part.title() for part in name.split("_")) + "Config"
+    return make_dataclass(cls_name, fields_, bases=(OptimizerConfig,))
+
+
+def optimizer_settings(name: str, **values):
+    """An instance of ``optimizer=<name>``'s schema: the class defaults with ``values`` set
+    (for scripts that build optimizers without Hydra)."""
+    return optimizer_schema(name)(name=name, **values)
+
+
+def _schema_field(key: str, hint, default) -> tuple:
+    """A dataclass field OmegaConf can type-check: tuples become lists."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        hint = list[args.pop() if len(args) == 1 else typing.Any]
+    elif origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = typing.Optional[args[0]] if len(args) == 1 else typing.Any  # noqa: UP045
+    if isinstance(default, (tuple, list)):
+        return (key, hint, field(default_factory=lambda d=list(default): list(d)))
+    return (key, hint, field(default=default))
 
 
 @dataclass
@@ -500,30 +241,9 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
-    cs.store(group="optimizer", name="base_adamw", node=AdamWConfig)
-    cs.store(group="optimizer", name="base_adam8bit", node=Adam8bitConfig)
-    cs.store(group="optimizer", name="base_adam_mini", node=AdamMiniConfig)
-    cs.store(group="optimizer", name="base_adafactor", node=AdafactorConfig)
-    cs.store(group="optimizer", name="base_came", node=CameConfig)
-    cs.store(group="optimizer", name="base_muon", node=MuonConfig)
-    cs.store(group="optimizer", name="base_galore", node=GaLoreConfig)
-    cs.store(group="optimizer", name="base_fira", node=FiraConfig)
-    cs.store(group="optimizer", name="base_galore_8bit", node=GaLore8bitConfig)
-    cs.store(group="optimizer", name="base_q_galore", node=QGaLoreConfig)
-    cs.store(group="optimizer", name="base_frugal", node=FrugalConfig)
-    cs.store(group="optimizer", name="base_lisa", node=LisaConfig)
-    cs.store(group="optimizer", name="base_badam", node=BAdamConfig)
-    cs.store(group="optimizer", name="base_owlore", node=OwLoreConfig)
-    cs.store(group="optimizer", name="base_gum", node=GumConfig)
-    cs.store(group="optimizer", name="base_apollo", node=ApolloConfig)
-    cs.store(group="optimizer", name="base_grass", node=GrassConfig)
-    cs.store(group="optimizer", name="base_i3s", node=I3SConfig)
-    cs.store(group="optimizer", name="base_dct", node=DctConfig)
-    cs.store(group="optimizer", name="base_flora", node=FloraConfig)
-    cs.store(group="optimizer", name="base_coap", node=CoapConfig)
-    cs.store(group="optimizer", name="base_osd", node=OsdConfig)
-    cs.store(group="optimizer", name="base_rso", node=RsoConfig)
-    cs.store(group="optimizer", name="base_microadam", node=MicroAdamConfig)
-    cs.store(group="optimizer", name="base_ldadam", node=LDAdamConfig)
+    from llm_pretrain.optim import METHODS
+
+    for name in METHODS:
+        cs.store(group="optimizer", name=f"base_{name}", node=optimizer_schema(name))
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from llmpt.optimizers import api as optimizers
+from llm_pretrain import optim as optimizers
 
 
 def _unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from omegaconf import DictConfig
 
+from llm_pretrain import optim as optimizers
 from llm_pretrain.config import ModelConfig
 from llm_pretrain.model import build_model
-from llmpt.optimizers import api as optimizers
 from llmpt.optimizers.int8_linear import stored_weight_tensors
 
 PRECISIONS = ("fp32", "bf16_autocast", "bf16")

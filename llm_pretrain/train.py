@@ -34,6 +34,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
 from llm_pretrain import checkpoint, data, distributed
+from llm_pretrain import optim as optimizers
 from llm_pretrain.config import CONF_DIR, check_experiment, check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
 from llm_pretrain.loggers import RunLogger
@@ -43,8 +44,7 @@ from llm_pretrain.model import IGNORE_INDEX, Llama, build_model
 from llm_pretrain.schedule import build_scheduler
 from llm_pretrain.summary import format_summary, sweep_row
 from llm_pretrain.tokenizer import load_tokenizer
-from llmpt.optimizers import api as optimizers
-from llmpt.optimizers.sampling import trainable
+from llmpt.optimizers.groups import trainable
 
 log = logging.getLogger("llm_pretrain")
 SNAPSHOT_STEPS = 3  # trainer.memory_snapshot covers this process's first 3 steps

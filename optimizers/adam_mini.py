@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 from llmpt.optimizers.optional import missing_extra
 
@@ -54,15 +54,20 @@ def second_moment_numel(name: str, shape: tuple[int, ...], dim: int, n_heads: in
 
 
 def AdamMini(  # noqa: N802  (a class to its callers, built on the optional package)
-    model: nn.Module,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    dim: int,
+    n_heads: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """The official optimizer, built from a model: ``dim`` and ``n_heads`` come from its config,
-    unrecognised names are refused, and the block split is reported at start-up."""
-    return _adam_mini_class()(model, lr, betas, eps, weight_decay)
+    """The official optimizer (adam-mini 1.1.1, an optional package) on ``named_parameters``
+    (its blocks are chosen by name: ``model.named_parameters()``), with the model's hidden size
+    ``dim`` and attention heads ``n_heads``; unrecognised names are refused, and the block split
+    is reported at start-up. lr, betas (kept as ``beta1``, ``beta2``), eps and weight_decay are
+    read per group."""
+    return _adam_mini_class()(list(named_parameters), dim, n_heads, lr, betas, eps, weight_decay)
 
 
 @functools.cache
@@ -75,15 +80,8 @@ def _adam_mini_class() -> type:
         raise missing_extra("adam-mini", "adam_mini", "Adam-mini") from e
 
     class CheckedAdamMini(Adam_mini):
-        def __init__(
-            self,
-            model: nn.Module,
-            lr: float,
-            betas: tuple[float, float],
-            eps: float,
-            weight_decay: float,
-        ) -> None:
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        def __init__(self, named, dim, n_heads, lr, betas, eps, weight_decay) -> None:
+            named = [(n, p) for n, p in named if p.requires_grad]
             self.kinds = dict.fromkeys(KINDS, 0)
             for name, p in named:
                 kind = classify(name)
@@ -106,8 +104,8 @@ def _adam_mini_class() -> type:
                 betas=betas,
                 eps=eps,
                 weight_decay=weight_decay,
-                dim=model.cfg.hidden_size,
-                n_heads=model.cfg.num_heads,
+                dim=dim,
+                n_heads=n_heads,
                 verbose=False,
             )
             # v1.1.1 takes torch.cuda.device_count() as its shard count and all-reduces per-tensor
@@ -115,6 +113,18 @@ def _adam_mini_class() -> type:
             # sharded, so its statistics are already complete on every rank.
             self.world_size = 1
             self.check_block_name = False  # its name check only prints; ours above refuses
+            self._formula = {
+                "moments": sum(
+                    (p.numel() + second_moment_numel(n, tuple(p.shape), dim, n_heads))
+                    * p.element_size()
+                    for n, p in named
+                )
+            }
+
+        def memory_formula(self, steps: int = 1) -> dict[str, int]:
+            """The full first moment and one second-moment value per block (head, row or
+            tensor), both in the parameter's dtype; step counts and flags are Python numbers."""
+            return dict(self._formula)
 
         def projection_report(self) -> str:
             split = ", ".join(f"{n} {k.replace('_', '/')}" for k, n in self.kinds.items() if n)

@@ -1,154 +1,78 @@
 """The baselines: torch's AdamW, Adafactor and Muon, bitsandbytes' AdamW8bit, pytorch-optimizer's
-CAME and the official Adam-mini, each with the closed form of its state memory."""
+CAME and the official Adam-mini, with the closed form of each one's state memory.
+
+The third-party classes are used as they are (``adamw8bit`` and ``came`` import their optional
+package when called and name the extra that brings it); ours are ``Muon`` (torch's, with the
+Newton-Schulz dtype as a setting) and ``MuonWithAdamW``, Muon on the projected matrices with
+AdamW on everything else, as one ``torch.optim.Optimizer``.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
-from torch import nn
 
-from llmpt.optimizers.adam_mini import AdamMini, second_moment_numel
 from llmpt.optimizers.composite import CompositeOptimizer
 from llmpt.optimizers.optional import missing_extra
 from llmpt.optimizers.per_parameter import closure_loss
-from llmpt.optimizers.registry import (
-    adam_kwargs,
-    dtype_bytes,
-    register,
-    split_targets,
-    trainable_params,
-)
 from llmpt.optimizers.rules.adam8bit import BLOCK, CODE_MAP_BYTES, blockwise_state_nbytes
 from llmpt.optimizers.rules.muon import muon_lr_factor, newton_schulz, resolve_ns_dtype
-from llmpt.optimizers.sampling import trainable
+from llmpt.optimizers.subspace import as_groups
+
+Betas = tuple[float, float]
 
 
-def _adamw_formula(shape, projected, cfg, dtype) -> dict[str, int]:
-    # torch.optim.AdamW: two moments in the parameter's dtype and a float32 step tensor.
-    return {"moments": 2 * math.prod(shape) * dtype_bytes(dtype), "other": 4}
-
-
-def _adam8bit_formula(shape, projected, cfg, dtype) -> dict[str, int]:
-    # bitsandbytes: uint8 codes for M and V and one fp32 absmax per block each; tensors under
-    # min_8bit_size keep fp32 M and V. The step count is a Python int. The two 256-entry code
-    # maps are shared by all parameters: see _adam8bit_shared.
-    return blockwise_state_nbytes(shape, cfg.min_8bit_size)
-
-
-def _adam8bit_shared(shapes, cfg) -> dict[str, int]:
-    # bitsandbytes creates its code maps only once some tensor is quantised
-    quantized = any(math.prod(s) >= cfg.min_8bit_size for s in shapes)
-    return {"quantization": CODE_MAP_BYTES} if quantized else {}
-
-
-def _adafactor_formula(shape, projected, cfg, dtype) -> dict[str, int]:
-    # torch.optim.Adafactor: row and column statistics of a matrix (its full variance for a
-    # vector), in the parameter's dtype, and a float32 step tensor.
-    stats = shape[-2] * math.prod(shape[:-2]) + shape[-1] if len(shape) >= 2 else math.prod(shape)
-    return {"moments": stats * dtype_bytes(dtype), "other": 4}
-
-
-def _adam_mini_formula(model, cfg, steps) -> dict[str, int]:
-    # the full first moment and one second-moment value per block (head, row or tensor), both
-    # in the parameter's dtype; step counts and flags are Python numbers
-    dim, heads = model.cfg.hidden_size, model.cfg.num_heads
-    total = 0
-    for name, p in model.named_parameters():
-        if trainable(p):
-            v = second_moment_numel(name, tuple(p.shape), dim, heads)
-            total += (p.numel() + v) * dtype_bytes(p.dtype)
-    return {"moments": total}
-
-
-@register("adam_mini", _adam_mini_formula, model_level=True)
-def build_adam_mini(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    return AdamMini(model, **adam_kwargs(cfg))
-
-
-@register("adamw", _adamw_formula)
-def build_adamw(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    impl = {
-        "auto": {},
-        "foreach": {"foreach": True},
-        "fused": {"fused": True},
-        "for_loop": {"foreach": False},
-    }
-    if cfg.implementation not in impl:
-        raise ValueError(
-            f"optimizer.implementation={cfg.implementation!r}: use auto, foreach, fused or for_loop"
-        )
-    return torch.optim.AdamW(
-        trainable_params(model), **adam_kwargs(cfg), **impl[cfg.implementation]
-    )
-
-
-@register("adamw8bit", _adam8bit_formula, _adam8bit_shared)
-def build_adamw8bit(cfg, model: nn.Module) -> torch.optim.Optimizer:
+def adamw8bit(
+    params: Iterable,
+    lr: float = 1e-3,
+    betas: Betas = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    min_8bit_size: int = 4096,
+    block_size: int = BLOCK,
+) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit (CPU and CUDA since 0.45): blockwise 8-bit moments."""
     try:
-        import bitsandbytes as bnb  # runs on CPU and CUDA since 0.45
+        import bitsandbytes as bnb
     except ImportError as e:
-        raise missing_extra("bitsandbytes", "bnb", "8-bit AdamW (optimizer=adamw8bit)") from e
-
-    if cfg.block_size != BLOCK:
+        raise missing_extra("bitsandbytes", "bnb", "8-bit AdamW") from e
+    if block_size != BLOCK:
         raise ValueError(
-            "optimizer.block_size: bitsandbytes' 8-bit optimizers use 256-value "
-            f"blocks on every device; got {cfg.block_size}"
+            "block_size: bitsandbytes' 8-bit optimizers use 256-value blocks on every device; "
+            f"got {block_size}"
         )
     return bnb.optim.AdamW8bit(
-        trainable_params(model), **adam_kwargs(cfg), min_8bit_size=cfg.min_8bit_size
+        params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size
     )
 
 
-@register("adafactor", _adafactor_formula)
-def build_adafactor(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.Adafactor(
-        trainable_params(model),
-        lr=cfg.lr,
-        beta2_decay=cfg.beta2_decay,
-        eps=(cfg.eps1, cfg.eps2),
-        d=cfg.clip_threshold,
-        weight_decay=cfg.weight_decay,
-    )
-
-
-def _came_formula(shape, projected, cfg, dtype) -> dict[str, int]:
-    # pytorch-optimizer's CAME: the full first moment; for tensors of 2+ dims, row and column
-    # statistics of the second moment and of the confidence residual; a vector keeps its full
-    # second moment. Plus one RMS scalar; all in the parameter's dtype.
-    n = math.prod(shape)
-    if len(shape) < 2:
-        return {"moments": 2 * n * dtype_bytes(dtype), "other": dtype_bytes(dtype)}
-    rows, cols = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
-    return {"moments": (n + 2 * rows + 2 * cols) * dtype_bytes(dtype), "other": dtype_bytes(dtype)}
-
-
-@register("came", _came_formula)
-def build_came(cfg, model: nn.Module) -> torch.optim.Optimizer:
+def came(
+    params: Iterable,
+    lr: float = 2e-4,
+    betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+    weight_decay: float = 0.0,
+    eps1: float = 1e-30,
+    eps2: float = 1e-16,
+    clip_threshold: float = 1.0,
+) -> torch.optim.Optimizer:
+    """pytorch-optimizer's CAME (Luo et al. 2023): Adafactor with a confidence-guided update."""
     try:
         from pytorch_optimizer import CAME
     except ImportError as e:
-        raise missing_extra("pytorch-optimizer", "came", "CAME (optimizer=came)") from e
-
-    if len(cfg.betas) != 3:
-        raise ValueError(f"optimizer.betas={list(cfg.betas)}: CAME takes three betas")
+        raise missing_extra("pytorch-optimizer", "came", "CAME") from e
+    if len(betas) != 3:
+        raise ValueError(f"betas={list(betas)}: CAME takes three betas")
     return CAME(
-        trainable_params(model),
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        weight_decay=cfg.weight_decay,
-        clip_threshold=cfg.clip_threshold,
-        eps1=cfg.eps1,
-        eps2=cfg.eps2,
+        params,
+        lr=lr,
+        betas=tuple(betas),
+        weight_decay=weight_decay,
+        clip_threshold=clip_threshold,
+        eps1=eps1,
+        eps2=eps2,
     )
-
-
-def _muon_formula(shape, projected, cfg, dtype) -> dict[str, int]:
-    # torch.optim.Muon keeps one momentum buffer per matrix; the AdamW part two moments and a
-    # float32 step tensor per tensor.
-    if projected:
-        return {"moments": math.prod(shape) * dtype_bytes(dtype)}
-    return _adamw_formula(shape, projected, cfg, dtype)
 
 
 class Muon(torch.optim.Muon):
@@ -187,32 +111,141 @@ class Muon(torch.optim.Muon):
         return loss
 
 
-@register("muon", _muon_formula)
-def build_muon(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    matrices, rest = split_targets(model, list(cfg.target_modules))
-    if cfg.adjust_lr_fn not in ("original", "match_rms_adamw"):
-        raise ValueError(
-            f"optimizer.adjust_lr_fn={cfg.adjust_lr_fn!r}: use original or match_rms_adamw"
-        )
-    if len(cfg.adamw_betas) != 2:
-        raise ValueError(f"optimizer.adamw_betas={list(cfg.adamw_betas)} must have two values")
-    muon = Muon(
-        matrices,
-        ns_dtype=cfg.ns_dtype,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        ns_steps=cfg.ns_steps,
-        adjust_lr_fn=cfg.adjust_lr_fn,
-    )
-    parts = {"muon": muon}
-    if rest:
-        parts["adamw"] = torch.optim.AdamW(
-            rest,
-            lr=cfg.adamw_lr if cfg.adamw_lr is not None else cfg.lr,
-            betas=tuple(cfg.adamw_betas),
-            eps=cfg.adamw_eps,
-            weight_decay=cfg.weight_decay,
-        )
-    return CompositeOptimizer(parts)
+class MuonWithAdamW(CompositeOptimizer):
+    """Muon (Jordan et al. 2024; torch's arithmetic) on the ``projected=True`` groups, which must
+    hold 2-D matrices, and AdamW on every other group (embeddings, lm_head, norms), as one
+    optimizer: the training loop, an LR scheduler and checkpoints see a single object. The
+    AdamW part takes ``adamw_lr`` (default: ``lr``), ``adamw_betas`` and ``adamw_eps``; every
+    group's own lr, weight_decay (and Muon's momentum, AdamW's betas) are honoured."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr_fn: str = "match_rms_adamw",
+        ns_dtype: str = "auto",
+        adamw_lr: float | None = None,
+        adamw_betas: Betas = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+    ) -> None:
+        if adjust_lr_fn not in ("original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}: use original or match_rms_adamw")
+        if len(adamw_betas) != 2:
+            raise ValueError(f"adamw_betas={list(adamw_betas)} must have two values")
+        groups = as_groups(params)
+        matrices = [
+            {k: v for k, v in g.items() if k != "projected"} for g in groups if g.get("projected")
+        ]
+        rest = [
+            {k: v for k, v in g.items() if k != "projected"}
+            for g in groups
+            if not g.get("projected")
+        ]
+        if not matrices:
+            raise ValueError(
+                "MuonWithAdamW: no param group has projected=True; mark the matrices Muon "
+                "should take (groups.param_groups(model, targets) does)"
+            )
+        for group in matrices:
+            for q in group["params"]:
+                q = q[1] if isinstance(q, tuple) else q
+                if q.dim() != 2:
+                    raise ValueError(
+                        f"Muon takes 2-D matrices; a projected group holds shape {tuple(q.shape)}"
+                    )
+        parts = {
+            "muon": Muon(
+                matrices,
+                ns_dtype=ns_dtype,
+                lr=lr,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                nesterov=nesterov,
+                ns_steps=ns_steps,
+                adjust_lr_fn=adjust_lr_fn,
+            )
+        }
+        if rest:
+            parts["adamw"] = torch.optim.AdamW(
+                rest,
+                lr=adamw_lr if adamw_lr is not None else lr,
+                betas=tuple(adamw_betas),
+                eps=adamw_eps,
+                weight_decay=weight_decay,
+            )
+        super().__init__(parts)
+
+
+# ---------------------------------------------------------------------- state formulas
+def _size(p: torch.Tensor) -> int:
+    return p.element_size()
+
+
+def adamw_bytes(p: torch.Tensor) -> dict[str, int]:
+    """torch.optim.AdamW: two moments in the parameter's dtype and a float32 step tensor."""
+    return {"moments": 2 * p.numel() * _size(p), "other": 4}
+
+
+def adafactor_bytes(p: torch.Tensor) -> dict[str, int]:
+    """torch.optim.Adafactor: row and column statistics of a matrix (its full variance for a
+    vector), in the parameter's dtype, and a float32 step tensor."""
+    shape = tuple(p.shape)
+    stats = shape[-2] * math.prod(shape[:-2]) + shape[-1] if len(shape) >= 2 else p.numel()
+    return {"moments": stats * _size(p), "other": 4}
+
+
+def came_bytes(p: torch.Tensor) -> dict[str, int]:
+    """pytorch-optimizer's CAME: the full first moment; for tensors of 2+ dims, row and column
+    statistics of the second moment and of the confidence residual; a vector keeps its full
+    second moment. Plus one RMS scalar; all in the parameter's dtype."""
+    shape, n = tuple(p.shape), p.numel()
+    if len(shape) < 2:
+        return {"moments": 2 * n * _size(p), "other": _size(p)}
+    rows, cols = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
+    return {"moments": (n + 2 * rows + 2 * cols) * _size(p), "other": _size(p)}
+
+
+def muon_bytes(p: torch.Tensor) -> dict[str, int]:
+    """torch.optim.Muon: one momentum buffer per matrix."""
+    return {"moments": p.numel() * _size(p)}
+
+
+def _add(total: dict[str, int], part: dict[str, int]) -> None:
+    for key, n in part.items():
+        total[key] = total.get(key, 0) + n
+
+
+def baseline_state_formula(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Closed-form state bytes of a third-party baseline (after its first step), from its
+    parameters; refuses a class it has no formula for."""
+    total: dict[str, int] = {}
+    if isinstance(optimizer, CompositeOptimizer):
+        for part in optimizer.parts.values():
+            _add(total, baseline_state_formula(part))
+        return total
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    name = type(optimizer).__name__
+    if isinstance(optimizer, torch.optim.Muon):
+        per_param = muon_bytes
+    elif isinstance(optimizer, torch.optim.Adafactor):
+        per_param = adafactor_bytes
+    elif isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
+        per_param = adamw_bytes
+    elif name == "AdamW8bit":
+        min_size = optimizer.args.min_8bit_size
+        for p in params:
+            _add(total, blockwise_state_nbytes(tuple(p.shape), min_size))
+        if any(p.numel() >= min_size for p in params):  # code maps, made once some is quantised
+            _add(total, {"quantization": CODE_MAP_BYTES})
+        return total
+    elif name == "CAME":
+        per_param = came_bytes
+    else:
+        raise TypeError(f"no state formula for {name}")
+    for p in params:
+        _add(total, per_param(p))
+    return total

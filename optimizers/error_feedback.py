@@ -28,13 +28,9 @@ SCALE_DTYPE = torch.bfloat16
 class ErrorFeedback:
     def __init__(self, bits: int = 0, group_size: int = 0) -> None:
         if bits not in BITS:
-            raise ValueError(
-                f"optimizer.ef_bits={bits}: use 0 (the error in full), 4 or 8 (quantized)"
-            )
+            raise ValueError(f"ef_bits={bits}: use 0 (the error in full), 4 or 8 (quantized)")
         if group_size < 0:
-            raise ValueError(
-                f"optimizer.ef_group_size={group_size}: use 0 (one group per row) or more"
-            )
+            raise ValueError(f"ef_group_size={group_size}: use 0 (one group per row) or more")
         self.bits, self.group_size = bits, group_size
 
     def describe(self) -> str:

@@ -1,4 +1,4 @@
-"""Q-GaLore's real INT8 weights (``optimizer.weight_storage=int8``; spec galore-family.md 2a-b):
+"""Q-GaLore's real INT8 weights (``weight_storage=int8``; spec galore-family.md 2a-b):
 each targeted ``nn.Linear`` becomes an ``Int8Linear`` that stores its weight as 8-bit groupwise
 codes (uint8, one byte per weight) with a scale and zero point per group of 256 in the model's
 dtype, instead of 2 (bf16) or 4 (fp32) bytes per weight.

@@ -1,92 +1,178 @@
 """The layer-sampling methods: LISA, BAdam and OwLore (GUM, which also samples layers, is a
-low-rank method)."""
+low-rank method in ``low_rank``).
+
+``layers`` are the decoder blocks (``groups.decoder_layers(model)``), each a module or a list of
+its parameters; parameters outside them (embeddings, lm_head, the final norm) always train.
+Freezing the inactive layers is model surgery, so it is an explicit call: ``opt.attach()`` once
+before training (``opt.detach()`` undoes it); these methods refuse to step without it.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterable, Sequence
+
 from torch import nn
 
 from llmpt.optimizers.distributed import replicated_world
-from llmpt.optimizers.low_rank import build_subspace
-from llmpt.optimizers.registry import (
-    adam_kwargs,
-    built_formula,
-    register,
-)
+from llmpt.optimizers.low_rank import svd_factory, svd_projection
 from llmpt.optimizers.rules import AdamRule
-from llmpt.optimizers.sampling import LayerSampler, OutlierWeights, decoder_layers, trainable
-from llmpt.optimizers.subspace import Sampling, SubspaceOptimizer
+from llmpt.optimizers.sampling import LayerSampler, OutlierWeights
+from llmpt.optimizers.subspace import Sampling, SubspaceOptimizer, as_groups, layer_units
+
+Betas = tuple[float, float]
 
 
-def _layer_sampler(cfg, n_layers: int, order: str | None = None) -> LayerSampler:
-    if not 1 <= cfg.active_layers <= n_layers:
+def layer_sampler(
+    n_layers: int, active_layers: int, interval: int, order: str, seed: int
+) -> LayerSampler:
+    if not 1 <= active_layers <= n_layers:
         raise ValueError(
-            f"optimizer.active_layers={cfg.active_layers} must lie in [1, {n_layers}] "
-            f"(the model has {n_layers} decoder layers)"
+            f"active_layers={active_layers} must lie in [1, {n_layers}] (the model has "
+            f"{n_layers} decoder layers)"
         )
-    return LayerSampler(
-        n_layers, cfg.active_layers, cfg.interval, order or cfg.sampling_order, cfg.seed
-    )
+    return LayerSampler(n_layers, active_layers, interval, order, seed)
 
 
-def _layer_wise(cfg, model: nn.Module, reset_active: bool) -> SubspaceOptimizer:
-    """LISA and BAdam: full Adam (torch's form) on the active decoder layers, the others frozen;
-    embeddings, lm_head and the final norm are always trained."""
-    if cfg.sampling_order == "weighted":
-        raise ValueError(
-            "optimizer.sampling_order=weighted needs OwLore's outlier scores: use optimizer=owlore"
+def _all_params(groups: list[dict]) -> list:
+    return [p for g in groups for p in g["params"]]
+
+
+class Lisa(SubspaceOptimizer):
+    """LISA (Pan et al. 2024): full AdamW (torch's arithmetic) on ``active_layers`` decoder
+    layers drawn every ``interval`` steps (``sampling_order``), the others frozen and their
+    state freed. LMFlow's defaults (2 layers, 20 steps); LISA has no C4 recipe, so lr is our
+    AdamW baseline's."""
+
+    reset_active = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        layers: Sequence[nn.Module | Iterable],
+        lr: float = 3e-3,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        active_layers: int = 2,
+        interval: int = 20,
+        sampling_order: str = "uniform",
+        seed: int = 0,
+    ) -> None:
+        if sampling_order == "weighted":
+            raise ValueError("sampling_order=weighted needs OwLore's outlier scores: use OwLore")
+        groups = as_groups(params)
+        units = layer_units(layers, _all_params(groups))
+        sampling = Sampling(
+            layer_sampler(len(units), active_layers, interval, sampling_order, seed),
+            units,
+            inactive_mode="frozen",
+            reset_active=self.reset_active,
+            freeze_grads=not replicated_world(),
         )
-    layers = decoder_layers(model)
-    units = [[p for p in layer.parameters() if trainable(p)] for _, layer in layers]
-    sampling = Sampling(
-        _layer_sampler(cfg, len(layers)),
-        units,
-        inactive_mode="frozen",
-        reset_active=reset_active,
-        freeze_grads=not replicated_world(),
-    )
-    named = [(n, p) for n, p in model.named_parameters() if trainable(p)]
-    return SubspaceOptimizer(
-        [{"params": named, "projected": False}],
-        **adam_kwargs(cfg),
-        projector=None,
-        scale=1.0,
-        rule=AdamRule("torch"),
-        decay_first=True,
-        sampling=sampling,
-        seed=cfg.seed,
-    )
-
-
-@register("lisa", built_formula("lisa"), model_level=True)
-def build_lisa(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    return _layer_wise(cfg, model, reset_active=False)
-
-
-@register("badam", built_formula("badam"), model_level=True)
-def build_badam(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    return _layer_wise(cfg, model, reset_active=True)
-
-
-@register("owlore", built_formula("owlore"), model_level=True)
-def build_owlore(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """OwLore (Li et al. 2024): GaLore on the active decoder layers, which are drawn with
-    probabilities from their outlier ratio; inactive layers are frozen and their state freed."""
-    if cfg.sampling_order not in ("weighted", "uniform"):
-        raise ValueError(
-            f"optimizer.sampling_order={cfg.sampling_order!r}: use weighted or uniform"
+        super().__init__(
+            groups,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            rule=AdamRule("torch"),
+            decay_first=True,
+            sampling=sampling,
+            seed=seed,
         )
-    layers = decoder_layers(model)
-    outliers = OutlierWeights(layers, cfg.outlier_ratio)
-    weighted = cfg.sampling_order == "weighted"
-    sampling = Sampling(
-        _layer_sampler(cfg, len(layers)),
-        [[p for p in layer.parameters() if trainable(p)] for _, layer in layers],
-        inactive_mode="frozen",
-        freeze_grads=not replicated_world(),
-        weights=outliers.weights if weighted else None,
-        collect=outliers.collect if weighted else None,
-        attach=outliers.attach if weighted else None,
-    )
-    opt = build_subspace(cfg, model, sampling=sampling)
-    return opt
+        self.check_fixed(dict(active_layers=active_layers, interval=interval, seed=seed))
+
+
+class BAdam(Lisa):
+    """BAdam (Luo et al. 2024): block coordinate Adam, ``active_layers`` layers at a time for
+    ``interval`` steps, every state cleared at a switch (``shuffled``: BAdam's random order, a new
+    permutation each epoch)."""
+
+    reset_active = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        layers: Sequence[nn.Module | Iterable],
+        lr: float = 3e-3,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        active_layers: int = 1,
+        interval: int = 50,
+        sampling_order: str = "shuffled",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            layers,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            active_layers,
+            interval,
+            sampling_order,
+            seed,
+        )
+
+
+class OwLore(SubspaceOptimizer):
+    """OwLore (Li et al. 2024): GaLore on the active decoder layers, drawn with probabilities
+    from their outlier ratio (``sampling_order="weighted"``; ``uniform``: LISA's draw); inactive
+    layers are frozen and their state freed. ``layers`` must be modules here: the outlier
+    statistics hook their linears (``attach``)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        layers: Sequence[nn.Module],
+        lr: float = 1e-2,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd_backend: str = "exact",
+        svd_power_iters: int = 1,
+        refresh_phase: int = 0,
+        active_layers: int = 2,
+        interval: int = 200,
+        outlier_ratio: float = 13.0,
+        sampling_order: str = "weighted",
+        seed: int = 0,
+    ) -> None:
+        if sampling_order not in ("weighted", "uniform"):
+            raise ValueError(f"sampling_order={sampling_order!r}: use weighted or uniform")
+        layers = list(layers)
+        if not all(isinstance(layer, nn.Module) for layer in layers):
+            raise TypeError("OwLore's layers must be modules: its statistics hook their linears")
+        groups = as_groups(params)
+        outliers = OutlierWeights(layers, outlier_ratio)
+        weighted = sampling_order == "weighted"
+        units = layer_units(layers, _all_params(groups))
+        sampling = Sampling(
+            layer_sampler(len(units), active_layers, interval, sampling_order, seed),
+            units,
+            inactive_mode="frozen",
+            freeze_grads=not replicated_world(),
+            weights=outliers.weights if weighted else None,
+            collect=outliers.collect if weighted else None,
+            attach=outliers.attach if weighted else None,
+            detach=outliers.detach if weighted else None,
+        )
+        super().__init__(
+            groups,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            scale=scale,
+            projection=svd_projection(rank, update_gap, proj_type),
+            make_projector=svd_factory(svd_backend, svd_power_iters, refresh_phase),
+            sampling=sampling,
+            seed=seed,
+        )
+        self.check_fixed(dict(active_layers=active_layers, interval=interval, seed=seed))

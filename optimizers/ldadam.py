@@ -37,17 +37,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from llmpt.optimizers.per_parameter import PerParameterOptimizer
 from llmpt.optimizers.projectors.svd import check_rank_fits
-from llmpt.optimizers.registry import (
-    adam_kwargs,
-    dtype_bytes,
-    param_groups,
-    register,
-    split_targets,
-)
 from llmpt.optimizers.rules.adam import check_adam_settings
 
 PROJ_METHODS = ("power_iteration", "svd")
@@ -63,7 +55,7 @@ class LDAdam(PerParameterOptimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float = 1e-3,
         betas: tuple[float, float] = (0.908, 0.99),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -75,18 +67,22 @@ class LDAdam(PerParameterOptimizer):
     ) -> None:
         b1, b2 = check_adam_settings(lr, betas, eps, weight_decay)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"optimizer.rank={rank} must be a positive integer")
+            raise ValueError(f"rank={rank} must be a positive integer")
         if not 0.0 <= rho <= 1.0:
-            raise ValueError(f"optimizer.rho={rho} must lie in [0, 1]")
+            raise ValueError(f"rho={rho} must lie in [0, 1]")
         if proj_method not in PROJ_METHODS:
-            raise ValueError(f"optimizer.proj_method={proj_method!r}: use {PROJ_METHODS}")
+            raise ValueError(f"proj_method={proj_method!r}: use {PROJ_METHODS}")
         if error_dtype not in ERROR_DTYPES:
-            raise ValueError(f"optimizer.error_dtype={error_dtype!r}: use {list(ERROR_DTYPES)}")
+            raise ValueError(f"error_dtype={error_dtype!r}: use {list(ERROR_DTYPES)}")
         defaults = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay, projected=False)
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            check_adam_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        self.check_fixed(
+            dict(rank=rank, rho=rho, proj_method=proj_method, error_feedback=error_feedback)
+        )
         self.rank, self.rho, self.proj_method = rank, rho, proj_method
         self.error_feedback, self.error_dtype = error_feedback, error_dtype
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         for name, p in self.projected_matrices():
             check_rank_fits(rank, tuple(p.shape), name)
 
@@ -176,6 +172,29 @@ class LDAdam(PerParameterOptimizer):
         return torch.linalg.svd(a, full_matrices=False).U[:, :r]
 
     # ------------------------------------------------------------------ checkpoints, memory
+    def memory_formula(self, steps: int = 1) -> dict[str, int]:
+        """Closed form: a projected m x n matrix (a = its shorter side, b the longer) holds the
+        basis a x r and M, V of r x b in the parameter's dtype, and the a x b error buffer in
+        ``error_dtype``; anything else holds AdamW's M and V."""
+        total: dict[str, int] = {}
+
+        def add(key: str, n: int) -> None:
+            total[key] = total.get(key, 0) + n
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                size, shape = p.element_size(), tuple(p.shape)
+                if not group["projected"]:
+                    add("moments", 2 * p.numel() * size)
+                    continue
+                short, long_ = min(shape), max(shape)
+                add("projector", short * self.rank * size)
+                add("moments", 2 * self.rank * long_ * size)
+                if self.error_feedback:
+                    err = ERROR_DTYPES[self.error_dtype] or p.dtype
+                    add("error", p.numel() * torch.empty((), dtype=err).element_size())
+        return total
+
     def projection_report(self) -> str:
         projected = [p for g in self.param_groups if g["projected"] for p in g["params"]]
         plain = [p for g in self.param_groups if not g["projected"] for p in g["params"]]
@@ -193,33 +212,3 @@ class LDAdam(PerParameterOptimizer):
             f"({sum(p.numel() for p in plain) / 1e6:.2f}M params) take plain AdamW with the same "
             f"betas ({b1}, {b2})"
         )
-
-
-def state_bytes(shape: tuple[int, ...], projected: bool, cfg, dtype) -> dict:
-    """Closed form: a projected m x n matrix (a = its shorter side, b the longer) holds the basis
-    a x r and M, V of r x b in the parameter's dtype, and the a x b error buffer in
-    ``error_dtype``; anything else holds AdamW's M and V."""
-    size = dtype_bytes(dtype)
-    if not projected:
-        return {"moments": 2 * math.prod(shape) * size}
-    short, long_ = min(shape), max(shape)
-    out = {"projector": short * cfg.rank * size, "moments": 2 * cfg.rank * long_ * size}
-    if cfg.error_feedback:
-        err = ERROR_DTYPES.get(cfg.error_dtype) or dtype
-        out["error"] = math.prod(shape) * dtype_bytes(err)
-    return out
-
-
-@register("ldadam", state_bytes)
-def build_ldadam(cfg, model: nn.Module) -> LDAdam:
-    targeted, plain = split_targets(model, list(cfg.target_modules))
-    groups = param_groups(targeted, plain, {"projected": True})
-    return LDAdam(
-        groups,
-        **adam_kwargs(cfg),
-        rank=cfg.rank,
-        rho=cfg.rho,
-        proj_method=cfg.proj_method,
-        error_feedback=cfg.error_feedback,
-        error_dtype=cfg.error_dtype,
-    )

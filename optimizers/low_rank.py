@@ -1,165 +1,277 @@
-"""The low-rank methods, each a composition in ``SubspaceOptimizer``: GaLore, 8-bit GaLore,
-Q-GaLore, Fira, FRUGAL and GUM."""
+"""The GaLore family, each a composition in ``SubspaceOptimizer``: GaLore, 8-bit GaLore,
+Q-GaLore, Fira, FRUGAL and GUM.
+
+Every class takes torch.optim's ``params`` (groups from ``llmpt.optimizers.groups.param_groups``:
+a group with ``projected=True`` is projected, the rest take plain Adam) and plain keyword
+arguments whose defaults are the paper's LLaMA-on-C4 settings. lr, betas, eps, weight_decay,
+scale and the projection settings (rank, update_gap, proj_type) may differ per group; every other
+argument is the optimizer's, and a group that sets one is refused.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterable, Sequence
+
 from torch import nn
 
 from llmpt.optimizers.distributed import replicated_world
-from llmpt.optimizers.int8_linear import wrap_int8
+from llmpt.optimizers.int8_linear import Int8Linear
 from llmpt.optimizers.projectors import CoordinateProjector, SvdProjector
 from llmpt.optimizers.projectors.quantized import QuantizedSvdProjector
-from llmpt.optimizers.registry import (
-    adam_kwargs,
-    built_formula,
-    param_groups,
-    register,
-    split_targets,
-    targeted_linears,
-    with_values,
-)
 from llmpt.optimizers.residuals import NormScaledResidual, StateFreeResidual
 from llmpt.optimizers.rules import AdamRule, BlockwiseAdam8bitRule, MuonRule
-from llmpt.optimizers.sampling import LayerSampler, decoder_layers
-from llmpt.optimizers.subspace import Sampling, SubspaceOptimizer
-from llmpt.optimizers.weight_quant import Int8Storage, Int8Weights
+from llmpt.optimizers.sampling import LayerSampler
+from llmpt.optimizers.subspace import Sampling, SubspaceOptimizer, as_groups, layer_units
+
+Betas = tuple[float, float]
+COMPAT = ("none", "reference")
 
 
-def galore_projector(cfg, **extra) -> SvdProjector:
-    return SvdProjector(
-        cfg.rank,
-        cfg.update_gap,
-        cfg.proj_type,
-        cfg.svd_backend,
-        niter=cfg.svd_power_iters,
-        refresh_phase=cfg.refresh_phase,
+def svd_projection(rank: int, update_gap: int, proj_type: str) -> dict:
+    return dict(rank=rank, update_gap=update_gap, proj_type=proj_type)
+
+
+def svd_factory(svd_backend: str, svd_power_iters: int, refresh_phase: int = 0, **extra):
+    """A projector per set of group settings: GaLore's SVD basis."""
+    return lambda s: SvdProjector(
+        s["rank"],
+        s["update_gap"],
+        s["proj_type"],
+        svd_backend,
+        niter=svd_power_iters,
+        refresh_phase=refresh_phase,
         **extra,
     )
 
 
-def _rule_8bit(cfg) -> BlockwiseAdam8bitRule:
-    return BlockwiseAdam8bitRule(cfg.min_8bit_size)
+class GaLore(SubspaceOptimizer):
+    """GaLore (Zhao et al. 2024, Alg. 1): Adam on R = P^T G for the top-r singular vectors P of
+    each projected matrix's gradient, recomputed every ``update_gap`` steps; the weight takes
+    ``scale`` times the back-projected Adam direction. Defaults: the paper's 60M setting (lr
+    0.01, rank 128, gap 200, scale 0.25; eps 1e-8, the reference code has 1e-6)."""
 
-
-def build_subspace(
-    cfg,
-    model: nn.Module,
-    residual=None,
-    rule=None,
-    sampling=None,
-    projector=None,
-    weight_quant=None,
-    scale: float | None = None,
-    **engine,
-) -> SubspaceOptimizer:
-    """A GaLore-shaped method: the targeted matrices projected, the rest plain, Adam (HF eps)
-    unless ``rule``; ``engine`` passes the engine's other options (``decay_first``,
-    ``reset_on_refresh``, ``transition``)."""
-    projected, plain = split_targets(model, list(cfg.target_modules))
-    projector = projector if projector is not None else galore_projector(cfg)
-    groups = param_groups(projected, plain, {"projected": True})
-    return SubspaceOptimizer(
-        groups,
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        projector=projector,
-        scale=cfg.scale if scale is None else scale,
-        residual=residual,
-        rule=rule,
-        sampling=sampling,
-        seed=getattr(cfg, "seed", 0),
-        weight_quant=weight_quant,
-        **engine,
-    )
-
-
-@register("galore", built_formula("galore"), model_level=True)
-def build_galore(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    return build_subspace(cfg, model)
-
-
-@register("galore_8bit", built_formula("galore_8bit"), model_level=True)
-def build_galore_8bit(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    return build_subspace(cfg, model, rule=_rule_8bit(cfg))
-
-
-def _q_galore_formula(model: nn.Module, cfg, steps: int) -> dict[str, int]:
-    """Optimizer state does not depend on how the weights are stored: the simulated build,
-    which leaves the model as it is (INT8 storage would wrap its linears)."""
-    return build_q_galore(with_values(cfg, weight_storage="simulated"), model).memory_formula(steps)
-
-
-@register("q_galore", _q_galore_formula, model_level=True)
-def build_q_galore(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """Q-GaLore (Zhang et al. 2024): 8-bit GaLore whose projector is stored in 4 bits and
-    refreshed lazily, with the projected weights kept on an INT8 grid."""
-    if cfg.refresh_phase:
-        raise ValueError("optimizer.refresh_phase: Q-GaLore's lazy refresh keeps its own schedule")
-    if cfg.compat not in ("none", "reference"):
-        raise ValueError(f"optimizer.compat={cfg.compat!r}: use none or reference")
-    reference = cfg.compat == "reference"
-    zero_point = "integer" if reference else "exact"
-    projector = QuantizedSvdProjector(
-        cfg.rank,
-        cfg.update_gap,
-        cfg.proj_type,
-        cfg.svd_backend,
-        niter=cfg.svd_power_iters,
-        proj_bits=cfg.proj_bits,
-        proj_group_size=cfg.proj_group_size,
-        cos_threshold=cfg.cos_threshold,
-        queue_size=cfg.queue_size,
-        growth=cfg.growth,
-        abs_cos=cfg.abs_cos and not reference,
-        zero_point=zero_point,
-    )
-    weights = _int8_weights(cfg, model, zero_point)
-    return build_subspace(
-        cfg, model, rule=_rule_8bit(cfg), projector=projector, weight_quant=weights
-    )
-
-
-WEIGHT_STORAGES = ("simulated", "int8")
-
-
-def _int8_weights(cfg, model: nn.Module, zero_point: str):
-    """Q-GaLore's INT8 weights: simulated (the parameters stay in their dtype, on the INT8 grid)
-    or stored as codes, the targeted linears wrapped in ``Int8Linear`` (single process)."""
-    if cfg.weight_storage not in WEIGHT_STORAGES:
-        raise ValueError(
-            f"optimizer.weight_storage={cfg.weight_storage!r}: use one of {WEIGHT_STORAGES}"
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-2,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd_backend: str = "exact",
+        svd_power_iters: int = 1,
+        refresh_phase: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            scale=scale,
+            projection=svd_projection(rank, update_gap, proj_type),
+            make_projector=svd_factory(svd_backend, svd_power_iters, refresh_phase),
+            **self._parts(),
         )
-    if not cfg.weight_quant:
-        if cfg.weight_storage != "simulated":
-            raise ValueError(
-                "optimizer.weight_storage=int8 stores INT8 weights, which "
-                "optimizer.weight_quant=false turns off: drop one of the two"
+        self.check_fixed(
+            dict(
+                svd_backend=svd_backend,
+                svd_power_iters=svd_power_iters,
+                refresh_phase=refresh_phase,
+                **self._fixed(),
             )
-        return None
-    if cfg.weight_storage == "simulated":
-        return Int8Weights(cfg.weight_group_size, cfg.stochastic_round, zero_point)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise ValueError(
-            "optimizer.weight_storage=int8 is single-process (as the reference's real INT8): "
-            "DDP broadcasts into each weight, which is stored as codes here. Use "
-            "optimizer.weight_storage=simulated for multi-GPU runs (the same arithmetic)"
         )
-    found = targeted_linears(model, list(cfg.target_modules))
-    linears = wrap_int8(model, found, cfg.weight_group_size, zero_point)
-    return Int8Storage(
-        {lin.weight: lin for lin in linears},
-        cfg.weight_group_size,
-        cfg.stochastic_round,
-        zero_point,
-    )
+
+    def _parts(self) -> dict:
+        """The engine's components besides the projector (subclasses change the rule)."""
+        return {}
+
+    def _fixed(self) -> dict:
+        return {}
 
 
-@register("fira", built_formula("fira"), model_level=True)
-def build_fira(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    return build_subspace(cfg, model, NormScaledResidual(cfg.mode, cfg.limiter_gamma))
+class GaLore8bit(SubspaceOptimizer):
+    """8-bit GaLore (Zhao et al. 2024, Sec. 4.3): GaLore whose subspace moments are blockwise
+    8-bit (bitsandbytes' kernels; tensors under ``min_8bit_size`` values keep fp32 moments)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-2,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd_backend: str = "exact",
+        svd_power_iters: int = 1,
+        refresh_phase: int = 0,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            scale=scale,
+            projection=svd_projection(rank, update_gap, proj_type),
+            make_projector=svd_factory(svd_backend, svd_power_iters, refresh_phase),
+            rule=BlockwiseAdam8bitRule(min_8bit_size),
+        )
+        self.check_fixed(
+            dict(
+                svd_backend=svd_backend,
+                svd_power_iters=svd_power_iters,
+                refresh_phase=refresh_phase,
+                min_8bit_size=min_8bit_size,
+            )
+        )
+
+
+class QGaLore(SubspaceOptimizer):
+    """Q-GaLore (Zhang et al. 2024): 8-bit GaLore whose projector is stored in ``proj_bits``
+    bits and refreshed lazily (the gap grows by ``growth`` once the mean cosine of the top
+    singular vectors over ``queue_size`` refreshes reaches ``cos_threshold``), with the projected
+    weights kept on an INT8 grid (``weight_quant``).
+
+    The weights are simulated INT8 (they keep their dtype, their values on the grid) unless
+    ``int8_linears`` is given: the ``Int8Linear`` modules from
+    ``llmpt.optimizers.int8_linear.wrap_int8(model, ...)``, an explicit model surgery that
+    stores them as codes (one process only). ``compat="reference"`` reproduces
+    q-galore-torch's integer zero points and signed cosine."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.015,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd_backend: str = "exact",
+        svd_power_iters: int = 1,
+        min_8bit_size: int = 4096,
+        proj_bits: int = 4,
+        proj_group_size: int = 256,
+        cos_threshold: float = 0.4,
+        queue_size: int = 5,
+        growth: float = 2.0,
+        abs_cos: bool = True,
+        weight_quant: bool = True,
+        stochastic_round: bool = True,
+        weight_group_size: int = 256,
+        compat: str = "none",
+        int8_linears: Sequence[Int8Linear] | None = None,
+    ) -> None:
+        from llmpt.optimizers.weight_quant import Int8Storage, Int8Weights
+
+        if compat not in COMPAT:
+            raise ValueError(f"compat={compat!r}: use none or reference")
+        reference = compat == "reference"
+        zero_point = "integer" if reference else "exact"
+
+        def make_projector(s: dict) -> QuantizedSvdProjector:
+            return QuantizedSvdProjector(
+                s["rank"],
+                s["update_gap"],
+                s["proj_type"],
+                svd_backend,
+                niter=svd_power_iters,
+                proj_bits=proj_bits,
+                proj_group_size=proj_group_size,
+                cos_threshold=cos_threshold,
+                queue_size=queue_size,
+                growth=growth,
+                abs_cos=abs_cos and not reference,
+                zero_point=zero_point,
+            )
+
+        if int8_linears is not None and not weight_quant:
+            raise ValueError(
+                "int8_linears stores INT8 weights, which weight_quant=False turns off: drop one"
+            )
+        if int8_linears is not None:
+            weights = Int8Storage(
+                {lin.weight: lin for lin in int8_linears},
+                weight_group_size,
+                stochastic_round,
+                zero_point,
+            )
+        elif weight_quant:
+            weights = Int8Weights(weight_group_size, stochastic_round, zero_point)
+        else:
+            weights = None
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            scale=scale,
+            projection=svd_projection(rank, update_gap, proj_type),
+            make_projector=make_projector,
+            rule=BlockwiseAdam8bitRule(min_8bit_size),
+            weight_quant=weights,
+        )
+        self.check_fixed(
+            dict(svd_backend=svd_backend, min_8bit_size=min_8bit_size, proj_bits=proj_bits)
+        )
+
+
+class Fira(GaLore):
+    """Fira (Chen et al. 2024): GaLore plus the gradient's residual G - P P^T G, scaled per
+    column by the ratio of Adam's update norm to the projected gradient's norm and passed
+    through a norm-growth limiter (``limiter_gamma``). ``mode="code"`` reproduces pip fira
+    1.0.2's arithmetic."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-2,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd_backend: str = "exact",
+        svd_power_iters: int = 1,
+        refresh_phase: int = 0,
+        mode: str = "paper",
+        limiter_gamma: float = 1.01,
+    ) -> None:
+        self._residual = NormScaledResidual(mode, limiter_gamma)
+        self._settings = dict(mode=mode, limiter_gamma=limiter_gamma)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            rank,
+            update_gap,
+            scale,
+            proj_type,
+            svd_backend,
+            svd_power_iters,
+            refresh_phase,
+        )
+
+    def _parts(self) -> dict:
+        return {"residual": self._residual}
+
+    def _fixed(self) -> dict:
+        return self._settings
 
 
 FRUGAL_PROJECTIONS = ("block", "svd", "random", "columns", "rows")
@@ -172,130 +284,167 @@ FRUGAL_BLOCK_ORDERS = {
 }
 
 
-@register("frugal", built_formula("frugal"), model_level=True)
-def build_frugal(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """FRUGAL (Zmushko et al. 2025): torch-style Adam on the state-full part, signSGD (or SGD)
-    on the state-free rest, weight decay first; regular parameters take full Adam."""
-    if cfg.projection not in FRUGAL_PROJECTIONS:
-        raise ValueError(
-            f"optimizer.projection={cfg.projection!r}: use one of {', '.join(FRUGAL_PROJECTIONS)}"
-        )
-    if cfg.inactive_rule not in ("sign", "sgd", "none"):
-        raise ValueError(f"optimizer.inactive_rule={cfg.inactive_rule!r}: use sign, sgd or none")
-    if cfg.proj_lr_scale < 0:
-        raise ValueError(f"optimizer.proj_lr_scale={cfg.proj_lr_scale} must be >= 0")
-    projectable, regular = split_targets(model, list(cfg.target_modules))
-    state_free = StateFreeResidual(cfg.inactive_rule, cfg.inactive_lr_scale)
-    kwargs = dict(
-        lr=cfg.lr,
-        betas=tuple(adam_kwargs(cfg)["betas"]),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        scale=1.0,
-        rule=AdamRule("torch"),
-        reset_on_refresh=cfg.reset_statistics,
-        decay_first=True,
-        seed=cfg.seed,
-        state_free=state_free,
-    )
-    scaled = {"lr_scale": cfg.proj_lr_scale}  # the steps' lr; weight decay keeps the base lr
-    if cfg.projection == "block":
-        if not 0.0 <= cfg.density <= 1.0:
-            raise ValueError(f"optimizer.density={cfg.density} must lie in [0, 1]")
-        if cfg.block_order not in FRUGAL_BLOCK_ORDERS:
+class Frugal(SubspaceOptimizer):
+    """FRUGAL (Zmushko et al. 2025): torch-style Adam on a state-full part of each projectable
+    matrix (``projected=True`` groups), a state-free step (``inactive_rule``: signSGD, SGD or
+    none) on the rest, weight decay first; the other parameters take full Adam.
+
+    ``projection="block"`` makes whole matrices state-full, ``round(density x matrices)`` at a
+    time, switched every ``update_gap`` steps in ``block_order``; ``svd``, ``random``,
+    ``columns`` and ``rows`` project each matrix to ``density`` of its dimension.
+    ``proj_lr_scale`` multiplies the steps (not the weight decay) of the projectable
+    matrices."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        projection: str = "block",
+        density: float = 0.25,
+        update_gap: int = 200,
+        proj_type: str = "std",
+        block_order: str = "descending",
+        inactive_rule: str = "sign",
+        inactive_lr_scale: float = 1.0,
+        proj_lr_scale: float = 1.0,
+        reset_statistics: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if projection not in FRUGAL_PROJECTIONS:
             raise ValueError(
-                f"optimizer.block_order={cfg.block_order!r}: use one of "
-                f"{', '.join(FRUGAL_BLOCK_ORDERS)}"
+                f"projection={projection!r}: use one of {', '.join(FRUGAL_PROJECTIONS)}"
             )
-        n = len(projectable)
-        sampler = LayerSampler(
-            n,
-            round(n * cfg.density),
-            cfg.update_gap,
-            FRUGAL_BLOCK_ORDERS[cfg.block_order],
-            cfg.seed,
-            keys=("optimizer.update_gap", "optimizer.block_order"),
-        )
-        sampling = Sampling(
-            sampler,
-            [[p] for _, p in projectable],
-            # inactive_rule=none: a zero step, but FRUGAL still decays (and computes) them
-            inactive_mode="state_free",
-            reset_active=True,
-            freeze_grads=not replicated_world(),
-        )
-        targeted = {"projected": False, **scaled}
-        projector, residual = None, None
-    else:
-        if cfg.projection in ("columns", "rows"):
-            projector = CoordinateProjector(cfg.density, cfg.update_gap, cfg.projection)
+        if proj_lr_scale < 0:
+            raise ValueError(f"proj_lr_scale={proj_lr_scale} must be >= 0")
+        state_free = StateFreeResidual(inactive_rule, inactive_lr_scale)
+        groups = as_groups(params)
+        for group in groups:  # the steps' lr; weight decay keeps the base lr
+            if group.get("projected"):
+                group.setdefault("lr_scale", proj_lr_scale)
+        engine: dict = {}
+        if projection == "block":
+            if not 0.0 <= density <= 1.0:
+                raise ValueError(f"density={density} must lie in [0, 1]")
+            if block_order not in FRUGAL_BLOCK_ORDERS:
+                raise ValueError(
+                    f"block_order={block_order!r}: use one of {', '.join(FRUGAL_BLOCK_ORDERS)}"
+                )
+            projectable = [p for g in groups if g.get("projected") for p in g["params"]]
+            for group in groups:
+                group["projected"] = False
+            n = len(projectable)
+            sampler = LayerSampler(
+                n,
+                round(n * density),
+                update_gap,
+                FRUGAL_BLOCK_ORDERS[block_order],
+                seed,
+                keys=("update_gap", "block_order"),
+            )
+            engine["sampling"] = Sampling(
+                sampler,
+                [[p[1] if isinstance(p, tuple) else p] for p in projectable],
+                # inactive_rule=none: a zero step, but FRUGAL still decays (and computes) them
+                inactive_mode="state_free",
+                reset_active=True,
+                freeze_grads=not replicated_world(),
+            )
         else:
-            projector = SvdProjector(
-                None, cfg.update_gap, cfg.proj_type, density=cfg.density, basis=cfg.projection
-            )
-        targeted = {"projected": True, **scaled}
-        sampling = None
-        residual = state_free if cfg.inactive_rule != "none" else None  # none: GaLore-like
-    groups = param_groups(projectable, regular, targeted)
-    return SubspaceOptimizer(
-        groups, projector=projector, residual=residual, sampling=sampling, **kwargs
-    )
-
-
-@register("gum", built_formula("gum"), model_level=True)
-def build_gum(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """GUM (Pan et al. 2025): Muon on the GaLore projection of every targeted matrix, except in
-    gamma sampled layers per period, which take Muon on the full-rank complement G - P P^T G;
-    the importance weights 1/(1-q) and 1/q make the momentum's input unbiased."""
-    if len(cfg.adamw_betas) != 2:
-        raise ValueError(f"optimizer.adamw_betas={list(cfg.adamw_betas)} must have two values")
-    projected, plain = split_targets(model, list(cfg.target_modules))
-    layers = decoder_layers(model)
-    n = len(layers)
-    if not 1 <= cfg.active_layers < n:
-        raise ValueError(
-            f"optimizer.active_layers={cfg.active_layers}: GUM samples q = active_layers / "
-            f"layers in (0, 1), so it must lie in [1, {n - 1}] for {n} decoder layers"
+            if projection in ("columns", "rows"):
+                engine["make_projector"] = lambda s: CoordinateProjector(
+                    density, s["update_gap"], projection
+                )
+                engine["projection"] = dict(update_gap=update_gap)
+            else:
+                engine["make_projector"] = lambda s: SvdProjector(
+                    None, s["update_gap"], s["proj_type"], density=density, basis=projection
+                )
+                engine["projection"] = dict(update_gap=update_gap, proj_type=proj_type)
+            engine["residual"] = state_free if inactive_rule != "none" else None
+        super().__init__(
+            groups,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            scale=1.0,
+            rule=AdamRule("torch"),
+            reset_on_refresh=reset_statistics,
+            decay_first=True,
+            seed=seed,
+            state_free=state_free,
+            **engine,
         )
-    units = [[p for name, p in projected if name.startswith(prefix + ".")] for prefix, _ in layers]
-    if sum(len(u) for u in units) != len(projected):
-        raise ValueError("GUM: every targeted matrix must belong to a decoder layer")
-    q = cfg.active_layers / n
-    sampling = Sampling(
-        LayerSampler(
-            n,
-            cfg.active_layers,
-            cfg.update_gap,
-            "uniform",
-            cfg.seed,
-            keys=("optimizer.update_gap", ""),
-        ),
-        units,
-        active_mode="complement",
-        inactive_mode="inherit",
-        active_weight=1.0 / q,
-        inactive_weight=1.0 / (1.0 - q),
-    )
-    projector = SvdProjector(
-        cfg.rank,
-        cfg.update_gap,
-        cfg.proj_type,
-        cfg.svd_backend,
-        niter=cfg.svd_power_iters,
-    )
-    adamw_lr = cfg.adamw_lr if cfg.adamw_lr is not None else cfg.lr
-    groups = param_groups(projected, plain, {"projected": True}, {"lr": adamw_lr})
-    return SubspaceOptimizer(
-        groups,
-        lr=cfg.lr,
-        betas=tuple(cfg.adamw_betas),
-        eps=cfg.adamw_eps,
-        weight_decay=cfg.weight_decay,
-        projector=projector,
-        scale=1.0,
-        rule=MuonRule(cfg.momentum, cfg.ns_steps, cfg.adjust_lr_fn, cfg.ns_dtype),
-        plain_rule=AdamRule("torch"),
-        decay_first=True,
-        sampling=sampling,
-        seed=cfg.seed,
-    )
+        self.check_fixed(dict(density=density, inactive_rule=inactive_rule, seed=seed))
+
+
+class Gum(SubspaceOptimizer):
+    """GUM (Pan et al. 2025): Muon on the GaLore projection of every projected matrix, except
+    in ``active_layers`` sampled decoder layers per period, which take Muon on the full-rank
+    complement G - P P^T G; the importance weights 1/(1-q) and 1/q make the momentum's input
+    unbiased. ``layers``: the decoder blocks (``groups.decoder_layers(model)`` gives them), each
+    a module or a list of parameters. The other parameters take AdamW (``adamw_*``)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        layers: Sequence[nn.Module | Iterable],
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        adjust_lr_fn: str = "match_rms_adamw",
+        ns_dtype: str = "auto",
+        adamw_lr: float | None = None,
+        adamw_betas: Betas = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        rank: int = 128,
+        update_gap: int = 200,
+        proj_type: str = "left",
+        svd_backend: str = "exact",
+        svd_power_iters: int = 1,
+        active_layers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        groups = as_groups(params)
+        projected = [p for g in groups if g.get("projected") for p in g["params"]]
+        units = layer_units(layers, projected)
+        n = len(units)
+        if not 1 <= active_layers < n:
+            raise ValueError(
+                f"active_layers={active_layers}: GUM samples q = active_layers / layers in "
+                f"(0, 1), so it must lie in [1, {n - 1}] for {n} decoder layers"
+            )
+        if sum(len(u) for u in units) != len(projected):
+            raise ValueError("GUM: every projected matrix must belong to one of the layers")
+        for group in groups:
+            if not group.get("projected"):
+                group.setdefault("lr", adamw_lr if adamw_lr is not None else lr)
+        q = active_layers / n
+        sampling = Sampling(
+            LayerSampler(n, active_layers, update_gap, "uniform", seed, keys=("update_gap", "")),
+            units,
+            active_mode="complement",
+            inactive_mode="inherit",
+            active_weight=1.0 / q,
+            inactive_weight=1.0 / (1.0 - q),
+        )
+        super().__init__(
+            groups,
+            lr,
+            adamw_betas,
+            adamw_eps,
+            weight_decay,
+            scale=1.0,
+            projection=svd_projection(rank, update_gap, proj_type),
+            make_projector=svd_factory(svd_backend, svd_power_iters),
+            rule=MuonRule(momentum, ns_steps, adjust_lr_fn, ns_dtype),
+            plain_rule=AdamRule("torch"),
+            decay_first=True,
+            sampling=sampling,
+            seed=seed,
+        )
+        self.check_fixed(dict(momentum=momentum, ns_steps=ns_steps, seed=seed))

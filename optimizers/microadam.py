@@ -32,12 +32,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from llmpt.kernels.microadam_update import TopKLayout, microadam_update
 from llmpt.kernels.quant_blockwise import QuantizedTensor, dequantize, quantize, quantized_nbytes
 from llmpt.optimizers.per_parameter import PerParameterOptimizer
-from llmpt.optimizers.registry import adam_kwargs, register, trainable_params
 from llmpt.optimizers.rules.adam import check_adam_settings
 
 ERROR_BITS = 4
@@ -47,7 +45,7 @@ class MicroAdam(PerParameterOptimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -59,19 +57,21 @@ class MicroAdam(PerParameterOptimizer):
     ) -> None:
         b1, b2 = check_adam_settings(lr, betas, eps, weight_decay)
         if window < 1:
-            raise ValueError(f"optimizer.window={window} must be at least 1")
+            raise ValueError(f"window={window} must be at least 1")
         if not 0.0 < density <= 1.0:
-            raise ValueError(f"optimizer.density={density} must lie in (0, 1]")
+            raise ValueError(f"density={density} must lie in (0, 1]")
         if quant_group_size < 1:
-            raise ValueError(f"optimizer.quant_group_size={quant_group_size} must be positive")
+            raise ValueError(f"quant_group_size={quant_group_size} must be positive")
         if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"optimizer.alpha={alpha} must lie in [0, 1)")
+            raise ValueError(f"alpha={alpha} must lie in [0, 1)")
         TopKLayout(1, block_size, density)  # refuses a block size int16 cannot index
         defaults = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            check_adam_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        self.check_fixed(dict(window=window, density=density, block_size=block_size))
         self.window, self.density, self.block_size = window, density, block_size
         self.quant_group_size, self.alpha = quant_group_size, alpha
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
 
     def layout(self, numel: int) -> TopKLayout:
         return TopKLayout(numel, self.block_size, self.density)
@@ -169,6 +169,19 @@ class MicroAdam(PerParameterOptimizer):
                 )
         super().load_state_dict(state_dict)
 
+    def memory_formula(self, steps: int = 1) -> dict[str, int]:
+        """The closed form of every tensor's state (``state_bytes``)."""
+        total: dict[str, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                shape = tuple(p.shape)
+                parts = state_bytes(
+                    shape, self.window, self.density, self.block_size, self.quant_group_size
+                )
+                for key, n in parts.items():
+                    total[key] = total.get(key, 0) + n
+        return total
+
     def projection_report(self) -> str:
         """The start-up line: what every tensor keeps."""
         n = sum(p.numel() for g in self.param_groups for p in g["params"])
@@ -180,32 +193,17 @@ class MicroAdam(PerParameterOptimizer):
         )
 
 
-def state_bytes(shape: tuple[int, ...], cfg) -> dict[str, int]:
+def state_bytes(
+    shape: tuple[int, ...], window: int, density: float, block_size: int, quant_group_size: int
+) -> dict[str, int]:
     """Closed-form state of one tensor: 2 m k (indices) + 2 m k (values) + ceil(d / 2) (error
     codes) + 4 ceil(d / q) (bf16 scale and zero point)."""
     d = math.prod(shape)
-    k = TopKLayout(d, cfg.block_size, cfg.density).k
-    q = quantized_nbytes((d,), ERROR_BITS, cfg.quant_group_size, torch.bfloat16)
+    k = TopKLayout(d, block_size, density).k
+    q = quantized_nbytes((d,), ERROR_BITS, quant_group_size, torch.bfloat16)
     return {
-        "indices": 2 * cfg.window * k,
-        "moments": 2 * cfg.window * k,
+        "indices": 2 * window * k,
+        "moments": 2 * window * k,
         "error": q["codes"],
         "quantization": q["scale"] + q["zero"],
     }
-
-
-def _formula(shape, projected, cfg, dtype) -> dict[str, int]:
-    return state_bytes(shape, cfg)
-
-
-@register("microadam", _formula)
-def build_microadam(cfg, model: nn.Module) -> MicroAdam:
-    return MicroAdam(
-        trainable_params(model),
-        **adam_kwargs(cfg),
-        window=cfg.window,
-        density=cfg.density,
-        block_size=cfg.block_size,
-        quant_group_size=cfg.quant_group_size,
-        alpha=cfg.alpha,
-    )

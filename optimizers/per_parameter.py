@@ -20,7 +20,25 @@ def closure_loss(closure):
 
 
 class PerParameterOptimizer(torch.optim.Optimizer):
-    _group_of: dict[torch.Tensor, dict]
+    def group_of(self, p: torch.Tensor) -> dict:
+        """The param group of ``p``, by index: ``load_state_dict`` replaces the group dicts."""
+        index = self.__dict__.get("_group_index")
+        if index is None or len(index) != sum(len(g["params"]) for g in self.param_groups):
+            index = {q: i for i, g in enumerate(self.param_groups) for q in g["params"]}
+            self._group_index = index
+        return self.param_groups[index[p]]
+
+    def check_fixed(self, fixed: dict) -> None:
+        """Settings of the whole optimizer (constructor arguments that cannot vary per group):
+        a group that sets one to another value is refused by name, not silently ignored."""
+        for i, group in enumerate(self.param_groups):
+            for key, value in fixed.items():
+                if key in group and group[key] != value:
+                    raise ValueError(
+                        f"param group {i} sets {key}={group[key]!r}, but {type(self).__name__} "
+                        f"takes {key} for all groups ({key}={value!r}, the constructor's); "
+                        f"remove it from the group"
+                    )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -37,7 +55,7 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         """Step one parameter (per-layer updates, from its post-accumulate-grad hook); the
         training loop calls ``step()`` once all of them are done."""
         if p.grad is not None:
-            self._update(p, self._group_of[p])
+            self._update(p, self.group_of(p))
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         raise NotImplementedError
@@ -56,7 +74,7 @@ class PerParameterOptimizer(torch.optim.Optimizer):
                 if p.dim() != 2:
                     raise ValueError(
                         f"{name}: a projected parameter must be a 2-D matrix, got shape "
-                        f"{tuple(p.shape)}; leave it out of optimizer.target_modules"
+                        f"{tuple(p.shape)}; leave it out of target_modules"
                     )
                 yield name, p
 

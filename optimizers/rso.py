@@ -17,7 +17,7 @@ records the device type of the current P's first draw, and a forward on another 
 refused, since W0 + P B would silently become another model), ``philox`` with Triton's
 Philox, the same P on every device; on CUDA with Triton, x P and (dy B) P^T are then computed
 tile by tile (``kernels/seeded_projection.py``) and P never exists. The seed of a linear
-mixes ``optimizer.seed`` with a hash of its qualified name, so it does not depend on the order
+mixes ``seed`` with a hash of its qualified name, so it does not depend on the order
 in which the model was built.
 
 The paper's proximal term (1 / 2 eta) ||B||^2 is an L2 penalty on B (``proximal`` = 1 / eta,
@@ -29,12 +29,14 @@ Decoupled weight decay shrinks the effective weight W0 + P B (both parts), as Ad
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmpt.optimizers.accounting import CATEGORIES, state_nbytes
+from llmpt.optimizers.groups import DEFAULT_TARGETS
 from llmpt.optimizers.per_parameter import PerParameterOptimizer
 from llmpt.optimizers.projectors.gaussian import (
     check_draw_device,
@@ -45,9 +47,7 @@ from llmpt.optimizers.projectors.gaussian import (
     gaussian,
     philox_times,
 )
-from llmpt.optimizers.registry import adam_kwargs, dtype_bytes, register
 from llmpt.optimizers.rules.adam import AdamRule
-from llmpt.optimizers.sampling import trainable
 
 SEED_BYTES = 24  # the int64 buffers (seed, draw, draw device) that identify a linear's P
 
@@ -108,8 +108,8 @@ def check_rank(rank: int, shape: tuple[int, int]) -> None:
     d_in = shape[1]
     if not 1 <= rank <= d_in:
         raise ValueError(
-            f"optimizer.rank={rank}: RSO's rank must lie in [1, d_in={d_in}] for a linear of "
-            f"shape {shape}; lower optimizer.rank or leave it out of optimizer.target_modules"
+            f"rank={rank}: RSO's rank must lie in [1, d_in={d_in}] for a linear of "
+            f"shape {shape}; lower rank or leave it out of target_modules"
         )
 
 
@@ -231,12 +231,12 @@ def linear_seed(seed: int, name: str) -> int:
     return draw_seed(seed, zlib.crc32(name.encode()))
 
 
-def rso_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+def rso_targets(model: nn.Module, targets: Sequence[str]) -> list[tuple[str, nn.Module]]:
     """The modules RSO reparametrizes: those whose name contains a target and that hold
     parameters of their own (containers such as ``mlp`` are walked into, not wrapped). Each
     must be a plain ``nn.Linear`` (or already an ``RsoLinear``); anything else is refused."""
     if not targets:
-        raise ValueError("optimizer.target_modules is empty: name the linears RSO reparametrizes")
+        raise ValueError("target_modules is empty: name the linears RSO reparametrizes")
     found = []
     for name, module in model.named_modules():
         if not any(t in name for t in targets):
@@ -246,12 +246,12 @@ def rso_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Modu
         elif any(True for _ in module.parameters(recurse=False)):
             raise TypeError(
                 f"RSO reparametrizes nn.Linear modules only: {name} is a "
-                f"{type(module).__name__}; leave it out of optimizer.target_modules "
+                f"{type(module).__name__}; leave it out of target_modules "
                 f"({list(targets)})"
             )
     if not found:
         raise ValueError(
-            f"optimizer.target_modules={list(targets)} matches no nn.Linear of the model; "
+            f"target_modules={list(targets)} matches no nn.Linear of the model; "
             "use substrings of its module names (e.g. attn, mlp)"
         )
     return found
@@ -259,14 +259,19 @@ def rso_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Modu
 
 def wrap(
     model: nn.Module,
-    targets: list[str],
-    rank: int,
-    seed: int,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    rank: int = 128,
+    seed: int = 0,
     store_projection: bool = False,
-    rng: str = "torch",
+    projection_rng: str = "torch",
 ) -> list[RsoLinear]:
-    """Replace the targeted linears of ``model`` by ``RsoLinear`` in place (linears already
-    wrapped are kept) and return the wrappers in module order."""
+    """RSO's model surgery: replace the targeted linears of ``model`` by ``RsoLinear`` in place
+    (linears already wrapped are kept) and return the wrappers in module order, for
+    ``Rso(model.parameters() trainable, linears=...)``. ``unwrap`` merges them back. Rank 128
+    and the targets follow GaLore's 60M setting that RSO compares against (no official code)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank} must be a positive integer")
+    rng = projection_rng
     check_rng(rng)
     shared = _tied_weights(model)
     found = rso_targets(model, targets)
@@ -276,7 +281,7 @@ def wrap(
         if id(module.weight) in shared:
             raise ValueError(
                 f"{name}.weight is shared with another module (tied weights): RSO would freeze "
-                "both; leave it out of optimizer.target_modules"
+                "both; leave it out of target_modules"
             )
         check_rank(rank, tuple(module.weight.shape))
     wrapped = []
@@ -321,40 +326,49 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def check_outer_loop(update_gap: int, proximal: float) -> None:
     if update_gap < 1:
-        raise ValueError(f"optimizer.update_gap={update_gap} must be >= 1 (steps per subspace)")
+        raise ValueError(f"update_gap={update_gap} must be >= 1 (steps per subspace)")
     if proximal < 0:
-        raise ValueError(f"optimizer.proximal={proximal} must be >= 0 (it is 1 / eta)")
+        raise ValueError(f"proximal={proximal} must be >= 0 (it is 1 / eta)")
 
 
-class RsoOptimizer(PerParameterOptimizer):
-    """Adam (torch's AdamW arithmetic) on each B and on every other trainable tensor; every
-    ``update_gap`` steps, merge, resample and reset (in place, so memory does not move).
+class Rso(PerParameterOptimizer):
+    """RSO's optimizer: Adam (torch's AdamW arithmetic) on each B and on every other trainable
+    tensor of ``params``; every ``update_gap`` steps, merge, resample and reset (in place, so
+    memory does not move). ``linears``: the ``RsoLinear`` modules that ``wrap(model, ...)`` made
+    (an explicit, reversible model surgery: ``unwrap`` merges them back); their B must be among
+    ``params``. lr, betas, eps and weight decay may differ per group.
 
     Steps are counted once per ``step()`` (``optimizers/per_parameter.py``).
     """
 
     def __init__(
         self,
-        params: list[dict],
-        linears: list[RsoLinear],
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
-        update_gap: int,
+        params: Iterable,
+        linears: Sequence[RsoLinear],
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        update_gap: int = 200,
         proximal: float = 0.0,
     ) -> None:
-        if lr <= 0:
-            raise ValueError(f"optimizer.lr={lr} must be positive")
-        if weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
         check_outer_loop(update_gap, proximal)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rso=False)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            AdamRule.check_group(group)
+        self.check_fixed(dict(update_gap=update_gap, proximal=proximal))
+        linears = list(linears)
+        trained = {id(q) for g in self.param_groups for q in g["params"]}
+        missing = [lin for lin in linears if id(lin.rso_b) not in trained]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of the {len(linears)} RSO linears have their B (rso_b) outside "
+                "params: pass the model's trainable parameters after wrap(model, ...)"
+            )
         self.rule = AdamRule(eps_placement="torch")
         self.linears, self.update_gap, self.proximal = linears, update_gap, proximal
         self._linear_of = {lin.rso_b: lin for lin in linears}
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._steps = 0
 
     def end_step(self) -> None:
@@ -422,10 +436,24 @@ class RsoOptimizer(PerParameterOptimizer):
         out["projector"] += sum(t.nbytes for t in self.shared_state()["projector"])
         return out
 
+    def memory_formula(self, steps: int = 1) -> dict[str, int]:
+        """Closed form: per linear, Adam on B (2 r d_out) plus the seed and draw buffers (and P
+        when stored); Adam on every other trained tensor. Moments are zeroed in place at a
+        resample, so the bytes do not depend on ``steps``."""
+        total = dict.fromkeys(CATEGORIES, 0)
+        for lin in self.linears:
+            size = lin.weight.element_size()
+            stored = lin.in_features * lin.rank * size if lin.store_projection else 0
+            total["projector"] += SEED_BYTES + stored
+        for group in self.param_groups:
+            for p in group["params"]:
+                total["moments"] += 2 * p.numel() * p.element_size()
+        return total
+
     def projection_report(self) -> str:
         n_b = sum(lin.rso_b.numel() for lin in self.linears)
         n_frozen = sum(lin.weight.numel() for lin in self.linears)
-        plain = [p for g in self.param_groups if not g["rso"] for p in g["params"]]
+        plain = [p for g in self.param_groups for p in g["params"] if p not in self._linear_of]
         kept = "stored" if self.linears and self.linears[0].store_projection else "regenerated"
         return (
             f"{len(self.linears)} linears reparametrized as W0 + P B at rank "
@@ -434,57 +462,3 @@ class RsoOptimizer(PerParameterOptimizer):
             f"{self.update_gap} steps; {len(plain)} tensors "
             f"({sum(p.numel() for p in plain) / 1e6:.2f}M params) take plain Adam"
         )
-
-
-def _rso_formula(model: nn.Module, cfg, steps: int) -> dict[str, int]:
-    """Closed form without wrapping: per targeted linear, Adam on B (2 r d_out) plus the seed
-    and draw buffers (and P when stored); Adam on every other trainable tensor. Moments are
-    zeroed in place at a resample, so the bytes do not depend on ``steps``."""
-    total = dict.fromkeys(CATEGORIES, 0)
-    frozen = set()
-    for _, module in rso_targets(model, list(cfg.target_modules)):
-        d_out, d_in = module.weight.shape
-        size = dtype_bytes(module.weight.dtype)
-        total["moments"] += 2 * d_out * cfg.rank * size
-        total["projector"] += SEED_BYTES + (d_in * cfg.rank * size if cfg.store_projection else 0)
-        frozen.add(id(module.weight))
-        if isinstance(module, RsoLinear):
-            frozen.add(id(module.rso_b))
-    for p in model.parameters():
-        if trainable(p) and id(p) not in frozen:
-            total["moments"] += 2 * p.numel() * dtype_bytes(p.dtype)
-    return total
-
-
-@register("rso", _rso_formula, model_level=True)
-def build_rso(cfg, model: nn.Module) -> RsoOptimizer:
-    """Wraps the targeted linears of ``model`` in place (see ``wrap``) and returns the
-    optimizer of B and of every other trainable tensor."""
-    if cfg.rank < 1:
-        raise ValueError(f"optimizer.rank={cfg.rank} must be >= 1")
-    check_outer_loop(cfg.update_gap, cfg.proximal)  # before wrapping: a refusal changes nothing
-    kw = adam_kwargs(cfg)
-    linears = wrap(
-        model,
-        list(cfg.target_modules),
-        cfg.rank,
-        cfg.seed,
-        cfg.store_projection,
-        cfg.projection_rng,
-    )
-    bs = {id(lin.rso_b) for lin in linears}
-    names = {id(p): n for n, p in model.named_parameters()}
-    plain = [p for p in model.parameters() if trainable(p) and id(p) not in bs]
-    groups = [{"params": [(names[id(lin.rso_b)], lin.rso_b) for lin in linears], "rso": True}]
-    if plain:
-        groups.append({"params": [(names[id(p)], p) for p in plain]})
-    return RsoOptimizer(
-        groups,
-        linears,
-        kw["lr"],
-        kw["betas"],
-        kw["eps"],
-        kw["weight_decay"],
-        cfg.update_gap,
-        cfg.proximal,
-    )

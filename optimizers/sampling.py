@@ -14,8 +14,6 @@ freed when it is deactivated, so state memory stays bounded by the active units.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
@@ -32,7 +30,7 @@ class LayerSampler:
         interval: int,
         order: str,
         seed: int,
-        keys: tuple[str, str] = ("optimizer.interval", "optimizer.sampling_order"),
+        keys: tuple[str, str] = ("interval", "sampling_order"),
     ) -> None:
         """``keys``: the config keys of ``interval`` and ``order`` in the caller's method, for
         error messages."""
@@ -42,7 +40,7 @@ class LayerSampler:
         if not 0 <= n_active <= n_units:
             raise ValueError(
                 f"optimizer: {n_active} active units out of {n_units}; choose between 0 and "
-                f"{n_units} (optimizer.active_layers or optimizer.density)"
+                f"{n_units} (active_layers or density)"
             )
         if order == "shuffled" and n_active and n_units % n_active:
             raise ValueError(
@@ -102,22 +100,6 @@ class LayerSampler:
         return sorted(chosen)
 
 
-def trainable(p: torch.Tensor) -> bool:
-    """Trained by the optimizer: requires grad, or is only frozen for now by a layer sampler
-    (so an optimizer rebuilt on a model mid-run, e.g. for a memory estimate, sees it)."""
-    return p.requires_grad or getattr(p, "frozen_by_sampler", False)
-
-
-def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The transformer blocks, in depth order: modules named ``...layers.<i>``."""
-    found = [(name, m) for name, m in model.named_modules() if re.search(r"layers\.\d+$", name)]
-    if not found:
-        raise ValueError(
-            "layer sampling needs decoder layers named '...layers.<i>'; this model has none"
-        )
-    return sorted(found, key=lambda item: int(item[0].rsplit(".", 1)[1]))
-
-
 class OutlierWeights:
     """OwLore's sampling probabilities (Li et al. 2024, after OWL): for layer l, the fraction of
     its scores A_ij = ||X_j||_2 |W_ij| over all its linears that exceed ``ratio`` times the
@@ -129,14 +111,14 @@ class OutlierWeights:
     threshold anywhere (typical early in pretraining), the probabilities are uniform.
     """
 
-    def __init__(self, layers: list[tuple[str, nn.Module]], ratio: float = 13.0) -> None:
+    def __init__(self, layers: list[nn.Module], ratio: float = 13.0) -> None:
         if ratio <= 0:
-            raise ValueError(f"optimizer.outlier_ratio={ratio} must be positive")
+            raise ValueError(f"outlier_ratio={ratio} must be positive")
         self.ratio = ratio
         self.collecting = False
         self.sq: dict[nn.Linear, torch.Tensor] = {}
         self.linears = [
-            [m for m in layer.modules() if isinstance(m, nn.Linear)] for _, layer in layers
+            [m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in layers
         ]
         self.handles: list = []
 
@@ -145,6 +127,13 @@ class OutlierWeights:
         if not self.handles:
             for m in (m for layer in self.linears for m in layer):
                 self.handles.append(m.register_forward_pre_hook(self._record))
+
+    def detach(self) -> None:
+        """Remove the hooks and forget the statistics."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.sq.clear()
 
     def collect(self, on: bool) -> None:
         self.collecting = on

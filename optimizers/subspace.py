@@ -38,6 +38,39 @@ from llmpt.optimizers.per_parameter import PerParameterOptimizer, closure_loss
 from llmpt.optimizers.rules import AdamRule
 from llmpt.optimizers.sampling import LayerSampler
 
+
+def as_groups(params: Iterable) -> list[dict]:
+    """torch.optim's ``params`` as a list of group dicts a constructor may edit: tensors or
+    (name, tensor) pairs become one group; dicts are copied (their parameter lists too)."""
+    items = list(params)
+    if not items:
+        raise ValueError("the optimizer got an empty parameter list")
+    if all(isinstance(item, dict) for item in items):
+        return [{**g, "params": list(g["params"])} for g in items]
+    if any(isinstance(item, dict) for item in items):
+        raise TypeError("params mixes param groups (dicts) with parameters; use one form")
+    return [{"params": items}]
+
+
+def _tensor(item) -> torch.Tensor:
+    return item[1] if isinstance(item, tuple) else item
+
+
+def layer_units(layers: Iterable, candidates: Iterable) -> list[list[torch.Tensor]]:
+    """For each layer (a module, or an iterable of its parameters), the parameters of
+    ``candidates`` (tensors or (name, tensor) pairs) that belong to it, in their order: the
+    units a layer sampler switches."""
+    candidates = [_tensor(c) for c in candidates]
+    units = []
+    for layer in layers:
+        owned = layer.parameters() if isinstance(layer, torch.nn.Module) else layer
+        ids = {id(_tensor(q)) for q in owned}
+        units.append([p for p in candidates if id(p) in ids])
+    if not units:
+        raise ValueError("layers is empty: a layer sampler needs the model's decoder layers")
+    return units
+
+
 ACTIVE_MODES = ("inherit", "complement")
 INACTIVE_MODES = ("frozen", "state_free", "inherit")
 
@@ -78,6 +111,7 @@ class Sampling:
     weights: Callable[[], torch.Tensor | None] | None = None
     collect: Callable[[bool], None] | None = None
     attach: Callable[[], None] | None = None
+    detach: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         if self.active_mode not in ACTIVE_MODES:
@@ -102,8 +136,8 @@ class SubspaceOptimizer(PerParameterOptimizer):
         betas: tuple[float, float],
         eps: float,
         weight_decay: float,
-        projector,
-        scale: float,
+        projector=None,
+        scale: float = 1.0,
         residual=None,
         rule=None,
         plain_rule=None,
@@ -115,11 +149,13 @@ class SubspaceOptimizer(PerParameterOptimizer):
         weight_quant=None,
         transition=None,
         error_feedback=None,
+        projection: dict | None = None,
+        make_projector=None,
     ) -> None:
         if not lr > 0:  # also refuses NaN
-            raise ValueError(f"optimizer.lr={lr} must be positive")
+            raise ValueError(f"lr={lr} must be positive")
         if weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
+            raise ValueError(f"weight_decay={weight_decay} must be >= 0")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -127,14 +163,18 @@ class SubspaceOptimizer(PerParameterOptimizer):
             weight_decay=weight_decay,
             projected=False,
             lr_scale=1.0,  # multiplies the group's steps, not its weight decay (FRUGAL)
+            scale=scale,
+            **(projection or {}),
         )
         super().__init__(params, defaults)
+        if make_projector is not None:
+            projector = make_projector(dict(projection or {}))
         if residual is not None and projector is not None and projector.proj_type == "full":
             raise ValueError(
-                "optimizer.proj_type=full: a residual needs a one-sided projection; "
+                "proj_type=full: a residual needs a one-sided projection; "
                 "use std, reverse_std, left or right"
             )
-        self.projector, self.scale, self.residual = projector, scale, residual
+        self.projector, self.residual = projector, residual
         self.rule = rule if rule is not None else AdamRule()
         self.plain_rule = plain_rule if plain_rule is not None else self.rule
         self.reset_on_refresh, self.decay_first, self.seed = reset_on_refresh, decay_first, seed
@@ -144,7 +184,8 @@ class SubspaceOptimizer(PerParameterOptimizer):
         self.transition = transition
         self.error_feedback = error_feedback
         self._index = {p: i for i, p in enumerate(self._all_params())}
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._group_number = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self._projectors = self._group_projectors(projection or {}, make_projector)
         if projector is None and any(g["projected"] for g in self.param_groups):
             raise ValueError("a projected group needs a projector")
         if projector is not None and not any(g["projected"] for g in self.param_groups):
@@ -159,9 +200,10 @@ class SubspaceOptimizer(PerParameterOptimizer):
             if hasattr(rule, "check_group"):
                 rule.check_group(group)
         for name, p in self.projected_matrices():
-            projector.check(tuple(p.shape), name)
+            self.projector_for(p).check(tuple(p.shape), name)
         self._batched = self._can_batch()
         self._steps = 0  # optimizer steps taken: drives the sampler's periods
+        self._attached = False
         self._unit: dict[torch.Tensor, int] = {}
         self._active: set[int] = set()
         if sampling is not None:
@@ -169,10 +211,27 @@ class SubspaceOptimizer(PerParameterOptimizer):
                 raise ValueError("a state-free inactive mode needs a state_free rule")
             for u, unit in enumerate(sampling.units):
                 for p in unit:
-                    if p not in self._group_of:
+                    if p not in self._group_number:
                         raise ValueError("a sampled unit holds a parameter not in the optimizer")
                     self._unit[p] = u
             self._active = set(sampling.sampler.choose(0))
+
+    def _group_projectors(self, projection: dict, make_projector) -> dict[int, object]:
+        """Each projected group's projector: the shared one, or, for a group whose projection
+        settings (``projection``'s keys: rank, update_gap, proj_type, ...) differ, its own, built
+        by ``make_projector`` from the group's values (so layers can take different ranks).
+        These settings are read when the optimizer is built."""
+        out = {}
+        for i, group in enumerate(self.param_groups):
+            if not group["projected"]:
+                continue
+            own = {key: group[key] for key in projection}
+            out[i] = self.projector if own == projection else make_projector(own)
+        return out
+
+    def projector_for(self, p: torch.Tensor):
+        """The projector of ``p``'s group."""
+        return self._projectors.get(self._group_number[p], self.projector)
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -185,7 +244,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
             and hasattr(self.rule, "directions")
             and not hasattr(self.rule, "lr_factor")
             and not getattr(self.rule, "full_space", False)
-            and not hasattr(self.projector, "post_step")
+            and not any(hasattr(pr, "post_step") for pr in self._projectors.values())
             and self.sampling is None
             and self.weight_quant is None
             and self.transition is None
@@ -254,16 +313,17 @@ class SubspaceOptimizer(PerParameterOptimizer):
             torch._foreach_mul_(params, 1.0 - lr * wd)
         grads = [p.grad for p in params]
         states, lows, steps, grad_norms = [], [], [], []
+        projector = self.projector_for(params[0])  # one group: one projector
         for p, grad in zip(params, grads, strict=True):
             state = self.state[p]
             state.setdefault("seed", self.seed * 1_000_003 + self._index[p])
             step = state.get("step", 0)
-            if self.projector.due(state, step):
-                if getattr(self.projector, "uses_context", False):
-                    self.projector.refresh(state, grad, self._context(p, lr, group))
+            if projector.due(state, step):
+                if getattr(projector, "uses_context", False):
+                    projector.refresh(state, grad, self._context(p, lr, group))
                 else:
-                    self.projector.refresh(state, grad)
-            lows.append(self.projector.project(state, grad))
+                    projector.refresh(state, grad)
+            lows.append(projector.project(state, grad))
             grad_norms.append(self.residual.grad_norm(grad))  # while G is still in cache
             state["step"] = step + 1
             states.append(state)
@@ -277,7 +337,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
             lows,
             directions,
             grad_norms,
-            self.scale,
+            group["scale"],
             [-step_lr * c for c in corrections],
         )
         if wd > 0 and not self.decay_first:
@@ -286,6 +346,11 @@ class SubspaceOptimizer(PerParameterOptimizer):
     def _update(self, p: torch.Tensor, group: dict) -> None:
         if p.grad.is_sparse:
             raise RuntimeError("sparse gradients are not supported")
+        if not self._attached and self._needs_attach():
+            raise RuntimeError(
+                f"{type(self).__name__} freezes or weighs decoder layers: call "
+                "optimizer.attach() once before training (optimizer.detach() undoes it)"
+            )
         mode, weight = self._mode(p, group)
         if mode == "frozen":
             return
@@ -319,13 +384,14 @@ class SubspaceOptimizer(PerParameterOptimizer):
         """One step of ``p``'s state with ``grad``, applied to the weight ``w`` (``p`` itself
         unless its weight is stored elsewhere, see ``_update``)."""
         state = self.state[p]
+        projector = self.projector_for(p) if group["projected"] else None
         state.setdefault("seed", self.seed * 1_000_003 + self._index[p])
         step = state.get("step", 0)
         full_space = self.rule if mode == "projected" else self.plain_rule
         if mode in ("plain", "projected") and getattr(full_space, "full_space", False):
             # Flora: the rule steps the weight itself; the projector compresses its momentum
             state["step"] = step + 1
-            projector = self.projector if mode == "projected" else None
+            projector = projector if mode == "projected" else None
             full_space.step(w, state, grad, lr, projector, self._context(p, lr, group))
             return
         if mode == "plain":
@@ -336,42 +402,42 @@ class SubspaceOptimizer(PerParameterOptimizer):
         ef = self.error_feedback if mode == "projected" else None
         if ef is not None:  # A = G + E: the projector selects and projects A
             grad = ef.corrected(state, grad)
-        refreshed = self.projector.due(state, step)
+        refreshed = projector.due(state, step)
         if refreshed:
             # the basis entries before the refresh (a refresh assigns new tensors, never
             # writes into the old ones), for carrying the moments over
             old = dict(state) if self.transition is not None and "side" in state else None
-            if getattr(self.projector, "uses_context", False):
-                self.projector.refresh(state, grad, self._context(p, lr, group))
+            if getattr(projector, "uses_context", False):
+                projector.refresh(state, grad, self._context(p, lr, group))
             else:
-                self.projector.refresh(state, grad)
+                projector.refresh(state, grad)
             if self.reset_on_refresh:  # FRUGAL: fresh moments, bias correction restarts
                 for key in self.rule.state_keys:
                     state.pop(key, None)
                 step = 0
             elif old is not None:
-                self.transition.apply(state, old, self.projector)
-        low = self.projector.project(state, grad)
+                self.transition.apply(state, old, projector)
+        low = projector.project(state, grad)
         if ef is not None:  # E <- A - back(project(A))
-            ef.record(state, grad, self.projector, low)
+            ef.record(state, grad, projector, low)
         state["step"] = step = step + 1
         factor = self.rule.lr_factor(tuple(p.shape)) if hasattr(self.rule, "lr_factor") else 1.0
         if mode == "complement":  # GUM's full-rank branch: the rule on G - P P^T G
             residual = grad.clone()  # G - P P^T G, in one buffer
-            self.projector.add_back(state, residual, low, -1.0)
+            projector.add_back(state, residual, low, -1.0)
             direction, correction = self.rule.direction(state, residual, step, group)
             w.add_(direction, alpha=-lr * correction * factor)
             return
         direction, correction = self.rule.direction(state, low, step, group)
         step_size = -lr * correction * factor
         if self.residual is None:  # GaLore: W += step_size * scale * back(N), in one GEMM
-            self.projector.add_back(state, w, direction, step_size * self.scale)
+            projector.add_back(state, w, direction, step_size * group["scale"])
         else:
             self.residual.apply(
-                w, state, grad, low, direction, self.projector, self.scale, step_size, lr
+                w, state, grad, low, direction, projector, group["scale"], step_size, lr
             )
-        if hasattr(self.projector, "post_step") and not refreshed:  # OSD: P_t -> P_{t+1}
-            self.projector.post_step(state, grad, self._context(p, lr, group))
+        if hasattr(projector, "post_step") and not refreshed:  # OSD: P_t -> P_{t+1}
+            projector.post_step(state, grad, self._context(p, lr, group))
 
     def _context(self, p: torch.Tensor, lr: float, group: dict) -> RefreshContext:
         return RefreshContext(
@@ -396,19 +462,39 @@ class SubspaceOptimizer(PerParameterOptimizer):
         self._active = new
         self.apply_freeze()
 
-    def start(self) -> None:
-        """Act on the model for training (not done for a memory estimate): freeze the inactive
-        units and attach the sampler's statistics hooks."""
+    def attach(self) -> None:
+        """The model surgery a layer sampler needs, made explicit and reversible (``detach``):
+        freeze the inactive units (the gradients LISA, OwLore and BAdam save; under DDP they are
+        only marked, as DDP needs the same parameters in every backward) and hook OwLore's
+        outlier statistics. From then on each switch re-freezes. Call it once before training;
+        a method that freezes or weighs layers refuses to step without it."""
+        self._attached = True
         if self.sampling is not None and self.sampling.attach is not None:
             self.sampling.attach()
         self.apply_freeze()
         self._set_collecting()
 
-    def apply_freeze(self) -> None:
-        """Stop autograd computing gradients of frozen units (the memory LISA, OwLore and BAdam
-        save). Not under DDP, which must see the same parameters in every backward."""
+    def detach(self) -> None:
+        """Undo ``attach``: every unit trainable again, statistics hooks removed."""
+        self._attached = False
         s = self.sampling
-        if s is None or s.inactive_mode != "frozen":
+        if s is None:
+            return
+        if s.detach is not None:
+            s.detach()
+        for unit in s.units:
+            for p in unit:
+                p.frozen_by_sampler = False
+                p.requires_grad_(True)
+
+    def _needs_attach(self) -> bool:
+        s = self.sampling
+        return s is not None and (s.inactive_mode == "frozen" or s.weights is not None)
+
+    def apply_freeze(self) -> None:
+        """Stop autograd computing gradients of frozen units, once ``attach`` was called."""
+        s = self.sampling
+        if s is None or s.inactive_mode != "frozen" or not self._attached:
             return
         for u, unit in enumerate(s.units):
             for p in unit:
@@ -458,12 +544,16 @@ class SubspaceOptimizer(PerParameterOptimizer):
 
     def _shared_tensors(self, projector: bool = True) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {}
-        parts = [self.rule, self.plain_rule] + ([self.projector] if projector else [])
+        parts = [self.rule, self.plain_rule] + (self._distinct_projectors() if projector else [])
         for part in {id(c): c for c in parts}.values():
             if hasattr(part, "shared_tensors"):
                 for key, tensors in part.shared_tensors().items():
                     out.setdefault(key, []).extend(tensors)
         return out
+
+    def _distinct_projectors(self) -> list:
+        found = [self.projector, *self._projectors.values()]
+        return list({id(pr): pr for pr in found if pr is not None}.values())
 
     def state_nbytes(self) -> dict[str, int]:
         out = state_nbytes(self.state.values())
@@ -487,18 +577,22 @@ class SubspaceOptimizer(PerParameterOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 mode = self._held_mode(p, group, steps)
-                for key, n in self._param_memory(tuple(p.shape), mode, p.dtype).items():
+                projector = self.projector_for(p)
+                for key, n in self._param_memory(tuple(p.shape), mode, p.dtype, projector).items():
                     total[key] += n
         for key, tensors in self._shared_tensors(projector=False).items():
             total[key] += sum(t.nbytes for t in tensors)
-        if hasattr(self.projector, "shared_memory"):  # e.g. DCT bases, built at the first step
+        for projector in self._distinct_projectors():
+            if not hasattr(projector, "shared_memory"):  # e.g. DCT bases, built at first use
+                continue
             by_dtype: dict[torch.dtype, list] = {}
             for group in self.param_groups:
                 if group["projected"]:
                     for p in group["params"]:
-                        by_dtype.setdefault(p.dtype, []).append(tuple(p.shape))
+                        if self.projector_for(p) is projector:
+                            by_dtype.setdefault(p.dtype, []).append(tuple(p.shape))
             for dtype, shapes in by_dtype.items():
-                for key, n in self.projector.shared_memory(shapes, dtype).items():
+                for key, n in projector.shared_memory(shapes, dtype).items():
                     total[key] += n
         return total
 
@@ -522,20 +616,20 @@ class SubspaceOptimizer(PerParameterOptimizer):
             return "projector_only"  # GUM: the momentum went with the branch, the basis stays
         return held
 
-    def _param_memory(self, shape, mode: str, dtype: torch.dtype) -> dict[str, int]:
+    def _param_memory(self, shape, mode: str, dtype: torch.dtype, projector) -> dict[str, int]:
         if mode in ("frozen", "state_free", "none"):
             return {}
         if mode == "projector_only":
-            return dict(self.projector.memory(shape, dtype))
+            return dict(projector.memory(shape, dtype))
         if mode == "plain":
             return self.plain_rule.memory(shape, dtype)
-        out = dict(self.projector.memory(shape, dtype))
+        out = dict(projector.memory(shape, dtype))
         if getattr(self.rule, "full_space", False):
-            low = self.projector.reduced_shape(shape)
+            low = projector.reduced_shape(shape)
             for key, n in self.rule.memory(shape, dtype, low).items():
                 out[key] = out.get(key, 0) + n
             return out
-        moment_shape = shape if mode == "complement" else self.projector.reduced_shape(shape)
+        moment_shape = shape if mode == "complement" else projector.reduced_shape(shape)
         for key, n in self.rule.memory(moment_shape, dtype).items():
             out[key] = out.get(key, 0) + n
         if mode == "projected" and self.residual is not None:
@@ -554,9 +648,14 @@ class SubspaceOptimizer(PerParameterOptimizer):
         n_plain = sum(p.numel() for p in plain)
         parts = []
         if projected:
+            bases = "; ".join(
+                f"{pr.describe()}, refresh every {pr.update_gap} steps"
+                + (f" ({sum(self.projector_for(p) is pr for p in projected)} matrices)"
+                   if len(self._distinct_projectors()) > 1 else "")
+                for pr in self._distinct_projectors()
+            )  # fmt: skip
             parts.append(
-                f"{len(projected)} matrices ({n_proj / 1e6:.2f}M params) projected: "
-                f"{self.projector.describe()}, refresh every {self.projector.update_gap} steps"
+                f"{len(projected)} matrices ({n_proj / 1e6:.2f}M params) projected: {bases}"
             )
         sampled = sum(1 for p in plain if p in self._unit)
         only_active = f" ({sampled} of them only while sampled)" if sampled else ""

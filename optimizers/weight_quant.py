@@ -26,7 +26,7 @@ class Int8Weights:
         self, group_size: int = 256, stochastic: bool = True, zero_point: str = "exact"
     ) -> None:
         if group_size < 1:
-            raise ValueError(f"optimizer.weight_group_size={group_size} must be positive")
+            raise ValueError(f"weight_group_size={group_size} must be positive")
         self.group_size, self.stochastic, self.zero_point = group_size, stochastic, zero_point
 
     def describe(self) -> str:

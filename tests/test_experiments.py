@@ -3,8 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
+from llm_pretrain import optim as optimizers
 from llm_pretrain.config import check_experiment
-from llmpt.optimizers import api as optimizers
 from tests.conftest import REPO, SHARED_DATA, compose_cfg, run_cli
 
 RECIPES = sorted(

@@ -112,21 +112,24 @@ def test_importing_the_library_needs_torch_only():
 
 
 @pytest.mark.parametrize(
-    ("package", "name", "extra"),
-    [("adam_mini", "adam_mini", "adam_mini"), ("bitsandbytes", "adamw8bit", "bnb")],
+    ("package", "construct", "extra"),
+    [
+        ("adam_mini", "api.AdamMini(model.named_parameters(), dim=32, n_heads=2)", "adam_mini"),
+        ("bitsandbytes", "api.adamw8bit(model.parameters())", "bnb"),
+        ("bitsandbytes", "api.GaLore8bit(api.param_groups(model), rank=8)", "bnb"),
+        ("pytorch_optimizer", "api.came(model.parameters())", "came"),
+    ],
 )
-def test_a_missing_optional_package_names_its_extra_at_construction(package, name, extra):
+def test_a_missing_optional_package_names_its_extra_at_construction(package, construct, extra):
     """The library imports with the package absent; building the method says what to install."""
     code = (
         "import sys\n"
         f"sys.modules[{package!r}] = None  # as if not installed\n"
-        "from types import SimpleNamespace\n"
         "from llmpt.optimizers import api\n"
         "from tests.conftest import toy_llama\n"
-        f"cfg = SimpleNamespace(name={name!r}, lr=1e-3, betas=[0.9, 0.999], eps=1e-8,\n"
-        "    weight_decay=0.0, min_8bit_size=4096, block_size=256)\n"
+        "model = toy_llama()\n"
         "try:\n"
-        "    api.build(cfg, toy_llama())\n"
+        f"    {construct}\n"
         "except ImportError as e:\n"
         "    print(e)\n"
     )

@@ -1,10 +1,10 @@
 import torch
 from torch import nn
 
-from llm_pretrain.config import AdamWConfig, ModelConfig
+from llm_pretrain import optim as optimizers
+from llm_pretrain.config import ModelConfig, optimizer_settings
 from llm_pretrain.memory import SavedTensorCounter, activation_bytes, grad_bytes, weight_bytes
 from llm_pretrain.model import build_model
-from llmpt.optimizers import api as optimizers
 
 
 def test_saved_tensor_counter_counts_activations_not_parameters():
@@ -28,7 +28,7 @@ def test_model_memory_categories():
     act = activation_bytes(model, x, x)
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no trace
     assert act > x.numel() * 32 * 4 * 2  # at least a few (B, T, C) fp32 tensors per layer
-    opt = optimizers.build(AdamWConfig(name="adamw"), model)
+    opt = optimizers.build(optimizer_settings("adamw"), model)
     model(x, x).backward()
     opt.step()
     assert weight_bytes(model) == grad_bytes(model) == 4 * n

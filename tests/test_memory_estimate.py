@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 
+from llm_pretrain import optim as optimizers
 from llm_pretrain.memory import MemoryReport, activation_bytes, main
 from llm_pretrain.memory_estimate import activation_bytes_formula, estimate
 from llm_pretrain.model import build_model
 from llm_pretrain.train import train
-from llmpt.optimizers import api as optimizers
 from tests.conftest import REPO, TINY, compose_cfg, run_cli
 from tests.optimizers.test_contract import METHODS
 

@@ -45,11 +45,11 @@ class CoapProjector(SvdProjector):
         sgd_lr: float = 0.1,
     ) -> None:
         if proj_type == "full":
-            raise ValueError("optimizer.proj_type=full: COAP keeps a one-sided projector")
+            raise ValueError("proj_type=full: COAP keeps a one-sided projector")
         if reproject_factor <= 0:
-            raise ValueError(f"optimizer.reproject_factor={reproject_factor} must be >= 1")
+            raise ValueError(f"reproject_factor={reproject_factor} must be >= 1")
         if sgd_lr <= 0:
-            raise ValueError(f"optimizer.proj_lr={sgd_lr} must be positive")
+            raise ValueError(f"proj_lr={sgd_lr} must be positive")
         super().__init__(rank, update_gap, proj_type)
         self.reproject_factor, self.sgd_lr = reproject_factor, sgd_lr
 

@@ -40,21 +40,21 @@ class CoordinateProjector:
         replacement: bool = False,
     ) -> None:
         if (rank is None) == (density is None):
-            raise ValueError("a coordinate projector takes either optimizer.rank or density")
+            raise ValueError("a coordinate projector takes either rank or density")
         if density is not None and not 0.0 < density < 1.0:
-            raise ValueError(f"optimizer.density={density} must lie in (0, 1)")
+            raise ValueError(f"density={density} must lie in (0, 1)")
         if rank is not None and rank <= 0:
-            raise ValueError(f"optimizer.rank={rank} must be a positive integer")
+            raise ValueError(f"rank={rank} must be a positive integer")
         if update_gap <= 0:
-            raise ValueError(f"optimizer.update_gap={update_gap} must be a positive integer")
+            raise ValueError(f"update_gap={update_gap} must be a positive integer")
         if choice not in CHOICES and (choice not in SIDES or choice == "full"):
             raise ValueError(
                 f"coordinate side {choice!r}: use columns, rows, std, reverse_std, left or right"
             )
         if selection not in SELECTIONS:
-            raise ValueError(f"optimizer.selection={selection!r}: use one of {SELECTIONS}")
+            raise ValueError(f"selection={selection!r}: use one of {SELECTIONS}")
         if replacement and selection == "top":
-            raise ValueError("optimizer.replacement=true needs a random selection (norm, uniform)")
+            raise ValueError("replacement=true needs a random selection (norm, uniform)")
         self.density, self.update_gap, self.choice, self.rank = density, update_gap, choice, rank
         self.selection, self.replacement = selection, replacement
         self.proj_type = choice
@@ -82,8 +82,8 @@ class CoordinateProjector:
     def check(self, shape: tuple[int, int], name: str) -> None:
         if self.rank is not None and not self.replacement and self.rank > self._dim(shape):
             raise ValueError(
-                f"optimizer.rank={self.rank} exceeds the {self._dim(shape)} coordinates of "
-                f"{name} {tuple(shape)} on the side it selects; lower optimizer.rank"
+                f"rank={self.rank} exceeds the {self._dim(shape)} coordinates of "
+                f"{name} {tuple(shape)} on the side it selects; lower rank"
             )
 
     def reduced_shape(self, shape: tuple[int, int]) -> tuple[int, int]:

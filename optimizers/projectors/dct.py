@@ -83,11 +83,11 @@ class DctProjector:
     ) -> None:
         check_one_sided(rank, update_gap, proj_type, "DCT selection")
         if transform not in TRANSFORMS:
-            raise ValueError(f"optimizer.transform={transform!r}: use matmul or fft")
+            raise ValueError(f"transform={transform!r}: use matmul or fft")
         if norm <= 0:
-            raise ValueError(f"optimizer.selection_norm={norm} must be positive")
+            raise ValueError(f"selection_norm={norm} must be positive")
         if not 0 <= refresh_phase < update_gap:
-            raise ValueError(f"optimizer.refresh_phase={refresh_phase} must lie in [0, update_gap)")
+            raise ValueError(f"refresh_phase={refresh_phase} must lie in [0, update_gap)")
         self.rank, self.update_gap, self.proj_type = rank, update_gap, proj_type
         self.norm, self.transform, self.refresh_phase = norm, transform, refresh_phase
         self._bases: dict[tuple, torch.Tensor] = {}
@@ -108,8 +108,8 @@ class DctProjector:
     def check(self, shape: tuple[int, int], name: str) -> None:
         if self.rank > self._dim(shape):
             raise ValueError(
-                f"optimizer.rank={self.rank} exceeds the {self._dim(shape)} DCT columns of "
-                f"{name} {tuple(shape)}; lower optimizer.rank"
+                f"rank={self.rank} exceeds the {self._dim(shape)} DCT columns of "
+                f"{name} {tuple(shape)}; lower rank"
             )
 
     def reduced_shape(self, shape: tuple[int, int]) -> tuple[int, int]:

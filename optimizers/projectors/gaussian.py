@@ -92,14 +92,13 @@ def check_draw_device(drawn_on: int, device: torch.device, what: str, also: str 
             f"{what} was drawn by torch's {DEVICE_TYPES[drawn_on]} generator; on "
             f"{device.type} the same seed draws a different matrix, so continuing here would not "
             f"be the same run. Continue on {DEVICE_TYPES[drawn_on]}, or train with "
-            f"optimizer.projection_rng=philox (the same P on every device)"
-            + (f", {also}" if also else "")
+            f"projection_rng=philox (the same P on every device)" + (f", {also}" if also else "")
         )
 
 
 def check_rng(rng: str) -> None:
     if rng not in RNGS:
-        raise ValueError(f"optimizer.projection_rng={rng!r}: use one of {RNGS}")
+        raise ValueError(f"projection_rng={rng!r}: use one of {RNGS}")
 
 
 def draw(
@@ -137,7 +136,7 @@ class GaussianProjector:
         check_rng(rng)
         if rng == "philox" and seeding != "paper":
             raise ValueError(
-                f"optimizer.projection_rng=philox draws the paper's seeded P; compat=reference "
+                f"projection_rng=philox draws the paper's seeded P; compat=reference "
                 f"reproduces the reference code's torch draws ({seeding} seeding): use "
                 f"projection_rng=torch with it"
             )

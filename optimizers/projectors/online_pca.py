@@ -42,13 +42,13 @@ class OnlinePcaProjector(SvdProjector):
         eps: float = 1e-8,
     ) -> None:
         if proj_type == "full":
-            raise ValueError("optimizer.proj_type=full: OSD keeps a one-sided projector")
+            raise ValueError("proj_type=full: OSD keeps a one-sided projector")
         if mode not in MODES:
-            raise ValueError(f"optimizer.mode={mode!r}: use paper or code")
+            raise ValueError(f"mode={mode!r}: use paper or code")
         if lr_ratio <= 0:
-            raise ValueError(f"optimizer.proj_lr_ratio={lr_ratio} must be positive")
+            raise ValueError(f"proj_lr_ratio={lr_ratio} must be positive")
         if ortho_penalty < 0 or weight_decay < 0:
-            raise ValueError("optimizer.ortho_penalty and proj_weight_decay must be >= 0")
+            raise ValueError("ortho_penalty and proj_weight_decay must be >= 0")
         super().__init__(rank, update_gap, proj_type)
         self.mode, self.lr_ratio, self.penalty = mode, lr_ratio, ortho_penalty
         self.proj_wd, self.betas, self.proj_eps = weight_decay, tuple(betas), eps

@@ -59,18 +59,18 @@ class QuantizedSvdProjector(SvdProjector):
     ) -> None:
         if proj_type == "full":
             raise ValueError(
-                "optimizer.proj_type=full: Q-GaLore quantizes a one-sided projector; "
+                "proj_type=full: Q-GaLore quantizes a one-sided projector; "
                 "use std, reverse_std, left or right"
             )
         super().__init__(rank, update_gap, proj_type, svd_backend, oversample, niter)
         if proj_bits not in BITS:
-            raise ValueError(f"optimizer.proj_bits={proj_bits}: use 4 or 8")
+            raise ValueError(f"proj_bits={proj_bits}: use 4 or 8")
         if not isinstance(proj_group_size, int) or proj_group_size < 1:
-            raise ValueError(f"optimizer.proj_group_size={proj_group_size} must be positive")
+            raise ValueError(f"proj_group_size={proj_group_size} must be positive")
         if queue_size < 1:
-            raise ValueError(f"optimizer.queue_size={queue_size} must be a positive integer")
+            raise ValueError(f"queue_size={queue_size} must be a positive integer")
         if growth < 1:
-            raise ValueError(f"optimizer.growth={growth} must be >= 1 (the gap never shrinks)")
+            raise ValueError(f"growth={growth} must be >= 1 (the gap never shrinks)")
         self.proj_bits, self.proj_group_size = proj_bits, proj_group_size
         self.cos_threshold, self.queue_size = cos_threshold, queue_size
         self.growth, self.abs_cos, self.zero_point = growth, abs_cos, zero_point

@@ -24,22 +24,21 @@ def check_rank_fits(rank: int | None, shape: tuple[int, int], name: str) -> None
     """A rank-r projection of ``name`` needs r <= min(shape)."""
     if rank is not None and rank > min(shape):
         raise ValueError(
-            f"optimizer.rank={rank} exceeds min(shape)={min(shape)} of {name} "
-            f"{tuple(shape)}; lower optimizer.rank or leave this matrix out of "
-            "optimizer.target_modules"
+            f"rank={rank} exceeds min(shape)={min(shape)} of {name} "
+            f"{tuple(shape)}; lower rank or leave this matrix out of "
+            "target_modules"
         )
 
 
 def check_one_sided(rank: int, update_gap: int, proj_type: str, what: str) -> None:
     """The arguments every one-sided projector shares, refused with the key to fix."""
     if rank <= 0:
-        raise ValueError(f"optimizer.rank={rank} must be a positive integer")
+        raise ValueError(f"rank={rank} must be a positive integer")
     if update_gap <= 0:
-        raise ValueError(f"optimizer.update_gap={update_gap} must be a positive integer")
+        raise ValueError(f"update_gap={update_gap} must be a positive integer")
     if proj_type not in SIDES or proj_type == "full":
         raise ValueError(
-            f"optimizer.proj_type={proj_type!r}: {what} is one-sided; use std, reverse_std, "
-            "left or right"
+            f"proj_type={proj_type!r}: {what} is one-sided; use std, reverse_std, left or right"
         )
 
 
@@ -81,23 +80,23 @@ class SvdProjector:
         selection: str = "top",
     ) -> None:
         if (rank is None) == (density is None):
-            raise ValueError("a projector takes either optimizer.rank or optimizer.density")
+            raise ValueError("a projector takes either rank or density")
         if rank is not None and rank <= 0:
-            raise ValueError(f"optimizer.rank={rank} must be a positive integer")
+            raise ValueError(f"rank={rank} must be a positive integer")
         if density is not None and not 0.0 < density < 1.0:
-            raise ValueError(f"optimizer.density={density} must lie in (0, 1)")
+            raise ValueError(f"density={density} must lie in (0, 1)")
         if niter < 0:
-            raise ValueError(f"optimizer.svd_power_iters={niter} must be >= 0")
+            raise ValueError(f"svd_power_iters={niter} must be >= 0")
         if update_gap <= 0:
-            raise ValueError(f"optimizer.update_gap={update_gap} must be a positive integer")
+            raise ValueError(f"update_gap={update_gap} must be a positive integer")
         if proj_type not in SIDES:
-            raise ValueError(f"optimizer.proj_type={proj_type!r}: use one of {', '.join(SIDES)}")
+            raise ValueError(f"proj_type={proj_type!r}: use one of {', '.join(SIDES)}")
         if svd_backend not in ("exact", "randomized"):
-            raise ValueError(f"optimizer.svd_backend={svd_backend!r}: use exact or randomized")
+            raise ValueError(f"svd_backend={svd_backend!r}: use exact or randomized")
         if basis not in ("svd", "random"):
-            raise ValueError(f"optimizer.projection={basis!r}: use svd or random")
+            raise ValueError(f"projection={basis!r}: use svd or random")
         if selection not in ("top", "sample"):
-            raise ValueError(f"optimizer.selection={selection!r}: use top or sample")
+            raise ValueError(f"selection={selection!r}: use top or sample")
         if selection == "sample" and (basis != "svd" or proj_type == "full"):
             raise ValueError(
                 "sampled singular vectors (I3S) need an SVD basis and a one-sided proj_type"
@@ -116,7 +115,7 @@ class SvdProjector:
             basis,
         )
         if not 0 <= refresh_phase < update_gap:
-            raise ValueError(f"optimizer.refresh_phase={refresh_phase} must lie in [0, update_gap)")
+            raise ValueError(f"refresh_phase={refresh_phase} must lie in [0, update_gap)")
         self.refresh_phase = refresh_phase
 
     def describe(self) -> str:
@@ -140,7 +139,7 @@ class SvdProjector:
     def check(self, shape: tuple[int, int], name: str) -> None:
         if self.rank is None and self.basis == "svd" and self.rank_for(shape) > min(shape):
             raise ValueError(
-                f"optimizer.density={self.density} with optimizer.proj_type={self.proj_type} "
+                f"density={self.density} with proj_type={self.proj_type} "
                 f"asks for {self.rank_for(shape)} singular vectors of {name} {tuple(shape)}, "
                 f"which has {min(shape)}; use proj_type=std or a lower density"
             )

@@ -23,9 +23,9 @@ from llmpt.optimizers.residuals.limiter import LIMITER_EPS, limit_growth
 class NormScaledResidual:
     def __init__(self, mode: str = "paper", gamma: float = 1.01) -> None:
         if mode not in ("paper", "code"):
-            raise ValueError(f"optimizer.mode={mode!r}: use paper or code")
+            raise ValueError(f"mode={mode!r}: use paper or code")
         if gamma <= 1.0:
-            raise ValueError(f"optimizer.limiter_gamma={gamma} must exceed 1")
+            raise ValueError(f"limiter_gamma={gamma} must exceed 1")
         self.mode, self.gamma = mode, gamma
 
     def apply(self, p, state, grad, low, direction, projector, scale, step_size, lr) -> None:

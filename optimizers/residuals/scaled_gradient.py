@@ -35,9 +35,9 @@ class ScaledGradient:
         scale_front: bool = False,
     ) -> None:
         if granularity not in GRANULARITIES:
-            raise ValueError(f"optimizer.scale_type={granularity!r}: use channel or tensor")
+            raise ValueError(f"scale_type={granularity!r}: use channel or tensor")
         if limiter and gamma <= 1.0:
-            raise ValueError(f"optimizer.limiter_gamma={gamma} must exceed 1")
+            raise ValueError(f"limiter_gamma={gamma} must exceed 1")
         self.granularity, self.limiter, self.gamma = granularity, limiter, gamma
         self.scale_front = scale_front
         # APOLLO-Mini's matrices step together (``apply_many``): its per-matrix tensors are

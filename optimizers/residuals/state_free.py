@@ -15,9 +15,9 @@ RULES = ("sign", "sgd", "none")
 class StateFreeResidual:
     def __init__(self, rule: str = "sign", lr_scale: float = 1.0) -> None:
         if rule not in RULES:
-            raise ValueError(f"optimizer.inactive_rule={rule!r}: use sign, sgd or none")
+            raise ValueError(f"inactive_rule={rule!r}: use sign, sgd or none")
         if lr_scale < 0:
-            raise ValueError(f"optimizer.inactive_lr_scale={lr_scale} must be >= 0")
+            raise ValueError(f"inactive_lr_scale={lr_scale} must be >= 0")
         self.rule, self.lr_scale = rule, lr_scale
 
     def step(self, p: torch.Tensor, grad: torch.Tensor, lr: float, scratch: bool = False) -> None:

@@ -17,14 +17,14 @@ def check_adam_settings(
 ) -> tuple[float, float]:
     """Refuse Adam hyperparameters no step can use; return the betas."""
     if lr <= 0:
-        raise ValueError(f"optimizer.lr={lr} must be positive")
+        raise ValueError(f"lr={lr} must be positive")
     b1, b2 = betas
     if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"optimizer.betas={list(betas)} must lie in [0, 1)")
+        raise ValueError(f"betas={list(betas)} must lie in [0, 1)")
     if eps <= 0:
-        raise ValueError(f"optimizer.eps={eps} must be positive")
+        raise ValueError(f"eps={eps} must be positive")
     if weight_decay < 0:
-        raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
+        raise ValueError(f"weight_decay={weight_decay} must be >= 0")
     return b1, b2
 
 

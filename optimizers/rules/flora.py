@@ -46,15 +46,15 @@ class FloraRule:
         weight_decay: float = 0.0,
     ) -> None:
         if not 0.0 < beta1 < 1.0:
-            raise ValueError(f"optimizer.beta1={beta1} must lie in (0, 1): Flora compresses it")
+            raise ValueError(f"beta1={beta1} must lie in (0, 1): Flora compresses it")
         if kappa <= 0:
-            raise ValueError(f"optimizer.kappa={kappa} must be a positive integer")
+            raise ValueError(f"kappa={kappa} must be a positive integer")
         if decay_rate >= 0:
-            raise ValueError(f"optimizer.decay_rate={decay_rate} must be negative")
+            raise ValueError(f"decay_rate={decay_rate} must be negative")
         if clip_threshold <= 0:
-            raise ValueError(f"optimizer.clip_threshold={clip_threshold} must be positive")
+            raise ValueError(f"clip_threshold={clip_threshold} must be positive")
         if weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
+            raise ValueError(f"weight_decay={weight_decay} must be >= 0")
         self.beta1, self.kappa, self.decay_rate = beta1, kappa, decay_rate
         self.eps1, self.eps2, self.clip = eps1, eps2, clip_threshold
         self.scale_parameter, self.weight_decay = scale_parameter, weight_decay

@@ -28,7 +28,7 @@ def resolve_ns_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in NS_DTYPES:
-        raise ValueError(f"optimizer.ns_dtype={name!r}: use auto, bfloat16 or float32")
+        raise ValueError(f"ns_dtype={name!r}: use auto, bfloat16 or float32")
     return NS_DTYPES[name]
 
 
@@ -69,13 +69,11 @@ class MuonRule:
         ns_dtype: str = "auto",
     ):
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"optimizer.momentum={momentum} must lie in [0, 1)")
+            raise ValueError(f"momentum={momentum} must lie in [0, 1)")
         if ns_steps <= 0:
-            raise ValueError(f"optimizer.ns_steps={ns_steps} must be positive")
+            raise ValueError(f"ns_steps={ns_steps} must be positive")
         if adjust_lr not in ("original", "match_rms_adamw"):
-            raise ValueError(
-                f"optimizer.adjust_lr_fn={adjust_lr!r}: use original or match_rms_adamw"
-            )
+            raise ValueError(f"adjust_lr_fn={adjust_lr!r}: use original or match_rms_adamw")
         self.momentum, self.ns_steps, self.adjust_lr = momentum, ns_steps, adjust_lr
         resolve_ns_dtype(ns_dtype, torch.device("cpu"))  # refuse a wrong name now
         self.ns_dtype = ns_dtype

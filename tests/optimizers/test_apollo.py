@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llmpt.optimizers import api as optimizers
+from llm_pretrain import optim as optimizers
 from llmpt.optimizers.projectors.gaussian import GaussianProjector, draw_seed, reference_next_seed
 from llmpt.optimizers.residuals.scaled_gradient import ScaledGradient
 from llmpt.optimizers.rules import AdamRule

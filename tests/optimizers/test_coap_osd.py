@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from llmpt.optimizers import api as optimizers
+from llm_pretrain import optim as optimizers
 from llmpt.optimizers.projectors import coap as coap_module
 from llmpt.optimizers.projectors.coap import CoapProjector, range_finder
 from llmpt.optimizers.projectors.online_pca import OnlinePcaProjector

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from llmpt.optimizers import api as optimizers
+from llm_pretrain import optim as optimizers
 from tests.optimizers.test_contract import METHODS, optimizer_cfg, toy_model
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from llm_pretrain import optim as optimizers
 from llmpt.kernels.quant_blockwise import dequantize, quantize
-from llmpt.optimizers import api as optimizers
 from llmpt.optimizers.error_feedback import ErrorFeedback
 from llmpt.optimizers.projectors.dct import DctProjector
 from tests.conftest import compose_cfg, toy_llama

@@ -4,7 +4,7 @@ resamplings, and the paper mode's properties (projection never stored, momentum 
 import pytest
 import torch
 
-from llmpt.optimizers import api as optimizers
+from llm_pretrain import optim as optimizers
 from llmpt.optimizers.projectors.gaussian import GaussianProjector, split_seed
 from llmpt.optimizers.rules.flora import FloraRule
 from llmpt.optimizers.subspace import SubspaceOptimizer

@@ -19,7 +19,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llmpt.optimizers import api as optimizers
+from llm_pretrain import optim as optimizers
 from llmpt.optimizers.projectors.svd import LEFT, RIGHT
 from tests.conftest import compose_cfg, toy_llama
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_pretrain import optim as optimizers
 from llm_pretrain.memory import weight_bytes
 from llmpt.kernels.quant_blockwise import dequantize, quantize
-from llmpt.optimizers import api as optimizers
 from llmpt.optimizers.int8_linear import Int8Linear, unwrap_int8
 from tests.conftest import compose_cfg, toy_llama
 from tests.optimizers.test_contract import BATCH, check_exact_resume, train_steps

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmpt.optimizers import api as optimizers
+from llm_pretrain import optim as optimizers
 from llmpt.optimizers.ldadam import LDAdam
 from tests.conftest import compose_cfg, toy_llama
 
@@ -106,11 +106,11 @@ def test_the_error_buffer_dtype_is_a_setting_and_is_counted():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rank": 0}, "optimizer.rank=0 must be a positive integer"),
-        ({"rank": 9}, r"optimizer.rank=9 exceeds min\(shape\)=8"),
-        ({"rho": 1.5}, r"optimizer.rho=1.5 must lie in \[0, 1\]"),
-        ({"proj_method": "qr"}, "optimizer.proj_method='qr'"),
-        ({"error_dtype": "fp8"}, "optimizer.error_dtype='fp8'"),
+        ({"rank": 0}, "rank=0 must be a positive integer"),
+        ({"rank": 9}, r"rank=9 exceeds min\(shape\)=8"),
+        ({"rho": 1.5}, r"rho=1.5 must lie in \[0, 1\]"),
+        ({"proj_method": "qr"}, "proj_method='qr'"),
+        ({"error_dtype": "fp8"}, "error_dtype='fp8'"),
     ],
 )
 def test_bad_settings_are_explained(kwargs, match):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from llm_pretrain import optim as optimizers
 from llmpt.kernels.quant_blockwise import QuantizedTensor, dequantize, quantize
-from llmpt.optimizers import api as optimizers
 from llmpt.optimizers.microadam import MicroAdam, state_bytes
 from tests.conftest import compose_cfg
 
@@ -125,7 +125,14 @@ def test_state_bytes_are_the_closed_form_of_about_0_9_per_parameter():
     assert real == d // 2 + 4 * m * k + 4 * math.ceil(d / q) == 900_440
     assert real / d == pytest.approx(0.5 + 4 * m * k / d + 4 / q)
     cfg = compose_cfg(["optimizer=microadam"]).optimizer
-    assert sum(state_bytes((1000, 1000), cfg).values()) == real
+    assert (
+        sum(
+            state_bytes(
+                (1000, 1000), cfg.window, cfg.density, cfg.block_size, cfg.quant_group_size
+            ).values()
+        )
+        == real
+    )
     assert optimizers.state_nbytes(opt) == {
         "moments": 2 * m * k,
         "projector": 0,
@@ -160,12 +167,12 @@ def test_runs_in_fp32_and_bf16_and_its_checkpoint_moves_between_settings_only_if
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"window": 0}, "optimizer.window=0 must be at least 1"),
-        ({"density": 0.0}, r"optimizer.density=0.0 must lie in \(0, 1\]"),
-        ({"density": 1.5}, r"optimizer.density=1.5 must lie in \(0, 1\]"),
+        ({"window": 0}, "window=0 must be at least 1"),
+        ({"density": 0.0}, r"density=0.0 must lie in \(0, 1\]"),
+        ({"density": 1.5}, r"density=1.5 must lie in \(0, 1\]"),
         ({"block_size": 40000}, r"Top-K block size 40000 must lie in \[1, 32768\]"),
-        ({"alpha": 1.0}, r"optimizer.alpha=1.0 must lie in \[0, 1\)"),
-        ({"quant_group_size": 0}, "optimizer.quant_group_size=0 must be positive"),
+        ({"alpha": 1.0}, r"alpha=1.0 must lie in \[0, 1\)"),
+        ({"quant_group_size": 0}, "quant_group_size=0 must be positive"),
     ],
 )
 def test_bad_settings_are_explained(kwargs, match):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llmpt.optimizers import api as optimizers
+from llm_pretrain import optim as optimizers
 from llmpt.optimizers.projectors import SvdProjector
 from llmpt.optimizers.subspace import SubspaceOptimizer
 from tests.optimizers.test_contract import METHODS, optimizer_cfg, toy_model, train_steps
@@ -42,38 +42,92 @@ def param_group_index(opt) -> dict[int, int]:
     return {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
 
 
-@pytest.mark.parametrize("name", WITH_BETAS)
-def test_betas_and_eps_are_read_from_each_group_at_step_time(name):
-    """Group 0 given other betas and eps after construction trains exactly as a run built with
-    those values everywhere, and every other group exactly as a run at the defaults."""
+def compare_runs(runs: dict, groups_of_mixed: dict, changed_groups: set[int]) -> None:
+    """The ``mixed`` run's parameters in ``changed_groups`` equal the ``changed`` run's, the
+    others the ``default`` run's, bit for bit; and the two reference runs really differ."""
+    mixed = runs["mixed"]
+    default, changed = (
+        dict(runs["default"].named_parameters()),
+        dict(runs["changed"].named_parameters()),
+    )
+    seen = set()
+    for n, p in mixed.named_parameters():
+        if id(p) not in groups_of_mixed:
+            continue  # not trained (e.g. RSO's frozen W0)
+        in_changed = groups_of_mixed[id(p)] in changed_groups
+        assert torch.equal(p, (changed if in_changed else default)[n]), n
+        seen.add(in_changed)
+    assert True in seen
+    assert any(not torch.equal(default[n], changed[n]) for n in default)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_lr_betas_and_eps_are_read_from_each_group_at_step_time(name):
+    """Group 0 given another lr (and betas and eps, where the method has them) after
+    construction trains exactly as a run built with those values everywhere, and every other
+    group exactly as a run at the defaults."""
     cfg = optimizer_cfg(name)
-    changed = OmegaConf.merge(cfg, {"betas": other_betas(cfg), "eps": 10 * cfg.eps})
-    runs = {}
+    other = {"lr": 0.5 * cfg.lr}
+    if name in WITH_BETAS:
+        other |= {"betas": other_betas(cfg), "eps": 10 * cfg.eps}
+    changed = OmegaConf.merge(cfg, other)
+    runs, groups = {}, {}
     for label, c in (("default", cfg), ("changed", changed), ("mixed", cfg)):
         model = toy_model()
         opt = optimizers.build(c, model)
         if label == "mixed":
-            set_betas(opt.param_groups[0], tuple(changed.betas))
-            opt.param_groups[0]["eps"] = changed.eps
+            group = opt.param_groups[0]
+            group["lr"] = changed.lr
+            if "betas" in other:
+                set_betas(group, tuple(changed.betas))
+                group["eps"] = changed.eps
+            groups = param_group_index(opt)
         synthetic_steps(model, opt, 4)
-        runs[label] = (model, param_group_index(opt))
-    mixed, groups = runs["mixed"]
-    names = dict(runs["default"][0].named_parameters())
-    changed_params = dict(runs["changed"][0].named_parameters())
-    in_group0 = 0
-    for n, p in mixed.named_parameters():
-        if id(p) not in groups:
-            continue  # not trained (e.g. RSO's frozen W0)
-        want = changed_params[n] if groups[id(p)] == 0 else names[n]
-        assert torch.equal(p, want), n
-        in_group0 += groups[id(p)] == 0
-    assert in_group0 > 0
-    if len(set(groups.values())) > 1:  # the other groups did not take group 0's values
-        assert any(
-            not torch.equal(p, changed_params[n])
-            for n, p in mixed.named_parameters()
-            if id(p) in groups and groups[id(p)] != 0
-        )
+        runs[label] = model
+    compare_runs(runs, groups, {0})
+
+
+def split_projected(opts: dict):
+    """``param_groups`` with the projected matrices in two groups, the first with ``opts``."""
+    from llmpt.optimizers.groups import param_groups
+
+    def make(model, targets):
+        projected, *rest = param_groups(model, targets)
+        half = len(projected["params"]) // 2
+        first = {**projected, "params": projected["params"][:half], **opts}
+        second = {**projected, "params": projected["params"][half:]}
+        return [first, second, *rest]
+
+    return make
+
+
+PROJECTING = [
+    m for m in METHODS if optimizers.METHODS[m].params == "projected" and "rank" in optimizer_cfg(m)
+]
+FIXED_RANK = {"flora", "ldadam"}  # one rank for every matrix: a group's own rank is refused
+
+
+@pytest.mark.parametrize("name", PROJECTING)
+def test_a_groups_own_rank_is_honoured_or_refused(name, monkeypatch):
+    """Layers can take different ranks: half the projected matrices at rank 4 train exactly as
+    in a run at rank 4 everywhere, the other half as at the default rank 8. A method with one
+    rank for all refuses the group's value by name."""
+    cfg = optimizer_cfg(name)  # rank 8
+    changed = OmegaConf.merge(cfg, {"rank": 4})
+    runs, groups = {}, {}
+    for label, c in (("default", cfg), ("changed", changed), ("mixed", cfg)):
+        model = toy_model()
+        if label == "mixed":
+            monkeypatch.setattr(optimizers, "param_groups", split_projected({"rank": 4}))
+            if name in FIXED_RANK:
+                with pytest.raises(ValueError, match="sets optimizer.rank=4, but .* takes rank for all"):
+                    optimizers.build(c, model)
+                return
+        opt = optimizers.build(c, model)
+        groups = param_group_index(opt)
+        synthetic_steps(model, opt, 4)
+        runs[label] = model
+    compare_runs(runs, groups, {0})
 
 
 def test_differing_betas_per_group_differ_from_a_shared_value():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from llm_pretrain import optim as optimizers
 from llmpt.kernels import seeded_projection
-from llmpt.optimizers import api as optimizers
 from llmpt.optimizers.projectors.gaussian import GaussianProjector, draw_seed
 from llmpt.optimizers.residuals.scaled_gradient import ScaledGradient
 from llmpt.optimizers.rso import RsoLinear, RsoLinearFunction

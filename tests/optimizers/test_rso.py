@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from llm_pretrain import optim as optimizers
 from llm_pretrain.memory import SavedTensorCounter, activation_bytes, grad_bytes
 from llm_pretrain.train import train
-from llmpt.optimizers import api as optimizers
 from llmpt.optimizers.projectors.gaussian import draw_seed, gaussian
 from llmpt.optimizers.rso import RsoLinear, RsoLinearFunction, linear_seed, unwrap, wrap
 from tests.conftest import TINY, compose_cfg, toy_llama
@@ -316,7 +316,7 @@ class Tied(nn.Module):
     [
         (WithEmbedding, {}, TypeError, "nn.Linear modules only: mlp_table is a Embedding"),
         (Tied, {}, ValueError, "tied weights"),
-        (Net, {"rank": 0}, ValueError, "rank=0 must be >= 1"),
+        (Net, {"rank": 0}, ValueError, "rank=0 must be a positive integer"),
         (Net, {"rank": 17}, ValueError, r"rank must lie in \[1, d_in=16\]"),
         (Net, {"update_gap": 0}, ValueError, "update_gap=0 must be >= 1"),
         (Net, {"proximal": -1.0}, ValueError, "proximal=-1.0 must be >= 0"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llmpt.optimizers import api as optimizers
+from llm_pretrain import optim as optimizers
 from llmpt.optimizers.accounting import state_nbytes
 from llmpt.optimizers.projectors import CoordinateProjector, SvdProjector
 from llmpt.optimizers.projectors.dct import DctProjector, dct_basis, dct_rows, idct_rows
