@@ -120,7 +120,8 @@ def test_a_groups_own_rank_is_honoured_or_refused(name, monkeypatch):
         if label == "mixed":
             monkeypatch.setattr(optimizers, "param_groups", split_projected({"rank": 4}))
             if name in FIXED_RANK:
-                with pytest.raises(ValueError, match="sets optimizer.rank=4, but .* takes rank for all"):
+                refused = "sets optimizer.rank=4, but .* takes rank for all"
+                with pytest.raises(ValueError, match=refused):
                     optimizers.build(c, model)
                 return
         opt = optimizers.build(c, model)
