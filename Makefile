@@ -46,7 +46,7 @@ bench-optim: $(STAMP)
 # experiment=cpu_bench for every registered optimizer (about 2 hours on 2 CPU cores), then the
 # sweep's report (docs/benchmarks.md).
 CPU_BENCH_DIR ?= outputs/sweeps/cpu_bench
-OPTIMIZERS = $(shell $(PY) -c 'from llmpt.optimizers import api; print(",".join(api.REGISTRY))')
+OPTIMIZERS = $(shell $(PY) -c 'from llm_pretrain.optim import METHODS; print(",".join(METHODS))')
 cpu-bench: $(STAMP)
 	$(PY) -m llm_pretrain.train -m experiment=cpu_bench optimizer=$(OPTIMIZERS) \
 		hydra.sweep.dir=$(CPU_BENCH_DIR) $(ARGS)

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="llama_60m")
     ap.add_argument("--only", default="", help="comma-separated methods (default: all)")
     args = ap.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or sorted(optimizers.REGISTRY)
+    names = [n for n in args.only.split(",") if n] or sorted(optimizers.METHODS)
     names = ["adamw"] + [n for n in names if n != "adamw"]
     run("adamw", args.model, args.steps)  # warm-up: allocator, thread pool, kernels
     rows = {name: run(name, args.model, args.steps) for name in names}

@@ -127,7 +127,6 @@ METHODS: dict[str, Method] = {
     "flora": Method(api.Flora),
     "rso": Method(api.Rso, params="trainable", surgery="rso", schema_sources=(rso_wrap,)),
 }
-REGISTRY = METHODS
 WEIGHT_STORAGES = ("simulated", "int8")
 
 

@@ -82,7 +82,7 @@ def test_a_size_without_a_recipe_is_refused_with_the_sizes_it_has(tmp_path):
 
 def test_cpu_bench_gives_every_optimizer_the_same_data_schedule_and_budget():
     common = None
-    for name in optimizers.REGISTRY:
+    for name in optimizers.METHODS:
         cfg = OmegaConf.to_container(
             compose_cfg(["experiment=cpu_bench", f"optimizer={name}"]), resolve=True
         )
