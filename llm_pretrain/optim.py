@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from llmpt.optimizers import api
+
+# the app's one import for its optimizers (train.py, memory*.py and the tests use these here)
 from llmpt.optimizers.api import split_targets, state_nbytes, trainable  # noqa: F401
 from llmpt.optimizers.distributed import replicated_world
 from llmpt.optimizers.groups import decoder_layers, param_groups, targeted_linears
@@ -85,8 +87,8 @@ class Method:
     """``factory``: the library class or function; ``params``: ``projected`` (the papers' groups
     from ``target_modules``), ``trainable`` (every trainable tensor), ``named`` (named
     parameters, plus the model's dim and heads: Adam-mini); ``layers``: pass the decoder layers;
-    ``surgery``: the model change made before the groups (``rso``, ``int8``); ``extra``: config
-    keys that are not the factory's (derived from ``schema_sources``)."""
+    ``surgery``: the model change made before the groups (``rso``, ``int8``);
+    ``schema_sources``: other functions whose arguments are config keys too (RSO's ``wrap``)."""
 
     factory: Callable
     params: str = "projected"

@@ -447,4 +447,7 @@ class Gum(SubspaceOptimizer):
             sampling=sampling,
             seed=seed,
         )
-        self.check_fixed(dict(momentum=momentum, ns_steps=ns_steps, seed=seed))
+        # the layer sample and every projector refresh on one schedule (K = update_gap)
+        self.check_fixed(
+            dict(momentum=momentum, ns_steps=ns_steps, seed=seed, update_gap=update_gap)
+        )

@@ -222,12 +222,30 @@ class SubspaceOptimizer(PerParameterOptimizer):
         by ``make_projector`` from the group's values (so layers can take different ranks).
         These settings are read when the optimizer is built."""
         out = {}
+        self._projection_values: dict[int, dict] = {}
         for i, group in enumerate(self.param_groups):
             if not group["projected"]:
                 continue
             own = {key: group[key] for key in projection}
             out[i] = self.projector if own == projection else make_projector(own)
+            self._projection_values[i] = own
         return out
+
+    def _check_projection_unchanged(self, p: torch.Tensor, group: dict) -> None:
+        """Projection settings are read when the optimizer is built: a later change (by hand,
+        or a checkpoint's groups written at another rank) is refused before any update, not
+        silently ignored."""
+        i = self._group_number[p]
+        built = self._projection_values.get(i)
+        if built:
+            for key, value in built.items():
+                if group[key] != value:
+                    raise ValueError(
+                        f"param group {i} has {key}={group[key]!r}, but its projector was built "
+                        f"with {key}={value!r}: projection settings are fixed when the optimizer "
+                        "is built (resume with the settings the checkpoint was written with, or "
+                        "build a new optimizer)"
+                    )
 
     def projector_for(self, p: torch.Tensor):
         """The projector of ``p``'s group."""
@@ -308,6 +326,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
         residual's multi-tensor forms (only for ``_can_batch`` compositions)."""
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("sparse gradients are not supported")
+        self._check_projection_unchanged(params[0], group)
         lr, wd = group["lr"], group["weight_decay"]
         if wd > 0 and self.decay_first:
             torch._foreach_mul_(params, 1.0 - lr * wd)
@@ -346,6 +365,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
     def _update(self, p: torch.Tensor, group: dict) -> None:
         if p.grad.is_sparse:
             raise RuntimeError("sparse gradients are not supported")
+        self._check_projection_unchanged(p, group)
         if not self._attached and self._needs_attach():
             raise RuntimeError(
                 f"{type(self).__name__} freezes or weighs decoder layers: call "

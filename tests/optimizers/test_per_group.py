@@ -184,3 +184,13 @@ def test_a_groups_own_bad_betas_are_refused_at_construction(betas):
             projector=SvdProjector(8, 200),
             scale=0.25,
         )
+
+
+def test_a_projection_setting_changed_after_construction_is_refused():
+    """rank is read when the optimizer is built; a later change would otherwise be ignored."""
+    model = toy_model()
+    opt = optimizers.build(optimizer_cfg("galore"), model)
+    opt.param_groups[0]["rank"] = 4
+    with pytest.raises(ValueError, match="param group 0 has rank=4, but its projector was built"):
+        train_steps(model, opt, 1)
+    assert all(not s for s in opt.state.values())  # refused before any update
