@@ -42,11 +42,23 @@ from llmpt.optimizers.sampling import LayerSampler
 def as_groups(params: Iterable) -> list[dict]:
     """torch.optim's ``params`` as a list of group dicts a constructor may edit: tensors or
     (name, tensor) pairs become one group; dicts are copied (their parameter lists too)."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params must be an iterable of tensors or of param groups, not a tensor: pass [w]"
+        )
     items = list(params)
     if not items:
         raise ValueError("the optimizer got an empty parameter list")
     if all(isinstance(item, dict) for item in items):
-        return [{**g, "params": list(g["params"])} for g in items]
+        return [  # torch's {"params": tensor} form is one tensor, not its rows
+            {
+                **g,
+                "params": [g["params"]]
+                if isinstance(g["params"], torch.Tensor)
+                else list(g["params"]),
+            }
+            for g in items
+        ]
     if any(isinstance(item, dict) for item in items):
         raise TypeError("params mixes param groups (dicts) with parameters; use one form")
     return [{"params": items}]

@@ -179,3 +179,15 @@ def test_adam_mini_refuses_names_it_does_not_know():
     model = fresh()
     with pytest.raises(ValueError, match="recognises no query/key"):
         api.AdamMini(model.named_parameters(), dim=16, n_heads=2)
+
+
+def test_a_group_may_hold_one_tensor_as_torch_allows():
+    """``{"params": w}`` is one parameter (torch's form), not the rows of ``w``."""
+    model = fresh()
+    w = model.layers[0].attn.weight
+    rest = [p for p in model.parameters() if p is not w]
+    opt = api.Frugal([{"params": w, "projected": True}, {"params": rest}], density=1.0)
+    assert opt.param_groups[0]["params"] == [w]
+    for cls in (api.GaLore, api.Frugal):  # torch's check, and ours where groups are edited
+        with pytest.raises(TypeError, match="iterable of"):
+            cls(w)
