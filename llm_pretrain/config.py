@@ -15,6 +15,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from llm_pretrain.optim import METHODS, signature_defaults
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -70,8 +72,6 @@ def optimizer_schema(name: str) -> type:
     source of defaults: the class), plus the app's own keys: ``target_modules`` for methods
     whose parameters are grouped by module name, and Q-GaLore's ``weight_storage``. A tuple
     argument (betas) is a list here; a misspelled key is still refused at composition."""
-    from llm_pretrain.optim import METHODS, signature_defaults
-
     method = METHODS[name]
     fields_: list = []
     seen = {"name"}
@@ -241,8 +241,6 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
-    from llm_pretrain.optim import METHODS
-
     for name in METHODS:
         cs.store(group="optimizer", name=f"base_{name}", node=optimizer_schema(name))
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from llm_pretrain import optim as optimizers
 from llm_pretrain.config import ModelConfig
 from llm_pretrain.model import build_model
+from llmpt.optimizers import api
 from llmpt.optimizers.int8_linear import stored_weight_tensors
 
 PRECISIONS = ("fp32", "bf16_autocast", "bf16")
@@ -203,15 +204,11 @@ def estimate(cfg: DictConfig, precision: str | None = None) -> Estimate:
         gradients = max((p.numel() * p.element_size() for p in trained), default=0)
     else:
         gradients = sum(p.numel() * p.element_size() for p in trained)
+    by_cat = {k: v for k, v in api.memory_formula(optimizer).items() if v}
     del optimizer
     frozen = sum(
         1 for layer in model.model.layers if not any(p.requires_grad for p in layer.parameters())
     )
-    by_cat = {
-        k: v
-        for k, v in optimizers.memory_formula(cfg.optimizer.name, model, cfg.optimizer).items()
-        if v
-    }
     rso = cfg.optimizer.name == "rso"
     opt = cfg.optimizer
     int8 = (

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from omegaconf import ListConfig
 from torch import nn
 
 from llmpt.optimizers import api
@@ -85,13 +86,15 @@ def _adafactor(
 @dataclass(frozen=True)
 class Method:
     """``factory``: the library class or function; ``params``: ``projected`` (the papers' groups
-    from ``target_modules``), ``trainable`` (every trainable tensor), ``named`` (named
-    parameters, plus the model's dim and heads: Adam-mini); ``layers``: pass the decoder layers;
+    from ``target_modules``), ``named`` (every trainable parameter with its name), ``tensors``
+    (every trainable parameter, for third-party classes that take no names); ``heads``: pass the
+    model's hidden size and attention heads (Adam-mini); ``layers``: pass the decoder layers;
     ``surgery``: the model change made before the groups (``rso``, ``int8``);
     ``schema_sources``: other functions whose arguments are config keys too (RSO's ``wrap``)."""
 
     factory: Callable
     params: str = "projected"
+    heads: bool = False
     layers: bool = False
     surgery: str | None = None
     schema_sources: tuple[Callable, ...] = field(default_factory=tuple)
@@ -101,11 +104,11 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "adamw": Method(_adamw, params="trainable"),
-    "adamw8bit": Method(api.adamw8bit, params="trainable"),
-    "adafactor": Method(_adafactor, params="trainable"),
-    "came": Method(api.came, params="trainable"),
-    "adam_mini": Method(api.AdamMini, params="named"),
+    "adamw": Method(_adamw, params="tensors"),
+    "adamw8bit": Method(api.adamw8bit, params="tensors"),
+    "adafactor": Method(_adafactor, params="tensors"),
+    "came": Method(api.came, params="tensors"),
+    "adam_mini": Method(api.AdamMini, params="named", heads=True),
     "muon": Method(api.MuonWithAdamW),
     "galore": Method(api.GaLore),
     "galore_8bit": Method(api.GaLore8bit),
@@ -113,11 +116,11 @@ METHODS: dict[str, Method] = {
     "fira": Method(api.Fira),
     "frugal": Method(api.Frugal),
     "gum": Method(api.Gum, layers=True),
-    "lisa": Method(api.Lisa, params="trainable", layers=True),
-    "badam": Method(api.BAdam, params="trainable", layers=True),
+    "lisa": Method(api.Lisa, params="named", layers=True),
+    "badam": Method(api.BAdam, params="named", layers=True),
     "owlore": Method(api.OwLore, layers=True),
     "ldadam": Method(api.LDAdam),
-    "microadam": Method(api.MicroAdam, params="trainable"),
+    "microadam": Method(api.MicroAdam, params="named"),
     "apollo": Method(api.Apollo),
     "apollo_mini": Method(api.ApolloMini),
     "grass": Method(api.Grass),
@@ -127,7 +130,7 @@ METHODS: dict[str, Method] = {
     "coap_8bit": Method(api.Coap8bit),
     "osd": Method(api.OnlineSubspaceDescent),
     "flora": Method(api.Flora),
-    "rso": Method(api.Rso, params="trainable", surgery="rso", schema_sources=(rso_wrap,)),
+    "rso": Method(api.Rso, params="named", surgery="rso", schema_sources=(rso_wrap,)),
 }
 WEIGHT_STORAGES = ("simulated", "int8")
 
@@ -143,7 +146,7 @@ def signature_defaults(fn: Callable) -> dict[str, inspect.Parameter]:
 
 def _value(v):
     """Config values as the library takes them: lists (betas) as tuples."""
-    if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig":
+    if isinstance(v, (list, tuple, ListConfig)):
         return tuple(_value(x) for x in v)
     return v
 
@@ -198,15 +201,14 @@ def _build(method: Method, cfg, model: nn.Module) -> torch.optim.Optimizer:
         kwargs["int8_linears"] = _int8_surgery(cfg, model)
     if method.layers:
         kwargs["layers"] = [layer for _, layer in decoder_layers(model)]
+    if method.heads:
+        kwargs.update(dim=model.cfg.hidden_size, n_heads=model.cfg.num_heads)
     if method.params == "projected":
         params = param_groups(model, _targets(cfg))
-    elif method.params == "named":
-        params = [(n, p) for n, p in model.named_parameters() if trainable(p)]
-        kwargs.update(dim=model.cfg.hidden_size, n_heads=model.cfg.num_heads)
     else:
         params = [(n, p) for n, p in model.named_parameters() if trainable(p)]
-        if method.factory in (_adamw, _adafactor, api.adamw8bit, api.came):
-            params = [p for _, p in params]  # third-party classes take plain tensors
+        if method.params == "tensors":
+            params = [p for _, p in params]
     return method.factory(params, **kwargs)
 
 
@@ -233,31 +235,11 @@ def _int8_surgery(cfg, model: nn.Module):
     return wrap_int8(model, found, cfg.weight_group_size, zero_point)
 
 
-class _Simulated:
-    """``cfg`` with ``weight_storage=simulated``: optimizer state does not depend on how the
-    weights are stored, and the simulated build leaves the model as it is."""
-
-    def __init__(self, cfg) -> None:
-        self._cfg = cfg
-
-    def __getattr__(self, key: str):
-        if key.startswith("_"):
-            raise AttributeError(key)
-        return "simulated" if key == "weight_storage" else getattr(self._cfg, key)
-
-    def keys(self):
-        return self._cfg.keys()
-
-
 def memory_formula(name: str, model: nn.Module, cfg, steps: int = 1) -> dict[str, int]:
     """Closed-form optimizer-state bytes of ``model`` under ``cfg`` after ``steps`` steps, by
     category: the library's formula of the optimizer built on ``model`` (a ``meta`` model
-    allocates nothing). A method with model surgery (RSO) is built on a copy: the formula
-    leaves the model as it is."""
-    if steps < 1:
-        raise ValueError(f"memory_formula: steps={steps} must be >= 1 (state exists after a step)")
-    if name == "q_galore":
-        cfg = _Simulated(cfg)
-    if METHODS[name].surgery == "rso":
+    allocates nothing). A method with model surgery (RSO, Q-GaLore's stored INT8 weights) is
+    built on a copy: the formula leaves the model as it is."""
+    if METHODS[name].surgery is not None:
         model = copy.deepcopy(model)
     return api.memory_formula(build(cfg, model, attach=False), steps)

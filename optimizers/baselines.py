@@ -19,7 +19,7 @@ from llmpt.optimizers.optional import missing_extra
 from llmpt.optimizers.per_parameter import closure_loss
 from llmpt.optimizers.rules.adam8bit import BLOCK, CODE_MAP_BYTES, blockwise_state_nbytes
 from llmpt.optimizers.rules.muon import muon_lr_factor, newton_schulz, resolve_ns_dtype
-from llmpt.optimizers.subspace import as_groups
+from llmpt.optimizers.subspace import as_groups, tensor_of
 
 Betas = tuple[float, float]
 
@@ -151,8 +151,7 @@ class MuonWithAdamW(CompositeOptimizer):
                 "should take (groups.param_groups(model, targets) does)"
             )
         for group in matrices:
-            for q in group["params"]:
-                q = q[1] if isinstance(q, tuple) else q
+            for q in map(tensor_of, group["params"]):
                 if q.dim() != 2:
                     raise ValueError(
                         f"Muon takes 2-D matrices; a projected group holds shape {tuple(q.shape)}"

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 from llmpt.optimizers.distributed import replicated_world
-from llmpt.optimizers.low_rank import svd_factory, svd_projection
+from llmpt.optimizers.low_rank import svd_engine
 from llmpt.optimizers.rules import AdamRule
 from llmpt.optimizers.sampling import LayerSampler, OutlierWeights
 from llmpt.optimizers.subspace import Sampling, SubspaceOptimizer, as_groups, layer_units
@@ -170,8 +170,7 @@ class OwLore(SubspaceOptimizer):
             eps,
             weight_decay,
             scale=scale,
-            projection=svd_projection(rank, update_gap, proj_type),
-            make_projector=svd_factory(svd_backend, svd_power_iters, refresh_phase),
+            **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters, refresh_phase),
             sampling=sampling,
             seed=seed,
         )

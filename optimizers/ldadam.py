@@ -40,7 +40,7 @@ import torch
 
 from llmpt.optimizers.per_parameter import PerParameterOptimizer
 from llmpt.optimizers.projectors.svd import check_rank_fits
-from llmpt.optimizers.rules.adam import check_adam_settings
+from llmpt.optimizers.rules.adam import AdamRule
 
 PROJ_METHODS = ("power_iteration", "svd")
 ERROR_DTYPES = {"param": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -65,7 +65,6 @@ class LDAdam(PerParameterOptimizer):
         error_feedback: bool = True,
         error_dtype: str = "param",
     ) -> None:
-        b1, b2 = check_adam_settings(lr, betas, eps, weight_decay)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank={rank} must be a positive integer")
         if not 0.0 <= rho <= 1.0:
@@ -74,10 +73,12 @@ class LDAdam(PerParameterOptimizer):
             raise ValueError(f"proj_method={proj_method!r}: use {PROJ_METHODS}")
         if error_dtype not in ERROR_DTYPES:
             raise ValueError(f"error_dtype={error_dtype!r}: use {list(ERROR_DTYPES)}")
-        defaults = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay, projected=False)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, projected=False
+        )
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            check_adam_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        for group in self.param_groups:  # the defaults and each group's own values
+            AdamRule.check_group(group)
         self.check_fixed(
             dict(rank=rank, rho=rho, proj_method=proj_method, error_feedback=error_feedback)
         )

@@ -21,26 +21,47 @@ from llmpt.optimizers.projectors.quantized import QuantizedSvdProjector
 from llmpt.optimizers.residuals import NormScaledResidual, StateFreeResidual
 from llmpt.optimizers.rules import AdamRule, BlockwiseAdam8bitRule, MuonRule
 from llmpt.optimizers.sampling import LayerSampler
-from llmpt.optimizers.subspace import Sampling, SubspaceOptimizer, as_groups, layer_units
+from llmpt.optimizers.subspace import (
+    Sampling,
+    SubspaceOptimizer,
+    as_groups,
+    layer_units,
+    tensor_of,
+)
+from llmpt.optimizers.weight_quant import Int8Storage, Int8Weights
 
 Betas = tuple[float, float]
 COMPAT = ("none", "reference")
 
 
-def svd_projection(rank: int, update_gap: int, proj_type: str) -> dict:
+def projection_settings(rank: int, update_gap: int, proj_type: str) -> dict:
+    """The projection settings a group may set for itself (``SubspaceOptimizer``'s
+    ``projection``)."""
     return dict(rank=rank, update_gap=update_gap, proj_type=proj_type)
 
 
-def svd_factory(svd_backend: str, svd_power_iters: int, refresh_phase: int = 0, **extra):
-    """A projector per set of group settings: GaLore's SVD basis."""
-    return lambda s: SvdProjector(
-        s["rank"],
-        s["update_gap"],
-        s["proj_type"],
-        svd_backend,
-        niter=svd_power_iters,
-        refresh_phase=refresh_phase,
-        **extra,
+def svd_engine(
+    rank: int,
+    update_gap: int,
+    proj_type: str,
+    svd_backend: str,
+    svd_power_iters: int,
+    refresh_phase: int = 0,
+    **extra,
+) -> dict:
+    """The engine arguments of GaLore's SVD basis: the per-group projection settings and the
+    factory that builds a projector from them (``extra``: ``SvdProjector``'s other options)."""
+    return dict(
+        projection=projection_settings(rank, update_gap, proj_type),
+        make_projector=lambda s: SvdProjector(
+            s["rank"],
+            s["update_gap"],
+            s["proj_type"],
+            svd_backend,
+            niter=svd_power_iters,
+            refresh_phase=refresh_phase,
+            **extra,
+        ),
     )
 
 
@@ -72,25 +93,15 @@ class GaLore(SubspaceOptimizer):
             eps,
             weight_decay,
             scale=scale,
-            projection=svd_projection(rank, update_gap, proj_type),
-            make_projector=svd_factory(svd_backend, svd_power_iters, refresh_phase),
-            **self._parts(),
+            **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters, refresh_phase),
         )
         self.check_fixed(
             dict(
                 svd_backend=svd_backend,
                 svd_power_iters=svd_power_iters,
                 refresh_phase=refresh_phase,
-                **self._fixed(),
             )
         )
-
-    def _parts(self) -> dict:
-        """The engine's components besides the projector (subclasses change the rule)."""
-        return {}
-
-    def _fixed(self) -> dict:
-        return {}
 
 
 class GaLore8bit(SubspaceOptimizer):
@@ -120,8 +131,7 @@ class GaLore8bit(SubspaceOptimizer):
             eps,
             weight_decay,
             scale=scale,
-            projection=svd_projection(rank, update_gap, proj_type),
-            make_projector=svd_factory(svd_backend, svd_power_iters, refresh_phase),
+            **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters, refresh_phase),
             rule=BlockwiseAdam8bitRule(min_8bit_size),
         )
         self.check_fixed(
@@ -172,8 +182,6 @@ class QGaLore(SubspaceOptimizer):
         compat: str = "none",
         int8_linears: Sequence[Int8Linear] | None = None,
     ) -> None:
-        from llmpt.optimizers.weight_quant import Int8Storage, Int8Weights
-
         if compat not in COMPAT:
             raise ValueError(f"compat={compat!r}: use none or reference")
         reference = compat == "reference"
@@ -217,7 +225,7 @@ class QGaLore(SubspaceOptimizer):
             eps,
             weight_decay,
             scale=scale,
-            projection=svd_projection(rank, update_gap, proj_type),
+            projection=projection_settings(rank, update_gap, proj_type),
             make_projector=make_projector,
             rule=BlockwiseAdam8bitRule(min_8bit_size),
             weight_quant=weights,
@@ -227,7 +235,7 @@ class QGaLore(SubspaceOptimizer):
         )
 
 
-class Fira(GaLore):
+class Fira(SubspaceOptimizer):
     """Fira (Chen et al. 2024): GaLore plus the gradient's residual G - P P^T G, scaled per
     column by the ratio of Adam's update norm to the projected gradient's norm and passed
     through a norm-growth limiter (``limiter_gamma``). ``mode="code"`` reproduces pip fira
@@ -250,28 +258,25 @@ class Fira(GaLore):
         mode: str = "paper",
         limiter_gamma: float = 1.01,
     ) -> None:
-        self._residual = NormScaledResidual(mode, limiter_gamma)
-        self._settings = dict(mode=mode, limiter_gamma=limiter_gamma)
         super().__init__(
             params,
             lr,
             betas,
             eps,
             weight_decay,
-            rank,
-            update_gap,
-            scale,
-            proj_type,
-            svd_backend,
-            svd_power_iters,
-            refresh_phase,
+            scale=scale,
+            **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters, refresh_phase),
+            residual=NormScaledResidual(mode, limiter_gamma),
         )
-
-    def _parts(self) -> dict:
-        return {"residual": self._residual}
-
-    def _fixed(self) -> dict:
-        return self._settings
+        self.check_fixed(
+            dict(
+                svd_backend=svd_backend,
+                svd_power_iters=svd_power_iters,
+                refresh_phase=refresh_phase,
+                mode=mode,
+                limiter_gamma=limiter_gamma,
+            )
+        )
 
 
 FRUGAL_PROJECTIONS = ("block", "svd", "random", "columns", "rows")
@@ -346,7 +351,7 @@ class Frugal(SubspaceOptimizer):
             )
             engine["sampling"] = Sampling(
                 sampler,
-                [[p[1] if isinstance(p, tuple) else p] for p in projectable],
+                [[tensor_of(p)] for p in projectable],
                 # inactive_rule=none: a zero step, but FRUGAL still decays (and computes) them
                 inactive_mode="state_free",
                 reset_active=True,
@@ -439,8 +444,7 @@ class Gum(SubspaceOptimizer):
             adamw_eps,
             weight_decay,
             scale=1.0,
-            projection=svd_projection(rank, update_gap, proj_type),
-            make_projector=svd_factory(svd_backend, svd_power_iters),
+            **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters),
             rule=MuonRule(momentum, ns_steps, adjust_lr_fn, ns_dtype),
             plain_rule=AdamRule("torch"),
             decay_first=True,

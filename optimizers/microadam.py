@@ -36,7 +36,7 @@ import torch
 from llmpt.kernels.microadam_update import TopKLayout, microadam_update
 from llmpt.kernels.quant_blockwise import QuantizedTensor, dequantize, quantize, quantized_nbytes
 from llmpt.optimizers.per_parameter import PerParameterOptimizer
-from llmpt.optimizers.rules.adam import check_adam_settings
+from llmpt.optimizers.rules.adam import AdamRule
 
 ERROR_BITS = 4
 
@@ -55,7 +55,6 @@ class MicroAdam(PerParameterOptimizer):
         quant_group_size: int = 100_000,
         alpha: float = 0.0,
     ) -> None:
-        b1, b2 = check_adam_settings(lr, betas, eps, weight_decay)
         if window < 1:
             raise ValueError(f"window={window} must be at least 1")
         if not 0.0 < density <= 1.0:
@@ -65,10 +64,10 @@ class MicroAdam(PerParameterOptimizer):
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha={alpha} must lie in [0, 1)")
         TopKLayout(1, block_size, density)  # refuses a block size int16 cannot index
-        defaults = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            check_adam_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        for group in self.param_groups:  # the defaults and each group's own values
+            AdamRule.check_group(group)
         self.check_fixed(dict(window=window, density=density, block_size=block_size))
         self.window, self.density, self.block_size = window, density, block_size
         self.quant_group_size, self.alpha = quant_group_size, alpha

@@ -20,13 +20,14 @@ def closure_loss(closure):
 
 
 class PerParameterOptimizer(torch.optim.Optimizer):
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, keeping ``group_number`` (parameter -> index of its group) up to date."""
+        super().add_param_group(param_group)
+        self.group_number = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+
     def group_of(self, p: torch.Tensor) -> dict:
         """The param group of ``p``, by index: ``load_state_dict`` replaces the group dicts."""
-        index = self.__dict__.get("_group_index")
-        if index is None or len(index) != sum(len(g["params"]) for g in self.param_groups):
-            index = {q: i for i, g in enumerate(self.param_groups) for q in g["params"]}
-            self._group_index = index
-        return self.param_groups[index[p]]
+        return self.param_groups[self.group_number[p]]
 
     def check_fixed(self, fixed: dict) -> None:
         """Settings of the whole optimizer (constructor arguments that cannot vary per group):

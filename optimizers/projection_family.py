@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable
 
 from llmpt.optimizers.error_feedback import ErrorFeedback
-from llmpt.optimizers.low_rank import COMPAT, svd_factory, svd_projection
+from llmpt.optimizers.low_rank import COMPAT, projection_settings, svd_engine
 from llmpt.optimizers.projectors import CoordinateProjector
 from llmpt.optimizers.projectors.coap import CoapProjector
 from llmpt.optimizers.projectors.dct import DctProjector
@@ -89,7 +89,7 @@ class Apollo(SubspaceOptimizer):
             eps,
             weight_decay,
             scale=math.sqrt(scale) if reference else scale,
-            projection=svd_projection(rank, update_gap, proj_type),
+            projection=projection_settings(rank, update_gap, proj_type),
             make_projector=make_projector,
             residual=ScaledGradient(scale_type, limiter, limiter_gamma, scale_front),
             rule=AdamRule("hf"),
@@ -181,7 +181,7 @@ class Grass(SubspaceOptimizer):
             eps,
             weight_decay,
             scale=scale,
-            projection=svd_projection(rank, update_gap, proj_type),
+            projection=projection_settings(rank, update_gap, proj_type),
             make_projector=lambda s: CoordinateProjector(
                 None,
                 s["update_gap"],
@@ -231,9 +231,14 @@ class I3S(SubspaceOptimizer):
             eps,
             weight_decay,
             scale=scale,
-            projection=svd_projection(rank, update_gap, proj_type),
-            make_projector=svd_factory(
-                svd_backend, svd_power_iters, refresh_phase, selection="sample"
+            **svd_engine(
+                rank,
+                update_gap,
+                proj_type,
+                svd_backend,
+                svd_power_iters,
+                refresh_phase,
+                selection="sample",
             ),
             rule=AdamRule("hf"),
             seed=seed,
@@ -279,7 +284,7 @@ class DctAdamW(SubspaceOptimizer):
             eps,
             weight_decay,
             scale=scale,
-            projection=svd_projection(rank, update_gap, proj_type),
+            projection=projection_settings(rank, update_gap, proj_type),
             make_projector=lambda s: DctProjector(
                 s["rank"], s["update_gap"], s["proj_type"], selection_norm, transform, refresh_phase
             ),
@@ -335,7 +340,7 @@ class Coap(SubspaceOptimizer):
             eps,
             weight_decay,
             scale=scale,
-            projection=svd_projection(rank, update_gap, proj_type),
+            projection=projection_settings(rank, update_gap, proj_type),
             make_projector=lambda s: CoapProjector(
                 s["rank"], s["update_gap"], reproject_factor, s["proj_type"], proj_lr
             ),
@@ -387,7 +392,7 @@ class OnlineSubspaceDescent(SubspaceOptimizer):
             eps,
             weight_decay,
             scale=scale,
-            projection=svd_projection(rank, update_gap, proj_type),
+            projection=projection_settings(rank, update_gap, proj_type),
             make_projector=lambda s: OnlinePcaProjector(
                 s["rank"],
                 s["update_gap"],

@@ -64,7 +64,8 @@ def as_groups(params: Iterable) -> list[dict]:
     return [{"params": items}]
 
 
-def _tensor(item) -> torch.Tensor:
+def tensor_of(item) -> torch.Tensor:
+    """The tensor of a parameter given as a tensor or as a (name, tensor) pair."""
     return item[1] if isinstance(item, tuple) else item
 
 
@@ -72,11 +73,11 @@ def layer_units(layers: Iterable, candidates: Iterable) -> list[list[torch.Tenso
     """For each layer (a module, or an iterable of its parameters), the parameters of
     ``candidates`` (tensors or (name, tensor) pairs) that belong to it, in their order: the
     units a layer sampler switches."""
-    candidates = [_tensor(c) for c in candidates]
+    candidates = [tensor_of(c) for c in candidates]
     units = []
     for layer in layers:
         owned = layer.parameters() if isinstance(layer, torch.nn.Module) else layer
-        ids = {id(_tensor(q)) for q in owned}
+        ids = {id(tensor_of(q)) for q in owned}
         units.append([p for p in candidates if id(p) in ids])
     if not units:
         raise ValueError("layers is empty: a layer sampler needs the model's decoder layers")
@@ -196,7 +197,6 @@ class SubspaceOptimizer(PerParameterOptimizer):
         self.transition = transition
         self.error_feedback = error_feedback
         self._index = {p: i for i, p in enumerate(self._all_params())}
-        self._group_number = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._projectors = self._group_projectors(projection or {}, make_projector)
         if projector is None and any(g["projected"] for g in self.param_groups):
             raise ValueError("a projected group needs a projector")
@@ -216,6 +216,10 @@ class SubspaceOptimizer(PerParameterOptimizer):
         self._batched = self._can_batch()
         self._steps = 0  # optimizer steps taken: drives the sampler's periods
         self._attached = False
+        # freezing or weighing layers acts on the model: it waits for attach()
+        self._needs_attach = sampling is not None and (
+            sampling.inactive_mode == "frozen" or sampling.weights is not None
+        )
         self._unit: dict[torch.Tensor, int] = {}
         self._active: set[int] = set()
         if sampling is not None:
@@ -223,7 +227,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
                 raise ValueError("a state-free inactive mode needs a state_free rule")
             for u, unit in enumerate(sampling.units):
                 for p in unit:
-                    if p not in self._group_number:
+                    if p not in self.group_number:
                         raise ValueError("a sampled unit holds a parameter not in the optimizer")
                     self._unit[p] = u
             self._active = set(sampling.sampler.choose(0))
@@ -247,7 +251,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
         """Projection settings are read when the optimizer is built: a later change (by hand,
         or a checkpoint's groups written at another rank) is refused before any update, not
         silently ignored."""
-        i = self._group_number[p]
+        i = self.group_number[p]
         built = self._projection_values.get(i)
         if built:
             for key, value in built.items():
@@ -261,7 +265,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
 
     def projector_for(self, p: torch.Tensor):
         """The projector of ``p``'s group."""
-        return self._projectors.get(self._group_number[p], self.projector)
+        return self._projectors.get(self.group_number[p], self.projector)
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -378,7 +382,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
         if p.grad.is_sparse:
             raise RuntimeError("sparse gradients are not supported")
         self._check_projection_unchanged(p, group)
-        if not self._attached and self._needs_attach():
+        if self._needs_attach and not self._attached:
             raise RuntimeError(
                 f"{type(self).__name__} freezes or weighs decoder layers: call "
                 "optimizer.attach() once before training (optimizer.detach() undoes it)"
@@ -518,10 +522,6 @@ class SubspaceOptimizer(PerParameterOptimizer):
             for p in unit:
                 p.frozen_by_sampler = False
                 p.requires_grad_(True)
-
-    def _needs_attach(self) -> bool:
-        s = self.sampling
-        return s is not None and (s.inactive_mode == "frozen" or s.weights is not None)
 
     def apply_freeze(self) -> None:
         """Stop autograd computing gradients of frozen units, once ``attach`` was called."""

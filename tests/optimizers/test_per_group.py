@@ -38,6 +38,17 @@ def synthetic_steps(model, opt, n: int) -> None:
         opt.zero_grad(set_to_none=True)
 
 
+def trained(cfg, prepare=None):
+    """A toy model after 4 synthetic steps of the optimizer ``cfg`` builds (``prepare`` may
+    change its groups first), and which group each trained parameter is in."""
+    model = toy_model()
+    opt = optimizers.build(cfg, model)
+    if prepare is not None:
+        prepare(opt)
+    synthetic_steps(model, opt, 4)
+    return model, param_group_index(opt)
+
+
 def param_group_index(opt) -> dict[int, int]:
     return {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
 
@@ -71,19 +82,16 @@ def test_lr_betas_and_eps_are_read_from_each_group_at_step_time(name):
     if name in WITH_BETAS:
         other |= {"betas": other_betas(cfg), "eps": 10 * cfg.eps}
     changed = OmegaConf.merge(cfg, other)
-    runs, groups = {}, {}
-    for label, c in (("default", cfg), ("changed", changed), ("mixed", cfg)):
-        model = toy_model()
-        opt = optimizers.build(c, model)
-        if label == "mixed":
-            group = opt.param_groups[0]
-            group["lr"] = changed.lr
-            if "betas" in other:
-                set_betas(group, tuple(changed.betas))
-                group["eps"] = changed.eps
-            groups = param_group_index(opt)
-        synthetic_steps(model, opt, 4)
-        runs[label] = model
+
+    def change_group_0(opt) -> None:
+        group = opt.param_groups[0]
+        group["lr"] = changed.lr
+        if "betas" in other:
+            set_betas(group, tuple(changed.betas))
+            group["eps"] = changed.eps
+
+    mixed, groups = trained(cfg, change_group_0)
+    runs = {"default": trained(cfg)[0], "changed": trained(changed)[0], "mixed": mixed}
     compare_runs(runs, groups, {0})
 
 
@@ -113,21 +121,13 @@ def test_a_groups_own_rank_is_honoured_or_refused(name, monkeypatch):
     in a run at rank 4 everywhere, the other half as at the default rank 8. A method with one
     rank for all refuses the group's value by name."""
     cfg = optimizer_cfg(name)  # rank 8
-    changed = OmegaConf.merge(cfg, {"rank": 4})
-    runs, groups = {}, {}
-    for label, c in (("default", cfg), ("changed", changed), ("mixed", cfg)):
-        model = toy_model()
-        if label == "mixed":
-            monkeypatch.setattr(optimizers, "param_groups", split_projected({"rank": 4}))
-            if name in FIXED_RANK:
-                refused = "sets optimizer.rank=4, but .* takes rank for all"
-                with pytest.raises(ValueError, match=refused):
-                    optimizers.build(c, model)
-                return
-        opt = optimizers.build(c, model)
-        groups = param_group_index(opt)
-        synthetic_steps(model, opt, 4)
-        runs[label] = model
+    runs = {"default": trained(cfg)[0], "changed": trained(OmegaConf.merge(cfg, {"rank": 4}))[0]}
+    monkeypatch.setattr(optimizers, "param_groups", split_projected({"rank": 4}))
+    if name in FIXED_RANK:
+        with pytest.raises(ValueError, match="sets optimizer.rank=4, but .* takes rank for all"):
+            optimizers.build(cfg, toy_model())
+        return
+    runs["mixed"], groups = trained(cfg)
     compare_runs(runs, groups, {0})
 
 
