@@ -137,6 +137,9 @@ class TrainerConfig:
     # Step each parameter inside backward, as soon as its gradient is complete, and free that
     # gradient: full gradients never coexist. One micro-batch per step, one rank, no clipping.
     per_layer_update: bool = False
+    # ddp: a replica of the model on every rank; fsdp: FSDP2, parameters, gradients and optimizer
+    # state split over the ranks (every method exact; see llm_pretrain/parallel.py)
+    parallelism: str = "ddp"
     # CUDA only: record the allocator's history from the start and save it after the first 3
     # steps (step 0's refresh included) as memory_snapshot_rank<r>.pickle in the run directory,
     # for pytorch.org/memory_viz

@@ -29,7 +29,10 @@ def evaluate(
     world_size: int = 1,
     compat: str = "none",
     autocast: torch.autocast | None = None,
+    lockstep: bool = False,
 ) -> dict[str, float]:
+    """``lockstep``: every rank runs the same number of forwards (FSDP2's are collectives); a
+    rank out of rows runs one on a row it does not count."""
     if compat not in ("none", "galore"):
         raise ValueError(f"eval.compat={compat!r}: use none or galore")
     was_training = model.training
@@ -38,7 +41,12 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
     batch_means, batches = 0.0, 1  # galore: counter starts at 1
-    for i in range(0, inputs.shape[0], batch_size):
+    rows = -(-val["input_ids"].shape[0] // world_size) if lockstep else inputs.shape[0]
+    for i in range(0, rows, batch_size):
+        if i >= inputs.shape[0]:  # (lockstep only) a forward that is not counted
+            with autocast if autocast is not None else nullcontext():
+                model(val["input_ids"][:1].to(device), val["labels"][:1].to(device))
+            continue
         x = inputs[i : i + batch_size].to(device)
         y = labels[i : i + batch_size].to(device)
         with autocast if autocast is not None else nullcontext():

@@ -21,6 +21,8 @@ def _unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
     seen: set[int] = set()
     total = 0
     for t in tensors:
+        if hasattr(t, "to_local"):  # an FSDP2 shard: this rank's rows
+            t = t.to_local()
         s = t.untyped_storage()
         if s.data_ptr() not in seen:
             seen.add(s.data_ptr())
@@ -98,6 +100,8 @@ class MemoryReport:
     optimizer_state_by_category: dict[str, int] = field(default_factory=dict)
     cuda_peak_allocated: int | None = None
     cuda_peak_reserved: int | None = None
+    # under FSDP2, every rank's weights, gradients and optimizer_state (the fields above: rank 0)
+    per_rank: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,6 +5,7 @@
         data.path=../shared/data/c4/c4_en_sample_2000.jsonl.gz \\
         data.tokenizer=../shared/data/t5_tokenizer/spiece.model trainer.max_steps=50
     torchrun --nproc_per_node=2 -m llm_pretrain.train     # DDP, gloo on CPU / NCCL on GPU
+    torchrun --nproc_per_node=2 -m llm_pretrain.train trainer.parallelism=fsdp optimizer=galore
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         --rdzv-id=JOB -m llm_pretrain.train model=llama_1b data=c4
     python -m llm_pretrain.train -m optimizer.lr=1e-3,3e-3  # sweep: one row each in results.jsonl
@@ -29,11 +30,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
-from llm_pretrain import checkpoint, data, distributed
+from llm_pretrain import checkpoint, data, distributed, parallel
 from llm_pretrain import optim as optimizers
 from llm_pretrain.config import CONF_DIR, check_experiment, check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
@@ -97,6 +97,7 @@ def check_config(cfg: DictConfig, world_size: int) -> int:
             "trainer.per_layer_update=true is single-process only: the per-parameter hook fires "
             "before DDP has all-reduced the gradient; run on one rank or turn it off"
         )
+    parallel.check(cfg, world_size)
     return accum
 
 
@@ -208,6 +209,7 @@ class Job:
             di.world_size,
             self.cfg.eval.compat,
             self.autocast,
+            lockstep=parallel.sharded(self.cfg, di.world_size),
         )
 
 
@@ -254,6 +256,12 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
     # (a copy: a slice would keep, and be counted with, the storage of all validation rows)
     probe = val["input_ids"].repeat(reps, 1)[: tc.micro_batch_size].clone().to(di.device)
     memory.activations = activation_bytes(model, probe, probe, autocast)
+    if parallel.sharded(cfg, di.world_size):  # (after the probe: it runs the whole model)
+        from llmpt.optimizers.sharded import shard_model
+
+        optimizer = shard_model(
+            model, optimizer, lambda m: parallel.fully_shard_model(m, di.device, precision)
+        )
     if tc.memory_snapshot:
         if di.device.type != "cuda":
             raise ValueError(
@@ -386,11 +394,11 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torc
     for i, mb in enumerate(micro):
         x = mb["input_ids"].to(di.device, non_blocking=True)
         y = mb["labels"].to(di.device, non_blocking=True)
-        sync = di.world_size == 1 or i == job.accum - 1  # all-reduce once, on the last one
-        with nullcontext() if sync else job.train_model.no_sync():
+        sync = di.world_size == 1 or i == job.accum - 1  # reduce once, on the last one
+        with parallel.gradient_sync(job.train_model, sync):
             with job.autocast if job.autocast is not None else nullcontext():
                 s = job.train_model(x, y, reduction="sum")
-            # DDP averages over ranks, so scale each rank's sum to the global token mean.
+            # DDP and FSDP average over ranks: scale each rank's sum to the global token mean.
             (s * (di.world_size / max(label_tokens, 1.0))).backward()
         loss_sum += s.detach().double()
     timer.mark("forward_backward")
@@ -402,12 +410,23 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torc
             # gradients exist: the norm is the one of the gradients the optimizer applies
             applied = [p for p in job.model.parameters() if not getattr(p, "frozen_by_sampler", 0)]
             grad_norm = torch.nn.utils.clip_grad_norm_(applied, tc.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, the same on every rank
+                grad_norm = grad_norm.full_tensor()
         job.optimizer.step()
     else:  # every gradient is consumed: this only counts the step (and lets samplers switch)
         job.optimizer.step()
     job.scheduler.step()
     if job.memory.weights == 0:  # first step of this process: optimizer state now exists
         job.memory.measure_training_state(job.model, job.optimizer)
+        if parallel.sharded(job.cfg, di.world_size):
+            m = job.memory
+            job.memory.per_rank = distributed.gather_objects(
+                {
+                    "weights": m.weights,
+                    "gradients": m.gradients,
+                    "optimizer_state": m.optimizer_state,
+                }
+            )
     job.optimizer.zero_grad(set_to_none=True)
     timer.mark("optimizer")
     job.step += 1
@@ -422,6 +441,11 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     resume_from = (
         checkpoint.resolve(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
     )
+    if resume_from is not None and parallel.sharded(cfg, di.world_size):
+        raise checkpoint.CheckpointError(
+            f"{parallel.CHECKPOINTS_UNSUPPORTED}: cannot resume from {resume_from}; resume it "
+            "with trainer.parallelism=ddp"
+        )
     state = checkpoint.load(resume_from) if resume_from is not None else None
     if state is not None:
         restore(job, state, resume_from)
@@ -451,11 +475,7 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
                 "trainer.per_layer_update=true a parameter is updated before the global gradient "
                 "norm exists, so clipping is off (set trainer.grad_clip=0 to silence this)"
             )
-    job.train_model = (
-        DDP(job.model, gradient_as_bucket_view=True, broadcast_buffers=False)
-        if di.world_size > 1
-        else job.model
-    )
+    job.train_model = parallel.training_module(job.model, di.world_size, tc.parallelism)
 
     initial = job.evaluate() if tc.eval_at_start and job.step == 0 else None
     if initial is not None:
@@ -542,7 +562,8 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     saved_now = cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0
     if cfg.checkpoint.at_end and not saved_now:
         save(job, time.perf_counter() - t_start)
-    distributed.check_replicas(job.model)
+    if not parallel.sharded(cfg, di.world_size):  # (FSDP2: every rank holds other rows)
+        distributed.check_replicas(job.model)
     final = job.evaluate()
     logger.log(
         {
@@ -584,6 +605,7 @@ def build_summary(
         "optimizer": cfg.optimizer.name,
         "params": job.model.num_params(),
         "world_size": di.world_size,
+        "parallelism": cfg.trainer.parallelism,
         "precision": job.precision,
         "steps": job.step,
         "tokens_seen": job.tokens_seen,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmpt.optimizers.distributed import all_reduce_sum
+from llmpt.optimizers.distributed import all_reduce_sum, full_tensor
 
 ORDERS = ("uniform", "weighted", "shuffled", "ascending", "descending", "mirror")
 
@@ -160,7 +160,10 @@ class OutlierWeights:
         lod = []
         for layer in self.linears:
             scores = torch.cat(
-                [(m.weight.detach().float().abs() * next(norms)).flatten() for m in layer]
+                [
+                    (full_tensor(m.weight.detach()).float().abs() * next(norms)).flatten()
+                    for m in layer
+                ]
             )
             lod.append((scores > self.ratio * scores.mean()).double().mean())
         self.sq.clear()

@@ -16,6 +16,7 @@ COMMON = [
     "trainer.micro_batch_size=4",
     "eval.tokens=2000",
 ]
+GALORE = ["optimizer=galore", "optimizer.rank=8", "optimizer.update_gap=2"]
 
 
 def metrics(run_dir):
@@ -28,14 +29,16 @@ def metrics(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "optimizer",
+    "optimizer, parallelism",
     [
-        [],
+        ([], "ddp"),
         # GaLore: refreshes every 2 steps; every rank must compute the same SVD basis
-        ["optimizer=galore", "optimizer.rank=8", "optimizer.update_gap=2"],
+        (GALORE, "ddp"),
+        # FSDP2, with 2 micro-batches per rank: each matrix's owner computes its basis
+        ([*GALORE, "trainer.micro_batch_size=2"], "fsdp"),
     ],
 )
-def test_two_ranks_match_one_rank(tmp_path, optimizer):
+def test_two_ranks_match_one_rank(tmp_path, optimizer, parallelism):
     common = [*COMMON, *optimizer]
     single = run_cli([*common, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -51,6 +54,7 @@ def test_two_ranks_match_one_rank(tmp_path, optimizer):
             "-m",
             "llm_pretrain.train",
             *common,
+            f"trainer.parallelism={parallelism}",
             f"hydra.run.dir={tmp_path / 'ddp'}",
         ],
         cwd=work,
@@ -65,7 +69,17 @@ def test_two_ranks_match_one_rank(tmp_path, optimizer):
     for a, b in zip(train1 + eval1, train2 + eval2, strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["parallelism"] == parallelism
+    per_rank = summary["memory"]["per_rank"]
+    if parallelism == "fsdp":  # each rank: its rows of the weights, its matrices' state
+        whole = json.loads((tmp_path / "single" / "summary.json").read_text())["memory"]
+        assert len(per_rank) == 2
+        assert sum(r["weights"] for r in per_rank) >= whole["weights"]  # (FSDP2 pads rows)
+        assert max(r["weights"] for r in per_rank) < 0.6 * whole["weights"]
+        assert sum(r["optimizer_state"] for r in per_rank) == whole["optimizer_state"]
+        assert max(r["optimizer_state"] for r in per_rank) < 0.7 * whole["optimizer_state"]
+    else:
+        assert per_rank is None
     # Only rank 0 wrote: one run directory, no stray outputs where the ranks were started.
     assert list(work.iterdir()) == []
     assert ddp.stdout.count("run summary") == 1

@@ -390,3 +390,23 @@ def test_per_layer_updates_say_clipping_is_off(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="llm_pretrain"):
         train(cfg, tmp_path)
     assert "clipping is off" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["trainer.parallelism=zero3"],
+            r"trainer.parallelism='zero3': use one of \('ddp', 'fsdp'\)",
+        ),
+        (["trainer.parallelism=fsdp", "optimizer=rso"], "optimizer=rso is not supported under"),
+        (["trainer.parallelism=fsdp", "optimizer=adam_mini"], "Adam-mini runs collectives"),
+        (["trainer.parallelism=fsdp", "checkpoint.every=2"], "checkpoints under trainer.parall"),
+        (["trainer.parallelism=fsdp", "checkpoint.at_end=true"], "set checkpoint.every=0"),
+    ],
+)
+def test_parallelism_refuses_what_it_cannot_run_exactly(overrides, message):
+    from llm_pretrain.train import check_config
+
+    with pytest.raises(ValueError, match=message):
+        check_config(compose_cfg([*TINY, *overrides]), world_size=2)
