@@ -1,6 +1,7 @@
 """Atomic, weights_only-safe checkpoints that resume bit-exactly.
 
-One file per save, written by rank 0: model, optimizer, scheduler, every rank's data-loader
+(FSDP2 runs write directories instead: ``sharded_checkpoint.py``.) One file per save, written by
+rank 0: model, optimizer, scheduler, every rank's data-loader
 position and RNG states, step counters and a fingerprint of the config that must not change
 across a resume. Everything is tensors and plain Python values, so loading with
 ``weights_only=True`` reads it without unpickling code. A save goes to a temp file in the same
@@ -14,6 +15,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 FORMAT = "llm_pretrain.checkpoint/1"
-NAME_RE = re.compile(r"step_(\d+)\.pt$")
+NAME_RE = re.compile(r"step_(\d+)(\.pt)?$")  # a file, or a directory (sharded: DCP)
 
 
 class CheckpointError(RuntimeError):
@@ -65,15 +67,30 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}.pt"
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """A sharded run's checkpoint: a directory (``llm_pretrain/sharded_checkpoint.py``)."""
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def _is_checkpoint(p: Path) -> bool:
+    m = NAME_RE.fullmatch(p.name)
+    if m is None:
+        return False
+    return p.is_file() if m.group(2) else (p / "meta.pt").is_file()
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
-    found = [p for p in directory.glob("step_*.pt") if NAME_RE.search(p.name)]
-    return sorted(found, key=lambda p: int(NAME_RE.search(p.name).group(1)))
+    found = [p for p in directory.glob("step_*") if _is_checkpoint(p)]
+    return sorted(found, key=lambda p: int(NAME_RE.fullmatch(p.name).group(1)))
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
     if keep_last > 0:
         for old in list_checkpoints(run_dir / "checkpoints")[:-keep_last]:
-            old.unlink(missing_ok=True)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
 
 
 def resolve(spec: str, run_dir: Path) -> Path | None:
@@ -82,11 +99,14 @@ def resolve(spec: str, run_dir: Path) -> Path | None:
         found = list_checkpoints(run_dir / "checkpoints")
         return found[-1] if found else None
     path = Path(spec).expanduser()
+    if _is_checkpoint(path):
+        return path
     if path.is_dir():
         found = list_checkpoints(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
         if not found:
             raise CheckpointError(
-                f"checkpoint.resume={spec}: the directory holds no step_*.pt file"
+                f"checkpoint.resume={spec}: the directory holds no checkpoint (step_*.pt file "
+                "or step_* directory)"
             )
         return found[-1]
     if not path.is_file():

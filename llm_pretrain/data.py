@@ -62,7 +62,13 @@ class DocumentSource:
 
     empty_hint = ""  # appended to the "no documents" error
 
-    def iterate(self, node: int, num_nodes: int, epoch: int, skip: int) -> Iterator[list[int]]:
+    # Documents go to nodes by index modulo the node count (so the stream can be re-split over
+    # another number of nodes from a global position, ``base``): BuiltinDocuments.
+    resplittable = False
+
+    def iterate(
+        self, node: int, num_nodes: int, epoch: int, skip: int, base: int = 0
+    ) -> Iterator[list[int]]:
         raise NotImplementedError
 
 
@@ -70,9 +76,14 @@ class BuiltinDocuments(DocumentSource):
     def __init__(self, language: Language, split: str) -> None:
         self.language, self.split = language, SPLITS[split]
 
-    def iterate(self, node: int, num_nodes: int, epoch: int, skip: int) -> Iterator[list[int]]:
-        # Infinite: epochs never end, so ``epoch`` is always 0 here.
-        i = node + skip * num_nodes
+    resplittable = True
+
+    def iterate(
+        self, node: int, num_nodes: int, epoch: int, skip: int, base: int = 0
+    ) -> Iterator[list[int]]:
+        # Infinite: epochs never end, so ``epoch`` is always 0 here. Document ``base + node +
+        # k * num_nodes`` is this node's k-th.
+        i = base + node + skip * num_nodes
         seed = self.language.spec.seed
         while True:
             yield self.language.document([seed, self.split, i])
@@ -112,8 +123,13 @@ class HFDocuments(DocumentSource):
             ds = ds.take(self.take)
         return ds
 
-    def iterate(self, node: int, num_nodes: int, epoch: int, skip: int) -> Iterator[list[int]]:
+    def iterate(
+        self, node: int, num_nodes: int, epoch: int, skip: int, base: int = 0
+    ) -> Iterator[list[int]]:
         from datasets.distributed import split_dataset_by_node
+
+        if base:  # (resplit refuses these sources)
+            raise ValueError(f"{self.where}: a streamed dataset cannot start at a global offset")
 
         try:
             ds = split_dataset_by_node(self._dataset(epoch), rank=node, world_size=num_nodes)
@@ -236,6 +252,7 @@ class NodeState:
     epoch: int = 0
     docs: int = 0  # documents of this epoch fully taken from the source
     carry: list[int] = field(default_factory=list)  # packed layout: tokens for the next row
+    base: int = 0  # global document index this split starts at (after a re-split)
 
 
 class TokenRows(IterableDataset):
@@ -265,10 +282,13 @@ class TokenRows(IterableDataset):
             "epoch": self.state.epoch,
             "docs": self.state.docs,
             "carry": list(self.state.carry),
+            "base": self.state.base,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = NodeState(state["epoch"], state["docs"], list(state["carry"]))
+        self.state = NodeState(
+            state["epoch"], state["docs"], list(state["carry"]), state.get("base", 0)
+        )
 
     def _node(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -280,7 +300,7 @@ class TokenRows(IterableDataset):
         st, L = self.state, self.seq_len
         while True:
             # The state is current at every yield: a snapshot then resumes after this row.
-            for ids in self.source.iterate(node, num_nodes, st.epoch, st.docs):
+            for ids in self.source.iterate(node, num_nodes, st.epoch, st.docs, st.base):
                 self._check_ids(ids)
                 st.docs += 1
                 if self.layout == "paper":
@@ -338,6 +358,45 @@ def train_loader(
         in_order=True,
         pin_memory=pin_memory,
     )
+
+
+def _node_states(obj) -> list[dict]:
+    """The data nodes' states inside a ``StatefulDataLoader`` state (its own, or its workers')."""
+    if isinstance(obj, dict):
+        if "dataset_state" in obj and isinstance(obj["dataset_state"], dict):
+            return [obj["dataset_state"]]
+        return [s for v in obj.values() for s in _node_states(v)]
+    return []
+
+
+def resplit(loader: StatefulDataLoader, saved: list[dict], cfg: DataConfig, path) -> None:
+    """Continue a stream written by another number of ranks, deterministically.
+
+    The rule: with ``n`` saved nodes (ranks x workers) that each took at least ``d`` documents,
+    every document below ``base + n * d`` counts as read, and the new nodes split the stream from
+    there (node ``k`` of ``m`` takes ``base + n * d + k + j * m``). With ``data.layout=paper``
+    and nodes that took the same number of rows (one worker per rank, or as many batches from
+    each worker), nothing is read twice or skipped and every later step sees the documents it
+    would have seen on the old world size; otherwise the few documents some nodes had read past
+    ``n * d`` are read again (and ``packed``'s carried tokens are dropped). Only sources that
+    hand out documents by index support it (the built-in one); a streamed dataset is split by
+    whole shards and is refused.
+    """
+    rows: TokenRows = loader.dataset
+    if not rows.source.resplittable:
+        raise ValueError(
+            f"checkpoint {path} was written on {len(saved)} rank(s) and data.source="
+            f"{cfg.source} streams whole shards to each rank, which cannot be re-split over "
+            "another number of ranks; resume on the same number of ranks"
+        )
+    nodes = [s for rank_state in saved for s in _node_states(rank_state)]
+    if not nodes or any(s.get("epoch", 0) for s in nodes):
+        raise ValueError(f"checkpoint {path} holds no data position to re-split")
+    bases = {s.get("base", 0) for s in nodes}
+    if len(bases) != 1:
+        raise ValueError(f"checkpoint {path}: its data nodes disagree on the stream's start")
+    start = bases.pop() + len(nodes) * min(s["docs"] for s in nodes)
+    rows.state = NodeState(0, 0, [], start)
 
 
 def validation_rows(

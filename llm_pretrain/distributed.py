@@ -102,6 +102,11 @@ def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.cpu().tolist()
 
 
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not active():
         return obj

@@ -24,11 +24,6 @@ FSDP_UNSUPPORTED = {
     "parameter at each step, also those without a gradient",
 }
 
-CHECKPOINTS_UNSUPPORTED = (
-    "checkpoints under trainer.parallelism=fsdp are not supported yet (the single-file format "
-    "holds whole tensors, not FSDP2's shards)"
-)
-
 
 def check(cfg, world_size: int) -> None:
     """Refuse a parallelism, or a method or setting under it, that cannot run exactly."""
@@ -42,18 +37,6 @@ def check(cfg, world_size: int) -> None:
         raise ValueError(
             f"optimizer={name} is not supported under trainer.parallelism=fsdp: "
             f"{FSDP_UNSUPPORTED[name]}; use trainer.parallelism=ddp"
-        )
-    if t.per_layer_update:
-        raise ValueError(
-            "trainer.per_layer_update=true is not supported under trainer.parallelism=fsdp yet: "
-            "FSDP2 reduce-scatters a block's gradients after the parameter hooks have fired; use "
-            "trainer.parallelism=ddp or trainer.per_layer_update=false"
-        )
-    ckpt = cfg.checkpoint
-    if ckpt.every or ckpt.at_end:  # (checkpoint.resume: refused once a checkpoint is found)
-        raise ValueError(
-            CHECKPOINTS_UNSUPPORTED + "; set checkpoint.every=0 and "
-            "checkpoint.at_end=false, or use trainer.parallelism=ddp"
         )
 
 

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
-from llm_pretrain import checkpoint, data, distributed, parallel
+from llm_pretrain import checkpoint, data, distributed, parallel, sharded_checkpoint
 from llm_pretrain import optim as optimizers
 from llm_pretrain.config import CONF_DIR, check_experiment, check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
@@ -301,12 +301,32 @@ def _predict(cfg: DictConfig, precision: str) -> Estimate | None:
 
 
 def restore(job: Job, state: dict[str, Any], path: Path) -> None:
-    checkpoint.check_compatible(state["fingerprint"], job.fingerprint, path)
-    job.model.load_state_dict(state["model"])
-    job.optimizer.load_state_dict(state["optimizer"])
+    """Resume from a single-file checkpoint (DDP, one process) or a DCP directory (FSDP2), on
+    this run's number of ranks and parallelism, whichever wrote it."""
+    di = job.di
+    # the world size may change: the model and optimizer reshard, the data is re-split
+    current = {k: v for k, v in job.fingerprint.items() if k != "world_size"}
+    checkpoint.check_compatible(state["fingerprint"], current, path)
+    if sharded_checkpoint.is_sharded_checkpoint(path):
+        sharded_checkpoint.load_into(path, state, job.model, job.optimizer)
+    elif parallel.sharded(job.cfg, di.world_size):  # a whole checkpoint into FSDP2 shards
+        sharded_checkpoint.load_whole_model(job.model, state["model"])
+        job.optimizer.load_state_dict(state["optimizer"])
+    else:
+        job.model.load_state_dict(state["model"])
+        job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
-    job.loader.load_state_dict(state["data"][job.di.rank])
-    checkpoint.set_rng_state(state["rng"][job.di.rank])
+    saved_ranks = len(state["data"])
+    if saved_ranks == di.world_size:
+        job.loader.load_state_dict(state["data"][di.rank])
+    else:
+        data.resplit(job.loader, state["data"], job.cfg.data, path)
+        if di.is_main:
+            log.info(
+                f"{path} was written on {saved_ranks} rank(s): the data stream is re-split "
+                f"over {di.world_size} (see data.resplit)"
+            )
+    checkpoint.set_rng_state(state["rng"][di.rank % saved_ranks])
     job.step, job.tokens_seen = state["step"], state["tokens_seen"]
     job.prior_wall_s = state["wall_time_s"]
     if job.di.is_main:
@@ -316,23 +336,29 @@ def restore(job: Job, state: dict[str, Any], path: Path) -> None:
 def save(job: Job, wall_s: float) -> None:
     """Every rank contributes its data position and RNG state; rank 0 writes the file."""
     states = distributed.gather_objects((job.loader.state_dict(), checkpoint.rng_state()))
-    if not job.di.is_main:
-        return
-    path = checkpoint.save(
-        checkpoint.checkpoint_path(job.run_dir, job.step),
-        {
-            "step": job.step,
-            "tokens_seen": job.tokens_seen,
-            "wall_time_s": job.prior_wall_s + wall_s,
-            "model": job.model.state_dict(),
-            "optimizer": job.optimizer.state_dict(),
-            "scheduler": job.scheduler.state_dict(),
-            "data": [s[0] for s in states],
-            "rng": [s[1] for s in states],
-            "fingerprint": job.fingerprint,
-            "wandb_id": job.logger.wandb_id if job.logger else None,
-        },
-    )
+    meta = {
+        "step": job.step,
+        "tokens_seen": job.tokens_seen,
+        "wall_time_s": job.prior_wall_s + wall_s,
+        "scheduler": job.scheduler.state_dict(),
+        "data": [s[0] for s in states],
+        "rng": [s[1] for s in states],
+        "fingerprint": job.fingerprint,
+        "wandb_id": job.logger.wandb_id if job.logger else None,
+    }
+    if parallel.sharded(job.cfg, job.di.world_size):  # every rank writes its shards
+        path = sharded_checkpoint.save(
+            checkpoint.checkpoint_dir(job.run_dir, job.step), job.model, job.optimizer, meta
+        )
+        if not job.di.is_main:
+            return
+    else:
+        if not job.di.is_main:
+            return
+        path = checkpoint.save(
+            checkpoint.checkpoint_path(job.run_dir, job.step),
+            {**meta, "model": job.model.state_dict(), "optimizer": job.optimizer.state_dict()},
+        )
     checkpoint.prune(job.run_dir, job.cfg.checkpoint.keep_last)
     log.info(f"saved {path}")
 
@@ -441,12 +467,10 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     resume_from = (
         checkpoint.resolve(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
     )
-    if resume_from is not None and parallel.sharded(cfg, di.world_size):
-        raise checkpoint.CheckpointError(
-            f"{parallel.CHECKPOINTS_UNSUPPORTED}: cannot resume from {resume_from}; resume it "
-            "with trainer.parallelism=ddp"
-        )
-    state = checkpoint.load(resume_from) if resume_from is not None else None
+    state = None
+    if resume_from is not None:
+        sharded_file = sharded_checkpoint.is_sharded_checkpoint(resume_from)
+        state = (sharded_checkpoint.load_meta if sharded_file else checkpoint.load)(resume_from)
     if state is not None:
         restore(job, state, resume_from)
     if di.is_main:

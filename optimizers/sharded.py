@@ -213,8 +213,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         state dict may hold every parameter's: one written on another number of ranks)."""
         # (torch's load casts and moves state by each parameter's dtype and device only: the
         # released shadows keep both)
-        self.inner.load_state_dict(self._narrow(self.inner, state_dict))
+        self.inner.load_state_dict(self.narrow_state_dict(state_dict))
         self.param_groups = self.inner.param_groups
+
+    def narrow_state_dict(self, state_dict: dict) -> dict:
+        """``state_dict`` (of the inner optimizer, from any number of ranks) with ``state`` kept
+        for the parameters this rank owns: what it loads."""
+        return self._narrow(self.inner, state_dict)
 
     def _narrow(self, opt: torch.optim.Optimizer, state_dict: dict) -> dict:
         """``state_dict`` with ``state`` narrowed to this rank's parameters, also inside a

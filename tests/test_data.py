@@ -287,3 +287,43 @@ def test_bad_data_settings_are_explained(tmp_path, t5):
                 source="files", tokenizer="t5", path=str(tmp_path / "three.jsonl.gz"), layout="rows"
             )
         )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_resplit_over_another_world_size_continues_the_global_order(workers):
+    """2 ranks take 8 rows each, then 3 ranks continue: together they yield the documents one
+    rank would have read, each once (paper layout: one document per row; with 2 workers, each
+    worker of a rank yields every other batch, so 4 batches leave them all at 4 documents)."""
+    from llm_pretrain.data import resplit
+
+    cfg = DataConfig(
+        source="builtin", tokenizer="builtin", layout="paper", seq_len=24, num_workers=workers
+    )
+    tok = load_tokenizer("builtin")
+    single = [
+        tuple(r.tolist())
+        for b in batches(train_loader(cfg, tok, 32000, 2, 0, 1), 14)
+        for r in b["input_ids"]
+    ]
+    saved, before = [], []
+    for rank in range(2):
+        loader = train_loader(cfg, tok, 32000, 2, rank, 2)
+        it = iter(loader)
+        before += [tuple(r.tolist()) for _ in range(4) for r in next(it)["input_ids"]]
+        saved.append(loader.state_dict())
+    after = []
+    for rank in range(3):
+        loader = train_loader(cfg, tok, 32000, 2, rank, 3)
+        resplit(loader, saved, cfg, "ckpt")
+        after += [tuple(r.tolist()) for b in batches(loader, 2) for r in b["input_ids"]]
+    assert Counter(before) == Counter(single[:16])
+    assert Counter(after) == Counter(single[16:28])
+
+
+def test_a_streamed_dataset_is_not_resplit(corpora, t5):
+    from llm_pretrain.data import resplit
+
+    cfg = DataConfig(source="files", tokenizer="t5", path=corpora["jsonl"], val_docs=5)
+    loader = train_loader(cfg, t5, 32000, 2, 0, 3)
+    with pytest.raises(ValueError, match="resume on the same number of ranks"):
+        resplit(loader, [{}, {}], cfg, "ckpt")

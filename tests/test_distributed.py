@@ -114,3 +114,67 @@ def test_diverged_replicas_are_detected(tmp_path):
         results = manager.dict()
         mp.spawn(_replica_worker, args=(str(tmp_path / "init"), results), nprocs=2)
         assert all("ranks [1] hold different weights" in results[r] for r in (0, 1))
+
+
+def torchrun(nproc: int, args: list[str], cwd, timeout: int = 300):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "llm_pretrain.train",
+            *args,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_resume_on_any_number_of_ranks_and_under_ddp(tmp_path):
+    """An FSDP2 run on 2 ranks saves (DCP) at step 3; it continues bit-identically on 2 ranks,
+    and to 1e-5 on 1 and on 3 ranks (the data re-split keeps each step's documents) and under
+    DDP, whose single-file checkpoint an FSDP2 run on 3 ranks resumes in turn."""
+    common = [
+        *TINY,
+        "data.layout=paper",
+        "trainer.max_steps=6",
+        "trainer.global_batch_size=12",  # 6, 3 or 2 micro-batches of 2 per rank
+        "trainer.micro_batch_size=2",
+        "eval.tokens=500",
+        "trainer.eval_at_start=false",
+        *GALORE,
+        "checkpoint.every=3",
+    ]
+
+    def run(name, nproc, parallelism, *extra):
+        out = torchrun(
+            nproc,
+            [
+                *common,
+                f"trainer.parallelism={parallelism}",
+                f"hydra.run.dir={tmp_path / name}",
+                *extra,
+            ],
+            tmp_path,
+        )
+        assert out.returncode == 0, out.stderr[-4000:]
+        return metrics(tmp_path / name)[0]
+
+    straight = run("fsdp2", 2, "fsdp")
+    step3 = tmp_path / "fsdp2" / "checkpoints" / "step_00000003"
+    assert (step3 / "meta.pt").is_file() and (step3 / ".metadata").is_file()
+    assert run("again2", 2, "fsdp", f"checkpoint.resume={step3}") == straight[3:]
+    for name, nproc, parallelism in [("on1", 1, "fsdp"), ("on3", 3, "fsdp"), ("ddp", 2, "ddp")]:
+        resumed = run(name, nproc, parallelism, f"checkpoint.resume={step3}")
+        for a, b in zip(straight[3:], resumed, strict=True):
+            assert abs(a - b) <= 1e-5 * abs(a), name
+    ddp_file = tmp_path / "ddp" / "checkpoints" / "step_00000006.pt"
+    assert ddp_file.is_file()
+    onward = run("back", 3, "fsdp", f"checkpoint.resume={ddp_file}", "trainer.max_steps=7")
+    assert len(onward) == 1

@@ -401,8 +401,8 @@ def test_per_layer_updates_say_clipping_is_off(tmp_path, caplog):
         ),
         (["trainer.parallelism=fsdp", "optimizer=rso"], "optimizer=rso is not supported under"),
         (["trainer.parallelism=fsdp", "optimizer=adam_mini"], "Adam-mini runs collectives"),
-        (["trainer.parallelism=fsdp", "checkpoint.every=2"], "checkpoints under trainer.parall"),
-        (["trainer.parallelism=fsdp", "checkpoint.at_end=true"], "set checkpoint.every=0"),
+        (["trainer.parallelism=fsdp", "trainer.per_layer_update=true",
+          "trainer.micro_batch_size=4", "trainer.global_batch_size=8"], "single-process only"),
     ],
 )
 def test_parallelism_refuses_what_it_cannot_run_exactly(overrides, message):
