@@ -32,6 +32,13 @@ def check(cfg, world_size: int) -> None:
         raise ValueError(f"trainer.parallelism={t.parallelism!r}: use one of {PARALLELISMS}")
     if t.parallelism != "fsdp":
         return
+    if t.per_layer_update and world_size > 1:
+        raise ValueError(
+            "trainer.per_layer_update=true is not supported under trainer.parallelism=fsdp on "
+            "several ranks yet: FSDP2 reduce-scatters a block's gradients after the parameter "
+            "hooks have fired; use trainer.parallelism=ddp (per-layer updates work there) or "
+            "trainer.per_layer_update=false"
+        )
     name = cfg.optimizer.name
     if name in FSDP_UNSUPPORTED:
         raise ValueError(
@@ -63,9 +70,13 @@ def fully_shard_model(model: nn.Module, device: torch.device, precision: str) ->
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def training_module(model: nn.Module, world_size: int, parallelism: str) -> nn.Module:
-    """What the loop calls forward on: DDP around the model, or the (already sharded) model."""
-    if world_size == 1 or parallelism == "fsdp":
+def training_module(
+    model: nn.Module, world_size: int, parallelism: str, per_layer_update: bool = False
+) -> nn.Module:
+    """What the loop calls forward on: DDP around the model, or the model itself (sharded by
+    FSDP2, or with per-layer updates, whose hooks reduce each gradient themselves: DDP's
+    buckets would reduce it only after the hook has fired)."""
+    if world_size == 1 or parallelism == "fsdp" or per_layer_update:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +85,6 @@ def check_config(cfg: DictConfig, world_size: int) -> int:
     if t.max_steps <= 0:
         raise ValueError(f"trainer.max_steps={t.max_steps} must be positive")
     accum = t.global_batch_size // per_pass
-    if t.per_layer_update and accum > 1:
-        raise ValueError(
-            f"trainer.per_layer_update=true steps each parameter as soon as its gradient is "
-            f"complete, but {accum} micro-batches per step would keep every gradient until the "
-            "last one, saving nothing; set trainer.micro_batch_size=trainer.global_batch_size "
-            "(divided by the world size) or trainer.per_layer_update=false"
-        )
-    if t.per_layer_update and world_size > 1:
-        raise ValueError(
-            "trainer.per_layer_update=true is single-process only: the per-parameter hook fires "
-            "before DDP has all-reduced the gradient; run on one rank or turn it off"
-        )
     parallel.check(cfg, world_size)
     return accum
 
@@ -174,6 +162,13 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict
 
 
 @dataclass
+class LastMicroBatch:
+    """Whether the backward running now is the step's last (per-layer updates step then)."""
+
+    now: bool = True
+
+
+@dataclass
 class Job:
     """The parts of one run, built once from the config, and its progress counters."""
 
@@ -194,6 +189,7 @@ class Job:
     predicted: Estimate | None = None
     logger: RunLogger | None = None
     train_model: torch.nn.Module | None = None
+    last_micro: LastMicroBatch = field(default_factory=LastMicroBatch)
     step: int = 0
     tokens_seen: int = 0
     prior_wall_s: float = 0.0
@@ -364,15 +360,23 @@ def save(job: Job, wall_s: float) -> None:
 
 
 def attach_per_layer_updates(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, memory: MemoryReport
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    memory: MemoryReport,
+    last: LastMicroBatch,
+    world_size: int = 1,
 ) -> None:
     """Step each parameter in a post-accumulate-grad hook, then free its gradient.
 
-    With one micro-batch per step, when a parameter's hook fires every other parameter's
-    gradient is either already consumed (None) or not computed yet (None after zero_grad), so a
-    plain ``optimizer.step()`` updates exactly this parameter: any torch optimizer works, with its
-    own state and one learning-rate schedule. The gradient bytes alive at each hook are recorded,
-    so the memory report shows the peak this mode actually reaches.
+    In the step's last backward (``last.now``), when a parameter's hook fires every other
+    parameter's gradient is either already consumed (None) or not complete yet, so a plain
+    ``optimizer.step()`` updates exactly this parameter: any torch optimizer works, with its own
+    state and one learning-rate schedule. In earlier micro-batches the hook only sets the
+    gradient aside, so the step happens once, on the whole batch's gradient. On several ranks
+    (no DDP wrapper in this mode) the hook first averages the gradient over the ranks, so each
+    parameter steps on the same reduced gradient everywhere. The gradient bytes alive at each
+    hook (set-aside ones included) are recorded, so the memory report shows the peak this mode
+    actually reaches.
     """
     # every trained parameter, also those a layer sampler has frozen for now
     params = [p for p in model.parameters() if trainable(p)]
@@ -381,9 +385,25 @@ def attach_per_layer_updates(
     # gradient-free optimizer.step() of train_step: layer samplers switch on optimizer steps
     step_one = getattr(optimizer, "update_parameter", None)
 
+    stash: dict[torch.Tensor, torch.Tensor] = {}
+
     def hook(p: torch.Tensor) -> None:
+        if not last.now:  # accumulating: the step comes after the last micro-batch
+            # kept aside, so that in the last backward a parameter's .grad exists only once it
+            # is complete (a torch optimizer's step() then sees no other parameter's gradient)
+            stash[p] = stash[p].add_(p.grad) if p in stash else p.grad
+            p.grad = None
+            return
+        if p in stash:  # (g_last + (g_1 + ...): IEEE addition commutes, as the normal path's)
+            p.grad.add_(stash.pop(p))
+        if getattr(p, "frozen_by_sampler", False):  # (marked, not frozen, on several ranks)
+            p.grad = None
+            return
+        if world_size > 1:
+            distributed.all_reduce(p.grad).div_(world_size)
         if memory.weights == 0:  # measured during the first step only: it costs O(params)
             alive = sum(q.grad.nbytes for q in params if q.grad is not None)
+            alive += sum(g.nbytes for g in stash.values())
             memory.gradients = max(memory.gradients, alive)
         if step_one is not None:
             step_one(p)
@@ -421,6 +441,7 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torc
         x = mb["input_ids"].to(di.device, non_blocking=True)
         y = mb["labels"].to(di.device, non_blocking=True)
         sync = di.world_size == 1 or i == job.accum - 1  # reduce once, on the last one
+        job.last_micro.now = i == job.accum - 1
         with parallel.gradient_sync(job.train_model, sync):
             with job.autocast if job.autocast is not None else nullcontext():
                 s = job.train_model(x, y, reduction="sum")
@@ -492,14 +513,18 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             log.info(f"optimizer {cfg.optimizer.name}: {job.optimizer.projection_report()}")
     logger = job.logger or RunLogger(None)
     if tc.per_layer_update:
-        attach_per_layer_updates(job.model, job.optimizer, job.memory)
+        attach_per_layer_updates(
+            job.model, job.optimizer, job.memory, job.last_micro, di.world_size
+        )
         if tc.grad_clip > 0 and di.is_main:
             log.warning(
                 f"trainer.grad_clip={tc.grad_clip} is not applied: with "
                 "trainer.per_layer_update=true a parameter is updated before the global gradient "
                 "norm exists, so clipping is off (set trainer.grad_clip=0 to silence this)"
             )
-    job.train_model = parallel.training_module(job.model, di.world_size, tc.parallelism)
+    job.train_model = parallel.training_module(
+        job.model, di.world_size, tc.parallelism, tc.per_layer_update
+    )
 
     initial = job.evaluate() if tc.eval_at_start and job.step == 0 else None
     if initial is not None:

@@ -178,3 +178,22 @@ def test_fsdp_checkpoints_resume_on_any_number_of_ranks_and_under_ddp(tmp_path):
     assert ddp_file.is_file()
     onward = run("back", 3, "fsdp", f"checkpoint.resume={ddp_file}", "trainer.max_steps=7")
     assert len(onward) == 1
+
+
+@pytest.mark.slow
+def test_per_layer_updates_on_two_ranks_with_accumulation_match_the_normal_path(tmp_path):
+    """DDP, 2 ranks x 2 micro-batches: each parameter steps once per step, in its hook, on the
+    gradient averaged over the ranks; the same losses as the normal DDP path."""
+    common = [*COMMON, *GALORE, "trainer.micro_batch_size=2", "trainer.grad_clip=0"]
+    runs = {}
+    for name, extra in [("normal", []), ("layered", ["trainer.per_layer_update=true"])]:
+        out = torchrun(2, [*common, *extra, f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        assert out.returncode == 0, out.stderr[-4000:]
+        runs[name] = metrics(tmp_path / name)
+    for a, b in zip(sum(runs["normal"], []), sum(runs["layered"], []), strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    summary = json.loads((tmp_path / "layered" / "summary.json").read_text())
+    normal = json.loads((tmp_path / "normal" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # (with accumulation every gradient is kept until the last micro-batch: no saving there)
+    assert summary["memory"]["gradients"] <= normal["memory"]["gradients"]

@@ -359,22 +359,31 @@ def test_per_layer_updates_match_the_normal_path(tmp_path, name, overrides):
     assert layered["memory"]["gradients"] < 0.5 * normal["memory"]["gradients"]
 
 
-def test_per_layer_updates_refuse_accumulation_and_ddp(tmp_path):
-    from llm_pretrain.train import check_config
-
-    cfg = compose_cfg([*TINY, "trainer.per_layer_update=true"])  # 8 sequences as 2 x 4
-    with pytest.raises(ValueError, match="2 micro-batches per step would keep every gradient"):
-        check_config(cfg, world_size=1)
-    cfg = compose_cfg(
-        [
-            *TINY,
-            "trainer.per_layer_update=true",
-            "trainer.micro_batch_size=4",
-            "trainer.global_batch_size=8",
-        ]
-    )
-    with pytest.raises(ValueError, match="single-process only"):
-        check_config(cfg, world_size=2)
+@pytest.mark.parametrize(
+    "name, overrides", [("adamw", []), ("galore", LOW_RANK), ("lisa", SAMPLED)]
+)
+def test_per_layer_updates_with_accumulation_step_once_after_the_last_micro_batch(
+    tmp_path, name, overrides
+):
+    """2 micro-batches per step: the hooks only accumulate in the first backward and step in
+    the second, on the whole batch's gradient (GaLore#78 stepped on every micro-batch)."""
+    base = [
+        *TINY,  # 8 sequences per step as 2 x 4
+        f"optimizer={name}",
+        *overrides,
+        "trainer.max_steps=4",
+        "trainer.grad_clip=0",
+        "trainer.eval_at_start=false",
+        "checkpoint.at_end=true",
+    ]
+    train(compose_cfg(base), tmp_path / "normal")
+    train(compose_cfg([*base, "trainer.per_layer_update=true"]), tmp_path / "layered")
+    weights = [
+        checkpoint.load(checkpoint.checkpoint_path(tmp_path / d, 4))["model"]
+        for d in ("normal", "layered")
+    ]
+    for key, w in weights[0].items():
+        assert (w - weights[1][key]).abs().max() <= 1e-6, key
 
 
 def test_per_layer_updates_say_clipping_is_off(tmp_path, caplog):
@@ -401,8 +410,15 @@ def test_per_layer_updates_say_clipping_is_off(tmp_path, caplog):
         ),
         (["trainer.parallelism=fsdp", "optimizer=rso"], "optimizer=rso is not supported under"),
         (["trainer.parallelism=fsdp", "optimizer=adam_mini"], "Adam-mini runs collectives"),
-        (["trainer.parallelism=fsdp", "trainer.per_layer_update=true",
-          "trainer.micro_batch_size=4", "trainer.global_batch_size=8"], "single-process only"),
+        (
+            [
+                "trainer.parallelism=fsdp",
+                "trainer.per_layer_update=true",
+                "trainer.micro_batch_size=4",
+                "trainer.global_batch_size=8",
+            ],
+            "not supported under trainer.parallelism=fsdp on several",
+        ),
     ],
 )
 def test_parallelism_refuses_what_it_cannot_run_exactly(overrides, message):
