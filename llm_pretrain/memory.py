@@ -146,7 +146,7 @@ class MemoryReport:
 
 
 # ---------------------------------------------------------------------- the estimator's CLI
-USAGE = """python -m llm_pretrain.memory [overrides ...] [--compare key=a,b,...]
+USAGE = """python -m llm_pretrain.memory [overrides ...] [--compare key=a,b,...] [--world-size N]
 
 Predicts weights, gradients, optimizer state (by category) and activations of the training job
 that ``python -m llm_pretrain.train <overrides>`` would run, without allocating (meta device), e.g.
@@ -223,6 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return
+    world = 1
+    if "--world-size" in args:
+        i = args.index("--world-size")
+        if i + 1 >= len(args) or not args[i + 1].isdigit() or int(args[i + 1]) < 1:
+            raise SystemExit("--world-size needs a positive number of ranks (GPUs), e.g. 8")
+        world = int(args[i + 1])
+        del args[i : i + 2]
     compare = None
     if "--compare" in args:
         i = args.index("--compare")
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     estimates, cfg = {}, None
     for label, overrides in variants.items():
         cfg = _compose(overrides)
-        estimates[label or cfg.optimizer.name] = estimate(cfg)
+        estimates[label or cfg.optimizer.name] = estimate(cfg, world_size=world)
     baseline = None
     if compare is not None:
         baseline = "adamw" if "adamw" in estimates else next(iter(estimates))
@@ -249,9 +256,18 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model {cfg.model.name}, precision {first.precision}, micro-batch "
         f"{cfg.trainer.micro_batch_size} x {cfg.data.seq_len} tokens, per-layer updates "
-        f"{'on' if cfg.trainer.per_layer_update else 'off'} (predicted, nothing allocated)\n"
+        f"{'on' if cfg.trainer.per_layer_update else 'off'}, {world} rank(s), "
+        f"{cfg.trainer.parallelism} (predicted per rank, nothing allocated)\n"
     )
     print(render(estimates, baseline))
+    for name, e in estimates.items():
+        if e.per_rank:  # FSDP2: rank 0 above; the most loaded rank may hold more state
+            fixed = [r["weights"] + r["gradients"] + r["optimizer_state"] for r in e.per_rank]
+            print(
+                f"\n{name}: weights + gradients + state per rank {_gib(min(fixed))}-"
+                f"{_gib(max(fixed))} GiB over {len(fixed)} ranks (the table: rank 0); the most "
+                f"loaded rank in all {_gib(max(fixed) + e.activations)} GiB"
+            )
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ class Estimate:
     optimizer_state: int
     activations: int
     optimizer_state_by_category: dict[str, int] = field(default_factory=dict)
+    # trainer.parallelism=fsdp on several ranks: each rank's weights, gradients and
+    # optimizer_state (the fields above are then rank 0's, as the measured ones are)
+    per_rank: list[dict] | None = None
 
     @property
     def total(self) -> int:
@@ -186,9 +189,19 @@ def activation_bytes_formula(
     return L * (per_token * tokens + per_layer) - frozen_layers * frozen_saving * tokens + head
 
 
-def estimate(cfg: DictConfig, precision: str | None = None) -> Estimate:
-    """Predict the training memory of the job ``cfg`` (a composed training config);
-    ``precision`` overrides ``trainer.precision`` (training passes the mode it resolved)."""
+def shard_bytes(t: torch.Tensor, world: int) -> int:
+    """Bytes of one rank's FSDP2 shard of ``t``: ``ceil(rows / world)`` rows (FSDP2 pads every
+    rank's shard to that size)."""
+    rows = t.shape[0] if t.dim() else 1
+    per_row = t.numel() // max(rows, 1)
+    return -(-rows // world) * per_row * t.element_size()
+
+
+def estimate(cfg: DictConfig, precision: str | None = None, world_size: int = 1) -> Estimate:
+    """Predict the training memory of the job ``cfg`` (a composed training config) on each of
+    ``world_size`` ranks; ``precision`` overrides ``trainer.precision`` (training passes the mode
+    it resolved). Under ``trainer.parallelism=fsdp`` on several ranks, weights and gradients are
+    each rank's FSDP2 shards and the optimizer state that of the matrices it owns."""
     precision = resolve_precision(precision or cfg.trainer.precision)
     model = build_model(copy.deepcopy(cfg.model), "meta")
     if precision == "bf16":
@@ -205,6 +218,18 @@ def estimate(cfg: DictConfig, precision: str | None = None) -> Estimate:
     else:
         gradients = sum(p.numel() * p.element_size() for p in trained)
     by_cat = {k: v for k, v in api.memory_formula(optimizer).items() if v}
+    per_rank = None
+    if cfg.trainer.get("parallelism", "ddp") == "fsdp" and world_size > 1:
+        from llmpt.optimizers.sharded import memory_formula_per_rank
+
+        states = memory_formula_per_rank(optimizer, world_size)
+        w = sum(shard_bytes(p, world_size) for p in params)
+        g = sum(shard_bytes(p, world_size) for p in trained)
+        per_rank = [
+            {"weights": w, "gradients": g, "optimizer_state": sum(s.values())} for s in states
+        ]
+        weights, gradients = w, g
+        by_cat = {k: v for k, v in states[0].items() if v}
     del optimizer
     frozen = sum(
         1 for layer in model.model.layers if not any(p.requires_grad for p in layer.parameters())
@@ -231,4 +256,5 @@ def estimate(cfg: DictConfig, precision: str | None = None) -> Estimate:
         optimizer_state=sum(by_cat.values()),
         activations=activations,
         optimizer_state_by_category=by_cat,
+        per_rank=per_rank,
     )

@@ -282,15 +282,15 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
         entropy=data.source_entropy(cfg.data, tokenizer, val),
         memory=memory,
         fingerprint=fingerprint(cfg, di.world_size, precision),
-        predicted=_predict(cfg, precision),
+        predicted=_predict(cfg, precision, di.world_size),
     )
 
 
-def _predict(cfg: DictConfig, precision: str) -> Estimate | None:
+def _predict(cfg: DictConfig, precision: str, world_size: int) -> Estimate | None:
     """The estimator's prediction (meta device), reported beside what this run measures; a
     failure is a warning, not a reason to stop a training run."""
     try:
-        return estimate(cfg, precision)
+        return estimate(cfg, precision, world_size)
     except Exception as e:  # noqa: BLE001 - any estimator bug must not block training
         log.warning(f"memory estimate failed ({type(e).__name__}: {e}); summary has none")
         return None

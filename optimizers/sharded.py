@@ -35,7 +35,15 @@ from llmpt.optimizers.accounting import state_nbytes
 from llmpt.optimizers.distributed import full_tensor
 from llmpt.optimizers.per_parameter import closure_loss
 
-__all__ = ["ShardedOptimizer", "assign_owners", "full_tensor", "row_counts", "shard_model"]
+__all__ = [
+    "ShardedOptimizer",
+    "assign_owners",
+    "full_tensor",
+    "memory_formula_per_rank",
+    "owners_of",
+    "row_counts",
+    "shard_model",
+]
 
 
 def row_counts(rows: int, world: int) -> list[int]:
@@ -95,8 +103,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.inner = inner
         self.pg = pairs[0][1].device_mesh.get_group() if pairs else dist.group.WORLD
         self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
-        owners = assign_owners([p.numel() for p in params], self.world)
-        self.owner = {p: o for p, o in zip(params, owners, strict=True)}
+        self.owner = owners_of(inner, self.world)
         self.pairs = [(p, shadow_of[id(p)]) for p in params]
         for state in _state_dicts(inner):  # state built before sharding: the owner's only
             for p in [p for p in state if self.owner.get(p, self.rank) != self.rank]:
@@ -268,6 +275,38 @@ def _release(p: torch.Tensor) -> None:
 def _lend(p: torch.Tensor, whole: torch.Tensor) -> None:
     p.untyped_storage().resize_(p.numel() * p.element_size())
     p.detach().copy_(whole.view_as(p))
+
+
+def owners_of(optimizer: torch.optim.Optimizer, world: int) -> dict[nn.Parameter, int]:
+    """The owner rank of each parameter of ``optimizer`` (an unsharded one, or one built on a
+    ``meta`` model) that ``ShardedOptimizer`` would assign on ``world`` ranks."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return dict(zip(params, assign_owners([p.numel() for p in params], world), strict=True))
+
+
+def memory_formula_per_rank(
+    optimizer: torch.optim.Optimizer, world: int, steps: int = 1
+) -> list[dict[str, int]]:
+    """Closed-form state bytes of each rank under ``ShardedOptimizer`` on ``world`` ranks: the
+    optimizer's formula over the parameters each rank owns (shared tensors, such as 8-bit code
+    maps, counted on every rank that owns a parameter using them)."""
+    from llmpt.optimizers.api import memory_formula
+
+    owner = owners_of(optimizer, world)
+    opts = [optimizer, *getattr(optimizer, "parts", {}).values()]
+    saved = [o.param_groups for o in opts]
+    out = []
+    try:
+        for rank in range(world):
+            for o, groups in zip(opts, saved, strict=True):
+                o.param_groups = [
+                    {**g, "params": [p for p in g["params"] if owner[p] == rank]} for g in groups
+                ]
+            out.append(memory_formula(optimizer, steps))
+    finally:
+        for o, groups in zip(opts, saved, strict=True):
+            o.param_groups = groups
+    return out
 
 
 def shard_model(

@@ -78,6 +78,8 @@ def test_two_ranks_match_one_rank(tmp_path, optimizer, parallelism):
         assert max(r["weights"] for r in per_rank) < 0.6 * whole["weights"]
         assert sum(r["optimizer_state"] for r in per_rank) == whole["optimizer_state"]
         assert max(r["optimizer_state"] for r in per_rank) < 0.7 * whole["optimizer_state"]
+        # the estimator predicts each rank's weights, gradients and state exactly
+        assert summary["memory"]["predicted"]["per_rank"] == per_rank
     else:
         assert per_rank is None
     # Only rank 0 wrote: one run directory, no stray outputs where the ranks were started.

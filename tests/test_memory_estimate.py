@@ -162,6 +162,7 @@ def test_the_cli_compares_optimizers_on_13b_quickly():
         (["--compare"], "--compare needs key=a,b"),
         (["--compare", "adamw,galore"], "--compare needs key=a,b"),
         (["--verbose"], "unknown option"),
+        (["--world-size", "0"], "--world-size needs a positive number"),
     ],
 )
 def test_bad_cli_input_is_explained(argv, match):
@@ -197,10 +198,31 @@ def test_a_memory_snapshot_needs_cuda(tmp_path):
 def test_an_estimator_failure_warns_and_training_goes_on(tmp_path, monkeypatch, caplog):
     import llm_pretrain.train as train_module
 
-    def broken(cfg, precision=None):
+    def broken(cfg, precision=None, world_size=1):
         raise RuntimeError("formula bug")
 
     monkeypatch.setattr(train_module, "estimate", broken)
     s = train(compose_cfg([*TINY, "trainer.max_steps=1"]), tmp_path)
     assert s["status"] == "ok" and s["memory"]["predicted"] is None
     assert "memory estimate failed (RuntimeError: formula bug)" in caplog.text
+
+
+def test_fsdp_estimates_are_per_rank_shards(capsys):
+    """FSDP2 on 3 ranks: each rank's weights and gradients are its padded row shards, the state
+    that of the matrices it owns (exact against measurement: tests/optimizers/
+    test_fsdp_contract.py and tests/test_distributed.py); DDP keeps whole replicas."""
+    cfg = compose_cfg([*TINY, "optimizer=galore", "optimizer.rank=8"])
+    whole = estimate(cfg, "fp32", world_size=3)
+    assert whole.per_rank is None and whole == estimate(cfg, "fp32")
+    sharded = estimate(
+        compose_cfg([*TINY, "optimizer=galore", "optimizer.rank=8", "trainer.parallelism=fsdp"]),
+        "fp32",
+        world_size=3,
+    )
+    ranks = sharded.per_rank
+    assert len(ranks) == 3 and ranks[0]["weights"] == sharded.weights
+    assert whole.weights / 3 <= sharded.weights < whole.weights / 3 * 1.1  # (padding)
+    assert sum(r["optimizer_state"] for r in ranks) == whole.optimizer_state
+    main(["optimizer=adamw", "trainer.parallelism=fsdp", *TINY, "--world-size", "2"])
+    out = capsys.readouterr().out
+    assert "2 rank(s), fsdp" in out and "per rank" in out and "over 2 ranks" in out
