@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint bench bench-optim cpu-bench clean
+.PHONY: setup run test lint bench bench-optim bench-dist cpu-bench clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ bench-optim: $(STAMP)
 	$(PY) benchmarks/optimizer_step.py --family projection $(ARGS)
 	$(PY) benchmarks/registry_table.py
 	$(PY) benchmarks/rso_memory.py
+
+# Step time and bytes communicated per step, DDP against FSDP2, on 2 CPU ranks
+# (docs/benchmarks.md); slow, not part of tests.
+bench-dist: $(STAMP)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/distributed_step.py $(ARGS)
 
 # experiment=cpu_bench for every registered optimizer (about 2 hours on 2 CPU cores), then the
 # sweep's report (docs/benchmarks.md).

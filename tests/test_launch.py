@@ -66,11 +66,13 @@ def test_the_sbatch_script_runs_srun_torchrun_with_c10d(tmp_path):
         "RDZV_PORT": str(_free_port()),
         "RUN_DIR": str(run),
     }
-    out = _script("launch/slurm/pretrain.sbatch", TWO_RANKS, env, tmp_path)
+    # (FSDP2 here: the script passes trainer.parallelism through with the other overrides)
+    args = [*TWO_RANKS, "trainer.parallelism=fsdp"]
+    out = _script("launch/slurm/pretrain.sbatch", args, env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "job 4242: 1 node(s) x 2 process(es), rendezvous at localhost:" in out.stdout
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["parallelism"] == "fsdp"
     resolved = (run / "config.yaml").read_text()
     assert "resume: auto" in resolved
 
@@ -99,7 +101,7 @@ def test_a_two_job_sweep_runs_through_submitit_local(tmp_path):
 def test_a_two_task_submitit_job_trains_as_two_ranks_without_torchrun(tmp_path):
     """One sweep point as a submitit job of two tasks (as one task per GPU on SLURM): each task
     runs the job, TorchDistributedEnvironment gives them ranks and a master address, and they
-    train as one 2-rank DDP job (gloo here) that writes a single row."""
+    train as one 2-rank job (FSDP2 over gloo here) that writes a single row."""
     sweep = tmp_path / "sweep"
     out = run_cli(
         [
@@ -110,6 +112,7 @@ def test_a_two_task_submitit_job_trains_as_two_ranks_without_torchrun(tmp_path):
             "trainer.max_steps=3",
             "trainer.global_batch_size=4",
             "trainer.micro_batch_size=2",
+            "trainer.parallelism=fsdp",  # FSDP2 over the tasks' process group
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
@@ -118,6 +121,7 @@ def test_a_two_task_submitit_job_trains_as_two_ranks_without_torchrun(tmp_path):
     rows = [json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["status"] == "ok", rows
     assert rows[0]["world_size"] == 2
+    assert rows[0]["config"]["trainer"]["parallelism"] == "fsdp"
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
     assert "2 rank(s), 1 micro-batch(es) of 2 per step" in logs
 
