@@ -300,7 +300,9 @@ class TokenRows(IterableDataset):
         st, L = self.state, self.seq_len
         while True:
             # The state is current at every yield: a snapshot then resumes after this row.
-            for ids in self.source.iterate(node, num_nodes, st.epoch, st.docs, st.base):
+            # (``base`` only after a re-split: a source written for the 4-argument form works)
+            at = {"base": st.base} if st.base else {}
+            for ids in self.source.iterate(node, num_nodes, st.epoch, st.docs, **at):
                 self._check_ids(ids)
                 st.docs += 1
                 if self.layout == "paper":
