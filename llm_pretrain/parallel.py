@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 PARALLELISMS = ("ddp", "fsdp")
-# Methods FSDP2 cannot run exactly here, with the reason (listed in the README as unsupported).
+# Methods FSDP2 cannot run exactly here, with the reason (listed in the README as unsupported);
+# RSO with weight decay is refused in check().
 FSDP_UNSUPPORTED = {
-    "rso": "RSO's optimizer rescales and merges into the frozen W0 of every wrapped linear "
-    "(its weight decay and its merges), weights that FSDP2 splits over the ranks",
     "adam_mini": "Adam-mini runs collectives of its own over the ranks and reads every "
     "parameter at each step, also those without a gradient",
 }
@@ -44,6 +43,13 @@ def check(cfg, world_size: int) -> None:
         raise ValueError(
             f"optimizer={name} is not supported under trainer.parallelism=fsdp: "
             f"{FSDP_UNSUPPORTED[name]}; use trainer.parallelism=ddp"
+        )
+    if name == "rso" and cfg.optimizer.weight_decay > 0:
+        raise ValueError(
+            f"optimizer=rso with optimizer.weight_decay={cfg.optimizer.weight_decay} is not "
+            "supported under trainer.parallelism=fsdp: RSO decays the frozen W0 of a linear "
+            "when it updates that linear's B, on B's owner rank, while FSDP2 splits W0 over all "
+            "ranks; use optimizer.weight_decay=0 or trainer.parallelism=ddp"
         )
 
 

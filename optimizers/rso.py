@@ -202,8 +202,12 @@ class RsoLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 <- W0 + B P^T; B is left as is (``resample`` zeroes it)."""
-        self.weight.addmm_(self.rso_b, self.projection().t())
+        """W0 <- W0 + B P^T; B is left as is (``resample`` zeroes it). Under FSDP2, W0 and B are
+        split by the same rows (d_out), so each rank merges its own rows."""
+        w, b = self.weight, self.rso_b
+        if hasattr(w, "to_local"):  # DTensors, Shard(0) both
+            w, b = w.to_local(), b.to_local()
+        w.addmm_(b, self.projection().t())
 
     @torch.no_grad()
     def resample(self) -> None:
@@ -392,10 +396,12 @@ class Rso(PerParameterOptimizer):
         p.add_(direction, alpha=-lr * correction)
 
     def _next_subspace(self) -> None:
-        for linear in self.linears:
+        # by the B this optimizer was built on: under FSDP2 the module's rso_b is its shard, the
+        # state is keyed by the whole parameter (on its owner)
+        for b, linear in self._linear_of.items():
             linear.merge()
             linear.resample()
-            state = self.state.get(linear.rso_b)
+            state = self.state.get(b)
             if state:  # a fresh inner Adam: moments zeroed in place, bias correction restarts
                 for key in self.rule.state_keys:
                     state[key].zero_()

@@ -17,8 +17,9 @@ exists only on the owner, so each rank holds the state of its share of the param
 largest first to the least-loaded rank). Steps are counted once on every rank, so refreshes,
 layer switches and sampler draws happen on the same step everywhere.
 
-Bytes communicated per step, per parameter of ``n`` elements: the owner receives ``(w-1)/w`` of
-its rows twice (parameter and gradient) and sends them once; see ``comm_bytes_per_step``.
+Per step this moves three parameter-sized payloads (the owner gathers rows and gradient rows,
+then scatters rows) on top of FSDP2's all-gathers and reduce-scatters; ``make bench-dist``
+measures it.
 """
 
 from __future__ import annotations
@@ -197,19 +198,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             parts = [_pad_rows(r, size) for r in rows]
         dist.scatter(recv, parts, src=dist.get_global_rank(self.pg, owner), group=self.pg)
         local.copy_(recv[: local.shape[0]])
-
-    def comm_bytes_per_step(self) -> int:
-        """Bytes this rank sends and receives in one step (all parameters with gradients)."""
-        total = 0
-        for shadow, _ in self.pairs:
-            counts = row_counts(shadow.shape[0], self.world)
-            row = shadow.element_size() * (shadow.numel() // max(shadow.shape[0], 1))
-            pad = max(counts) * row
-            if self.owner[shadow] == self.rank:
-                total += 3 * (self.world - 1) * pad  # receive p and g, send p, from/to the others
-            else:
-                total += 3 * pad
-        return total
 
     # ------------------------------------------------------------------ checkpoints, memory
     def state_dict(self) -> dict:

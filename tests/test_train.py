@@ -408,7 +408,10 @@ def test_per_layer_updates_say_clipping_is_off(tmp_path, caplog):
             ["trainer.parallelism=zero3"],
             r"trainer.parallelism='zero3': use one of \('ddp', 'fsdp'\)",
         ),
-        (["trainer.parallelism=fsdp", "optimizer=rso"], "optimizer=rso is not supported under"),
+        (
+            ["trainer.parallelism=fsdp", "optimizer=rso", "optimizer.weight_decay=0.1"],
+            "RSO decays the frozen W0",
+        ),
         (["trainer.parallelism=fsdp", "optimizer=adam_mini"], "Adam-mini runs collectives"),
         (
             [

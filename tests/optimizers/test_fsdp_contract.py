@@ -17,7 +17,7 @@ from tests.optimizers.test_contract import METHODS, optimizer_cfg, toy_model
 STEPS = 5  # crosses refreshes and layer switches (gap / interval 2)
 ROWS = 6  # the global batch: 3 rows per rank on 2 ranks, 2 on 3
 BATCH = torch.randint(0, 64, (ROWS, 16), generator=torch.Generator().manual_seed(3))
-UNSUPPORTED = {"rso", "adam_mini"}  # see the README: refused under trainer.parallelism=fsdp
+UNSUPPORTED = {"adam_mini"}  # see the README: refused under trainer.parallelism=fsdp
 SHARDED = [m for m in METHODS if m not in UNSUPPORTED]
 
 
