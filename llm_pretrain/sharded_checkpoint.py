@@ -232,12 +232,22 @@ def load_into(path: Path, meta: dict[str, Any], model: nn.Module, optimizer) -> 
                 "not hold as a tensor; the checkpoint is incomplete"
             )
         templates[key] = torch.empty(info.size, dtype=info.properties.dtype)
-    with _one_process_quiet():
-        dcp.load(
-            {"model": model_sd, "optim": templates},
-            storage_reader=reader,
-            no_dist=not distributed.active(),
-        )
+    try:
+        with _one_process_quiet():
+            dcp.load(
+                {"model": model_sd, "optim": templates},
+                storage_reader=reader,
+                no_dist=not distributed.active(),
+            )
+    except CheckpointError:
+        raise
+    # (DCP's CheckpointException derives from BaseException)
+    except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - a bad shard, any rank
+        first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {path}: its DCP files are corrupt or incomplete ({type(e).__name__}: "
+            f"{first}); delete it or resume from an earlier one"
+        ) from e
     model.load_state_dict(model_sd)
     optimizer.load_state_dict(unflatten(skeleton, templates))
 

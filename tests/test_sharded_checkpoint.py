@@ -103,3 +103,42 @@ def test_export_writes_one_weights_only_file(tmp_path):
         ["export", str(tmp_path), "x.pt"], tmp_path, module="llm_pretrain.sharded_checkpoint"
     )
     assert bad.returncode != 0 and "not a sharded checkpoint directory" in bad.stderr
+
+
+def test_a_truncated_shard_file_is_refused(tmp_path):
+    model = toy_model()
+    opt = optimizers.build(optimizer_cfg("galore"), model)
+    train_steps(model, opt, 1)
+    path = sc.save(tmp_path / "step_00000001", model, opt, {"step": 1})
+    shard = next(path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="its DCP files are corrupt or incomplete"):
+        sc.load_into(
+            path,
+            sc.load_meta(path),
+            toy_model(),
+            optimizers.build(optimizer_cfg("galore"), toy_model()),
+        )
+
+
+def test_sharded_directories_are_listed_resolved_and_pruned_with_files(tmp_path):
+    from llm_pretrain import checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "step_00000001.pt").write_bytes(b"x")
+    for step in (2, 3):
+        (ckpts / f"step_0000000{step}").mkdir()
+        (ckpts / f"step_0000000{step}" / "meta.pt").write_bytes(b"x")
+    (ckpts / ".step_00000004.tmp").mkdir()  # an interrupted save
+    (ckpts / "step_00000005").mkdir()  # not a checkpoint: no meta.pt
+    names = [p.name for p in checkpoint.list_checkpoints(ckpts)]
+    assert names == ["step_00000001.pt", "step_00000002", "step_00000003"]
+    assert checkpoint.resolve("auto", tmp_path).name == "step_00000003"
+    assert checkpoint.resolve(str(ckpts / "step_00000002"), tmp_path).name == "step_00000002"
+    checkpoint.prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        ".step_00000004.tmp",
+        "step_00000003",
+        "step_00000005",
+    ]
