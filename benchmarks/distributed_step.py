@@ -70,11 +70,8 @@ class Bytes:
             return tensors[0].nbytes
         if name in COUNTED[1:5]:  # the unsharded side
             return max(t.nbytes for t in tensors)
-        if name == "gather":  # (tensor, gather_list on the owner)
-            return args[0].nbytes * dist.get_world_size()
-        if name == "scatter":  # (output, scatter_list on the owner)
-            return args[0].nbytes * dist.get_world_size()
-        return 0
+        # gather / scatter to an owner: (this rank's padded rows, the owner's list of them)
+        return tensors[0].nbytes * dist.get_world_size()
 
     def ddp_hook(self, state, bucket):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook

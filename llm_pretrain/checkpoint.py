@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 FORMAT = "llm_pretrain.checkpoint/1"
+SHARDED_META = "meta.pt"  # the file that makes a step_* directory a sharded checkpoint
 NAME_RE = re.compile(r"step_(\d+)(\.pt)?$")  # a file, or a directory (sharded: DCP)
 
 
@@ -76,7 +77,7 @@ def _is_checkpoint(p: Path) -> bool:
     m = NAME_RE.fullmatch(p.name)
     if m is None:
         return False
-    return p.is_file() if m.group(2) else (p / "meta.pt").is_file()
+    return p.is_file() if m.group(2) else (p / SHARDED_META).is_file()
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

@@ -10,7 +10,7 @@ sampled layers) and each rank holds about 1/world of the optimizer state.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -93,19 +93,14 @@ def training_module(
 def gradient_sync(module: nn.Module, sync: bool):
     """Reduce gradients in this backward (``sync``) or only accumulate them locally: DDP's
     ``no_sync``, FSDP2's ``set_requires_gradient_sync``."""
-    if sync:
-        with nullcontext():
-            yield
-        return
-    if hasattr(module, "no_sync"):
+    if not sync and hasattr(module, "no_sync"):
         with module.no_sync():
             yield
-        return
-    if hasattr(module, "set_requires_gradient_sync"):
+    elif not sync and hasattr(module, "set_requires_gradient_sync"):
         module.set_requires_gradient_sync(False)
         try:
             yield
         finally:
             module.set_requires_gradient_sync(True)
-        return
-    yield  # one process: nothing to reduce
+    else:  # reducing now, or one process (nothing to reduce)
+        yield

@@ -37,10 +37,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from llm_pretrain import distributed
-from llm_pretrain.checkpoint import CheckpointError
+from llm_pretrain.checkpoint import SHARDED_META, CheckpointError
 
 FORMAT = "llm_pretrain.dcp/1"
-META = "meta.pt"
+META = SHARDED_META
 MARK = "__dcp_tensor__"
 
 
@@ -67,31 +67,36 @@ def flatten(obj: Any, prefix: str = "optim") -> tuple[Any, dict[str, torch.Tenso
     return walk(obj, [prefix]), tensors
 
 
-def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _is_mark(o: Any) -> bool:
+    return isinstance(o, dict) and set(o) == {MARK}
+
+
+def _map_marks(skeleton: Any, fn) -> Any:
+    """``skeleton`` with every ``{MARK: key}`` replaced by ``fn(key)``."""
+    if _is_mark(skeleton):
+        return fn(skeleton[MARK])
     if isinstance(skeleton, dict):
-        if set(skeleton) == {MARK}:
-            return tensors[skeleton[MARK]]
-        return {k: unflatten(v, tensors) for k, v in skeleton.items()}
+        return {k: _map_marks(v, fn) for k, v in skeleton.items()}
     if isinstance(skeleton, list | tuple):
-        return type(skeleton)(unflatten(v, tensors) for v in skeleton)
+        return type(skeleton)(_map_marks(v, fn) for v in skeleton)
     return skeleton
 
 
+def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    return _map_marks(skeleton, tensors.__getitem__)
+
+
 def tensor_keys(skeleton: Any) -> list[str]:
-    if isinstance(skeleton, dict):
-        if set(skeleton) == {MARK}:
-            return [skeleton[MARK]]
-        return [k for v in skeleton.values() for k in tensor_keys(v)]
-    if isinstance(skeleton, list | tuple):
-        return [k for v in skeleton for k in tensor_keys(v)]
-    return []
+    keys: list[str] = []
+    _map_marks(skeleton, keys.append)
+    return keys
 
 
 def merge(skeletons: list[Any]) -> Any:
     """One skeleton from every rank's: dicts are united (each rank's ``state`` holds the matrices
     it owns), anything else is rank 0's (the same everywhere)."""
     first = skeletons[0]
-    if isinstance(first, dict) and set(first) != {MARK}:
+    if isinstance(first, dict) and not _is_mark(first):
         keys = list(dict.fromkeys(k for s in skeletons for k in s))
         return {k: merge([s[k] for s in skeletons if k in s]) for k in keys}
     return first
@@ -225,20 +230,27 @@ def load_into(path: Path, meta: dict[str, Any], model: nn.Module, optimizer) -> 
         skeleton = optimizer.narrow_state_dict(skeleton)
     templates = {}
     for key in tensor_keys(skeleton):
-        info = saved.get(f"optim.{key}")
-        if info is None or not hasattr(info, "size"):
+        if not hasattr(saved.get(f"optim.{key}"), "size"):
             raise CheckpointError(
                 f"checkpoint {path}: the optimizer state names {key}, which its DCP files do "
                 "not hold as a tensor; the checkpoint is incomplete"
             )
-        templates[key] = torch.empty(info.size, dtype=info.properties.dtype)
+        templates[key] = _empty_like_saved(saved[f"optim.{key}"])
+    _load(path, reader, {"model": model_sd, "optim": templates})
+    model.load_state_dict(model_sd)
+    optimizer.load_state_dict(unflatten(skeleton, templates))
+
+
+def _empty_like_saved(info) -> torch.Tensor:
+    """A whole tensor to load a saved one into (CPU; DCP reads every chunk of it)."""
+    return torch.empty(info.size, dtype=info.properties.dtype)
+
+
+def _load(path: Path, reader: SafeReader, state: dict) -> None:
+    """``dcp.load`` into ``state``, a missing or truncated shard file being a CheckpointError."""
     try:
         with _one_process_quiet():
-            dcp.load(
-                {"model": model_sd, "optim": templates},
-                storage_reader=reader,
-                no_dist=not distributed.active(),
-            )
+            dcp.load(state, storage_reader=reader, no_dist=not distributed.active())
     except CheckpointError:
         raise
     # (DCP's CheckpointException derives from BaseException)
@@ -248,8 +260,6 @@ def load_into(path: Path, meta: dict[str, Any], model: nn.Module, optimizer) -> 
             f"checkpoint {path}: its DCP files are corrupt or incomplete ({type(e).__name__}: "
             f"{first}); delete it or resume from an earlier one"
         ) from e
-    model.load_state_dict(model_sd)
-    optimizer.load_state_dict(unflatten(skeleton, templates))
 
 
 def load_whole_model(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -266,12 +276,9 @@ def consolidate_model(path: Path) -> dict[str, torch.Tensor]:
     reader = SafeReader(path)
     saved = reader.read_metadata().state_dict_metadata
     model = {
-        k[len("model.") :]: torch.empty(v.size, dtype=v.properties.dtype)
-        for k, v in saved.items()
-        if k.startswith("model.")
+        k[len("model.") :]: _empty_like_saved(v) for k, v in saved.items() if k.startswith("model.")
     }
-    with _one_process_quiet():
-        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    _load(path, reader, {"model": model})
     return model
 
 

@@ -330,7 +330,8 @@ def restore(job: Job, state: dict[str, Any], path: Path) -> None:
 
 
 def save(job: Job, wall_s: float) -> None:
-    """Every rank contributes its data position and RNG state; rank 0 writes the file."""
+    """Every rank contributes its data position and RNG state; rank 0 writes the file (under
+    FSDP2 every rank writes its shards of one directory)."""
     states = distributed.gather_objects((job.loader.state_dict(), checkpoint.rng_state()))
     meta = {
         "step": job.step,
@@ -346,15 +347,13 @@ def save(job: Job, wall_s: float) -> None:
         path = sharded_checkpoint.save(
             checkpoint.checkpoint_dir(job.run_dir, job.step), job.model, job.optimizer, meta
         )
-        if not job.di.is_main:
-            return
-    else:
-        if not job.di.is_main:
-            return
+    elif job.di.is_main:
         path = checkpoint.save(
             checkpoint.checkpoint_path(job.run_dir, job.step),
             {**meta, "model": job.model.state_dict(), "optimizer": job.optimizer.state_dict()},
         )
+    if not job.di.is_main:
+        return
     checkpoint.prune(job.run_dir, job.cfg.checkpoint.keep_last)
     log.info(f"saved {path}")
 

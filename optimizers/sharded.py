@@ -32,7 +32,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from llmpt.optimizers.accounting import state_nbytes
 from llmpt.optimizers.distributed import full_tensor
 from llmpt.optimizers.per_parameter import closure_loss
 
@@ -106,6 +105,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
         self.owner = owners_of(inner, self.world)
         self.pairs = [(p, shadow_of[id(p)]) for p in params]
+        self._rows = {p: row_counts(p.shape[0], self.world) for p in params}  # (per step: fixed)
         for state in _state_dicts(inner):  # state built before sharding: the owner's only
             for p in [p for p in state if self.owner.get(p, self.rank) != self.rank]:
                 del state[p]
@@ -131,9 +131,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if inner is None or name.startswith("_"):
             raise AttributeError(name)
         return getattr(inner, name)
-
-    def owned(self) -> list[nn.Parameter]:
-        return [p for p, o in self.owner.items() if o == self.rank]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -173,12 +170,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _mirror_flags(self) -> None:
         """A layer sampler marks its frozen units on the shadows; the training loop reads the
         mark (to clip only applied gradients) on the model's parameters."""
-        for shadow, sharded in self.pairs:
+        for shadow, sharded in self.pairs:  # (also after an attach() made once sharded)
             sharded.frozen_by_sampler = getattr(shadow, "frozen_by_sampler", False)
 
     # ------------------------------------------------------------------ collectives
     def _gather(self, local: torch.Tensor, shadow: nn.Parameter, owner: int) -> torch.Tensor | None:
-        counts = row_counts(shadow.shape[0], self.world)
+        counts = self._rows[shadow]
         padded = _pad_rows(local, max(counts))
         parts = (
             [torch.empty_like(padded) for _ in range(self.world)] if self.rank == owner else None
@@ -189,7 +186,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
 
     def _scatter(self, shadow: nn.Parameter, local: torch.Tensor, owner: int) -> None:
-        counts = row_counts(shadow.shape[0], self.world)
+        counts = self._rows[shadow]
         size = max(counts)
         recv = torch.empty((size, *local.shape[1:]), dtype=local.dtype, device=local.device)
         parts = None
@@ -230,12 +227,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         mine = {i for i, p in enumerate(params) if self.owner.get(p) == self.rank}
         state = state_dict.get("state", {})
         return {**state_dict, "state": {i: s for i, s in state.items() if int(i) in mine}}
-
-    def state_nbytes(self) -> dict[str, int]:
-        inner = self.inner
-        if hasattr(inner, "state_nbytes"):
-            return dict(inner.state_nbytes())
-        return state_nbytes(inner.state.values())
 
 
 def _state_dicts(opt: torch.optim.Optimizer) -> Iterable[dict]:
