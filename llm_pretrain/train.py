@@ -152,7 +152,11 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict
     try:
         check_experiment(cfg)
         run_dir = Path(distributed.broadcast_object(str(run_dir)))
-        return _train(cfg, run_dir, dist_info)
+        summary = _train(cfg, run_dir, dist_info)
+        # every rank done before any destroys its process group: a gloo peer still reading
+        # from a closed one aborts its process ("terminate called"), failing a finished run
+        distributed.barrier()
+        return summary
     except Exception as e:
         if sweep_dir is not None and dist_info.is_main:
             _append_row(sweep_dir, sweep_row(cfg, run_dir, None, error=f"{type(e).__name__}: {e}"))
