@@ -52,6 +52,11 @@ class DataConfig:
     hf_name: str = "allenai/c4"  # c4 source
     hf_config: str = "en"
     shuffle_shards: bool = True
+    # How files and c4 go to the data nodes (ranks x workers): shards (HF's split by shard: each
+    # node reads only its own) or documents (document i of the one global order goes to node
+    # i mod nodes: every node reads, and tokenizes only its own; a checkpoint then resumes on
+    # any number of ranks). null: shards; the built-in corpus is always split by document.
+    split: str | None = None
     seed: int = 42
     num_workers: int = 0
     builtin_seed: int = 1234  # builtin corpus: which language is generated

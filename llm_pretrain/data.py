@@ -52,6 +52,23 @@ READ_BATCH = 64  # documents read and tokenized together
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
 
+SPLIT_MODES = ("shards", "documents")
+
+
+def split_mode(cfg: DataConfig) -> str:
+    """How the training stream goes to the data nodes (``data.split``, resolved)."""
+    if cfg.split is not None and cfg.split not in SPLIT_MODES:
+        raise ValueError(f"data.split={cfg.split!r}: use one of {SPLIT_MODES} (or null)")
+    if cfg.source == "builtin":
+        if cfg.split == "shards":
+            raise ValueError(
+                "data.split=shards: the built-in corpus has no shards, its documents are "
+                "always split by index; leave data.split unset or set it to documents"
+            )
+        return "documents"
+    return cfg.split or "shards"
+
+
 def builtin_spec(cfg: DataConfig) -> LanguageSpec:
     return LanguageSpec(seed=cfg.builtin_seed, vocab_size=cfg.builtin_vocab_size)
 
@@ -63,7 +80,8 @@ class DocumentSource:
     empty_hint = ""  # appended to the "no documents" error
 
     # Documents go to nodes by index modulo the node count (so the stream can be re-split over
-    # another number of nodes from a global position, ``base``): BuiltinDocuments.
+    # another number of nodes from a global position, ``base``): the built-in corpus, and
+    # files or c4 under data.split=documents.
     resplittable = False
 
     def iterate(
@@ -103,6 +121,7 @@ class HFDocuments(DocumentSource):
         take: int | None = None,
         skip_head: int = 0,
         where: str = "",
+        by_document: bool = False,
     ) -> None:
         self.make_dataset = make_dataset
         self.tokenizer = tokenizer
@@ -110,6 +129,7 @@ class HFDocuments(DocumentSource):
         self.shuffle, self.seed = shuffle, seed
         self.take, self.skip_head = take, skip_head
         self.where = where
+        self.resplittable = by_document
 
     def _dataset(self, epoch: int):
         ds = self.make_dataset()
@@ -128,27 +148,46 @@ class HFDocuments(DocumentSource):
     ) -> Iterator[list[int]]:
         from datasets.distributed import split_dataset_by_node
 
-        if base:  # (resplit refuses these sources)
-            raise ValueError(f"{self.where}: a streamed dataset cannot start at a global offset")
+        if base and not self.resplittable:  # (resplit refuses these sources)
+            raise ValueError(f"{self.where}: a stream split by shards has no global offset")
 
         try:
-            ds = split_dataset_by_node(self._dataset(epoch), rank=node, world_size=num_nodes)
-            yield from self._tokenized(ds, skip)
+            if self.resplittable:
+                yield from self._every_nth(self._dataset(epoch), node, num_nodes, skip, base)
+            else:
+                ds = split_dataset_by_node(self._dataset(epoch), rank=node, world_size=num_nodes)
+                yield from self._tokenized(ds, skip)
         except (StopIteration, RuntimeError) as e:
             # datasets' json reader infers features from a first row; an empty file has none.
             if isinstance(e, RuntimeError) and "StopIteration" not in str(e):
                 raise
             raise ValueError(f"{self.where}: the corpus is empty (no document to read)") from e
 
-    def _tokenized(self, ds, skip: int) -> Iterator[list[int]]:
-        seen = 0
+    def _texts(self, ds) -> Iterator[list[str]]:
         for batch in ds.iter(batch_size=READ_BATCH):
             if self.text_field not in batch:
                 raise KeyError(
                     f"{self.where}: documents have no field {self.text_field!r} "
                     f"(fields: {sorted(batch)}); set data.text_field"
                 )
-            texts = batch[self.text_field]
+            yield batch[self.text_field]
+
+    def _every_nth(
+        self, ds, node: int, num_nodes: int, skip: int, base: int
+    ) -> Iterator[list[int]]:
+        """Documents ``base + node + k * num_nodes`` for k >= ``skip`` of the whole stream, the
+        others read but never tokenized."""
+        want, seen = base + node + skip * num_nodes, 0  # global index of the next one
+        for texts in self._texts(ds):
+            if want < seen + len(texts):
+                mine = texts[want - seen :: num_nodes]
+                want += len(mine) * num_nodes
+                yield from self.tokenizer.encode_batch(mine)
+            seen += len(texts)
+
+    def _tokenized(self, ds, skip: int) -> Iterator[list[int]]:
+        seen = 0
+        for texts in self._texts(ds):
             drop = min(len(texts), max(0, skip - seen))  # resuming: discard without tokenizing
             seen += len(texts)
             if drop < len(texts):
@@ -204,6 +243,7 @@ def document_source(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Docume
         if not isinstance(tokenizer, BuiltinTokenizer):
             raise ValueError("data.source=builtin needs data.tokenizer=builtin")
         return BuiltinDocuments(tokenizer.language, split)
+    by_document = split_mode(cfg) == "documents" and split == "train"
     if cfg.source == "files":
         if not cfg.path:
             raise ValueError(
@@ -219,6 +259,7 @@ def document_source(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Docume
                 _local_dataset(files, key),
                 shuffle=cfg.shuffle_shards and split == "train",
                 where=key,
+                by_document=by_document,
                 **common,
             )
         files = _resolve_files(cfg.path, "data.path")
@@ -226,7 +267,12 @@ def document_source(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Docume
         if split == "validation":  # the first val_docs documents are held out
             return HFDocuments(make, shuffle=False, take=cfg.val_docs, where="data.path", **common)
         train = HFDocuments(
-            make, shuffle=False, skip_head=cfg.val_docs, where="data.path", **common
+            make,
+            shuffle=False,
+            skip_head=cfg.val_docs,
+            where="data.path",
+            by_document=by_document,
+            **common,
         )
         train.empty_hint = (
             f"; data.val_docs={cfg.val_docs} documents are held out for validation "
@@ -242,6 +288,7 @@ def document_source(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Docume
             tokenizer=tokenizer,
             text_field=cfg.text_field,
             seed=cfg.seed,
+            by_document=by_document,
         )
     raise ValueError(f"data.source={cfg.source!r}: use builtin, files or c4")
 
@@ -314,14 +361,14 @@ class TokenRows(IterableDataset):
                     yield self._row(row)
             if not self.epochs:
                 return
-            if st.docs == 0:
+            if st.docs == 0 and st.base == 0:  # (after a re-split a node may get none)
                 raise ValueError(
                     f"data node {node} of {num_nodes} received no documents: the corpus is empty "
                     "or has fewer documents than world_size x data.num_workers"
                     + self.source.empty_hint
                 )
             log.info("data node %d finished epoch %d after %d documents", node, st.epoch, st.docs)
-            st.epoch, st.docs = st.epoch + 1, 0
+            st.epoch, st.docs, st.base = st.epoch + 1, 0, 0
 
     def _row(self, ids: list[int]) -> dict[str, torch.Tensor]:
         pad = self.seq_len - len(ids)
@@ -374,31 +421,36 @@ def _node_states(obj) -> list[dict]:
 def resplit(loader: StatefulDataLoader, saved: list[dict], cfg: DataConfig, path) -> None:
     """Continue a stream written by another number of ranks, deterministically.
 
-    The rule: with ``n`` saved nodes (ranks x workers) that each took at least ``d`` documents,
-    every document below ``base + n * d`` counts as read, and the new nodes split the stream from
-    there (node ``k`` of ``m`` takes ``base + n * d + k + j * m``). With ``data.layout=paper``
-    and nodes that took the same number of rows (one worker per rank, or as many batches from
-    each worker), nothing is read twice or skipped and every later step sees the documents it
-    would have seen on the old world size; otherwise the few documents some nodes had read past
-    ``n * d`` are read again (and ``packed``'s carried tokens are dropped). Only sources that
-    hand out documents by index support it (the built-in one); a streamed dataset is split by
-    whole shards and is refused.
+    The rule: take the earliest epoch any saved node (rank x worker) is in; with ``n`` saved
+    nodes, of which those still in that epoch each took at least ``d`` documents of it, every
+    document of the epoch below ``base + n * d`` counts as read, and the new nodes split the
+    stream from there (node ``k`` of ``m`` takes ``base + n * d + k + j * m``; the next epoch
+    starts at document 0 again). With ``data.layout=paper`` and nodes that took the same number
+    of rows (one worker per rank, or as many batches from each worker), nothing is read twice or
+    skipped and every later step sees the documents it would have seen on the old world size;
+    otherwise the few documents some nodes had read past ``n * d`` (or into the next epoch) are
+    read again, and ``packed``'s carried tokens are dropped. Only a stream handed out by
+    document index can be re-split: the built-in corpus, and files or c4 under
+    ``data.split=documents``; one split by shards is refused.
     """
     rows: TokenRows = loader.dataset
     if not rows.source.resplittable:
         raise ValueError(
             f"checkpoint {path} was written on {len(saved)} rank(s) and data.source="
-            f"{cfg.source} streams whole shards to each rank, which cannot be re-split over "
-            "another number of ranks; resume on the same number of ranks"
+            f"{cfg.source} was split by shards (data.split=shards: each rank streams whole "
+            "shards), which cannot be re-split over another number of ranks; resume on the "
+            "same number of ranks (a run started with data.split=documents resumes on any)"
         )
     nodes = [s for rank_state in saved for s in _node_states(rank_state)]
-    if not nodes or any(s.get("epoch", 0) for s in nodes):
+    if not nodes:
         raise ValueError(f"checkpoint {path} holds no data position to re-split")
-    bases = {s.get("base", 0) for s in nodes}
+    epoch = min(s.get("epoch", 0) for s in nodes)
+    behind = [s for s in nodes if s.get("epoch", 0) == epoch]
+    bases = {s.get("base", 0) for s in behind}
     if len(bases) != 1:
         raise ValueError(f"checkpoint {path}: its data nodes disagree on the stream's start")
-    start = bases.pop() + len(nodes) * min(s["docs"] for s in nodes)
-    rows.state = NodeState(0, 0, [], start)
+    start = bases.pop() + len(nodes) * min(s["docs"] for s in behind)
+    rows.state = NodeState(epoch, 0, [], start)
 
 
 def validation_rows(

@@ -17,7 +17,9 @@ from torch import nn
 from llm_pretrain import optim as optimizers
 
 
-def _unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+def unique_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``: views of one buffer (FSDP2's sharded
+    gradients of a block, DDP's bucket views) count once, and whole."""
     seen: set[int] = set()
     total = 0
     for t in tensors:
@@ -35,11 +37,11 @@ def weight_bytes(model: nn.Module) -> int:
     (Q-GaLore's ``Int8Linear``, whose parameter is a one-element placeholder)."""
     from llmpt.optimizers.int8_linear import stored_weight_tensors
 
-    return _unique_nbytes([*model.parameters(), *stored_weight_tensors(model)])
+    return unique_nbytes([*model.parameters(), *stored_weight_tensors(model)])
 
 
 def grad_bytes(model: nn.Module) -> int:
-    return _unique_nbytes(p.grad for p in model.parameters() if p.grad is not None)
+    return unique_nbytes(p.grad for p in model.parameters() if p.grad is not None)
 
 
 class SavedTensorCounter:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from llm_pretrain import optim as optimizers
 from llm_pretrain.config import ModelConfig
@@ -197,6 +198,15 @@ def shard_bytes(t: torch.Tensor, world: int) -> int:
     return -(-rows // world) * per_row * t.element_size()
 
 
+def fsdp_groups(model: nn.Module) -> list[list[torch.Tensor]]:
+    """The trained parameters of each FSDP2 group ``parallel.fully_shard_model`` makes: one per
+    decoder block, then the root's (embeddings, final norm, head)."""
+    blocks = [[p for p in b.parameters() if p.requires_grad] for b in model.model.layers]
+    in_block = {id(p) for b in model.model.layers for p in b.parameters()}
+    root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_block]
+    return [*blocks, root]
+
+
 def estimate(cfg: DictConfig, precision: str | None = None, world_size: int = 1) -> Estimate:
     """Predict the training memory of the job ``cfg`` (a composed training config) on each of
     ``world_size`` ranks; ``precision`` overrides ``trainer.precision`` (training passes the mode
@@ -225,6 +235,10 @@ def estimate(cfg: DictConfig, precision: str | None = None, world_size: int = 1)
         states = memory_formula_per_rank(optimizer, world_size)
         w = sum(shard_bytes(p, world_size) for p in params)
         g = sum(shard_bytes(p, world_size) for p in trained)
+        if cfg.trainer.per_layer_update:
+            # a shard's gradient is a view of its FSDP2 group's reduce-scatter output, alive
+            # until the group's last hook has stepped: one group's shards at a time
+            g = max(sum(shard_bytes(p, world_size) for p in grp) for grp in fsdp_groups(model))
         per_rank = [
             {"weights": w, "gradients": g, "optimizer_state": sum(s.values())} for s in states
         ]

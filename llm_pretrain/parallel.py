@@ -31,13 +31,6 @@ def check(cfg, world_size: int) -> None:
         raise ValueError(f"trainer.parallelism={t.parallelism!r}: use one of {PARALLELISMS}")
     if t.parallelism != "fsdp":
         return
-    if t.per_layer_update and world_size > 1:
-        raise ValueError(
-            "trainer.per_layer_update=true is not supported under trainer.parallelism=fsdp on "
-            "several ranks yet: FSDP2 reduce-scatters a block's gradients after the parameter "
-            "hooks have fired; use trainer.parallelism=ddp (per-layer updates work there) or "
-            "trainer.per_layer_update=false"
-        )
     name = cfg.optimizer.name
     if name in FSDP_UNSUPPORTED:
         raise ValueError(

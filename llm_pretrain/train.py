@@ -38,7 +38,7 @@ from llm_pretrain import optim as optimizers
 from llm_pretrain.config import CONF_DIR, check_experiment, check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
 from llm_pretrain.loggers import RunLogger
-from llm_pretrain.memory import MemoryReport, activation_bytes
+from llm_pretrain.memory import MemoryReport, activation_bytes, unique_nbytes
 from llm_pretrain.memory_estimate import Estimate, estimate
 from llm_pretrain.model import IGNORE_INDEX, Llama, build_model
 from llm_pretrain.schedule import build_scheduler
@@ -85,6 +85,7 @@ def check_config(cfg: DictConfig, world_size: int) -> int:
     if t.max_steps <= 0:
         raise ValueError(f"trainer.max_steps={t.max_steps} must be positive")
     accum = t.global_batch_size // per_pass
+    data.split_mode(d)
     parallel.check(cfg, world_size)
     return accum
 
@@ -99,6 +100,7 @@ def fingerprint(cfg: DictConfig, world_size: int, precision: str) -> dict[str, A
         "global_batch_size": t.global_batch_size,
         "micro_batch_size": t.micro_batch_size,
         "data": [d.source, d.tokenizer, d.layout, d.seq_len, d.num_workers, d.path or "", d.seed],
+        "data_split": data.split_mode(d),
         "precision": precision,
     }
 
@@ -306,7 +308,10 @@ def restore(job: Job, state: dict[str, Any], path: Path) -> None:
     di = job.di
     # the world size may change: the model and optimizer reshard, the data is re-split
     current = {k: v for k, v in job.fingerprint.items() if k != "world_size"}
-    checkpoint.check_compatible(state["fingerprint"], current, path)
+    saved = dict(state["fingerprint"])
+    if "data_split" not in saved:  # (written before data.split existed: the default then)
+        saved["data_split"] = "documents" if saved["data"][0] == "builtin" else "shards"
+    checkpoint.check_compatible(saved, current, path)
     if sharded_checkpoint.is_sharded_checkpoint(path):
         sharded_checkpoint.load_into(path, state, job.model, job.optimizer)
     elif parallel.sharded(job.cfg, di.world_size):  # a whole checkpoint into FSDP2 shards
@@ -368,6 +373,7 @@ def attach_per_layer_updates(
     memory: MemoryReport,
     last: LastMicroBatch,
     world_size: int = 1,
+    sharded: bool = False,
 ) -> None:
     """Step each parameter in a post-accumulate-grad hook, then free its gradient.
 
@@ -377,9 +383,13 @@ def attach_per_layer_updates(
     state and one learning-rate schedule. In earlier micro-batches the hook only sets the
     gradient aside, so the step happens once, on the whole batch's gradient. On several ranks
     (no DDP wrapper in this mode) the hook first averages the gradient over the ranks, so each
-    parameter steps on the same reduced gradient everywhere. The gradient bytes alive at each
-    hook (set-aside ones included) are recorded, so the memory report shows the peak this mode
-    actually reaches.
+    parameter steps on the same reduced gradient everywhere. Under FSDP2 (``sharded``) the hooks
+    are the shards': FSDP2 runs them after a block's reduce-scatter, only in the backward that
+    synchronises (the last), so each shard steps on its reduced gradient through the sharded
+    optimizer (the owner gathers, updates and scatters, in the same order on every rank). The
+    gradient storages alive at each hook (set-aside ones included; under FSDP2 a shard's gradient
+    is a view of its block's reduce-scatter output, counted whole) are recorded, so the memory
+    report shows the peak this mode actually reaches.
     """
     # every trained parameter, also those a layer sampler has frozen for now
     params = [p for p in model.parameters() if trainable(p)]
@@ -402,11 +412,12 @@ def attach_per_layer_updates(
         if getattr(p, "frozen_by_sampler", False):  # (marked, not frozen, on several ranks)
             p.grad = None
             return
-        if world_size > 1:
+        if world_size > 1 and not sharded:
             distributed.all_reduce(p.grad).div_(world_size)
         if memory.weights == 0:  # measured during the first step only: it costs O(params)
-            alive = sum(q.grad.nbytes for q in params if q.grad is not None)
-            alive += sum(g.nbytes for g in stash.values())
+            alive = unique_nbytes(
+                [*(q.grad for q in params if q.grad is not None), *stash.values()]
+            )
             memory.gradients = max(memory.gradients, alive)
         if step_one is not None:
             step_one(p)
@@ -517,7 +528,12 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     logger = job.logger or RunLogger(None)
     if tc.per_layer_update:
         attach_per_layer_updates(
-            job.model, job.optimizer, job.memory, job.last_micro, di.world_size
+            job.model,
+            job.optimizer,
+            job.memory,
+            job.last_micro,
+            di.world_size,
+            parallel.sharded(cfg, di.world_size),
         )
         if tc.grad_clip > 0 and di.is_main:
             log.warning(

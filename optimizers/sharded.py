@@ -105,6 +105,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
         self.owner = owners_of(inner, self.world)
         self.pairs = [(p, shadow_of[id(p)]) for p in params]
+        self._shadow_of = {id(d): p for p, d in self.pairs}
         self._rows = {p: row_counts(p.shape[0], self.world) for p in params}  # (per step: fixed)
         for state in _state_dicts(inner):  # state built before sharding: the owner's only
             for p in [p for p in state if self.owner.get(p, self.rank) != self.rank]:
@@ -136,23 +137,40 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure_loss(closure)
         for shadow, sharded in self.pairs:
-            if sharded.grad is None:  # (the same on every rank: one graph)
-                continue
-            owner = self.owner[shadow]
-            whole = self._gather(sharded.to_local(), shadow, owner)
-            grad = self._gather(sharded.grad.to_local(), shadow, owner)
-            if self.rank == owner:
-                _lend(shadow, whole)
-                shadow.grad = grad
-                self._update(shadow)
-                shadow.grad = None
-            self._scatter(shadow, sharded.to_local(), owner)
-            if self.rank == owner:
-                _release(shadow)
+            if sharded.grad is not None:  # (the same on every rank: one graph)
+                self._step_pair(shadow, sharded)
         # count the step everywhere (ours: refreshes and switches; torch's: no gradients left)
         self.inner.step()
         self._mirror_flags()
         return loss
+
+    @torch.no_grad()
+    def update_parameter(self, p: DTensor) -> None:
+        """Step one sharded parameter of the model on its reduced gradient (per-layer updates:
+        FSDP2 runs a shard's post-accumulate-grad hooks after its reduce-scatter). Every rank
+        must call it for the same parameters in the same order, as FSDP2's hooks do; the
+        gradient-free ``step()`` afterwards counts the step."""
+        shadow = self._shadow_of.get(id(p))
+        if shadow is None:
+            raise ValueError(
+                f"a {tuple(p.shape)} tensor is not one of this optimizer's sharded parameters: "
+                "pass the model's parameter (the DTensor FSDP2 put in place of the original)"
+            )
+        if p.grad is not None:
+            self._step_pair(shadow, p)
+
+    def _step_pair(self, shadow: nn.Parameter, sharded: DTensor) -> None:
+        owner = self.owner[shadow]
+        whole = self._gather(sharded.to_local(), shadow, owner)
+        grad = self._gather(sharded.grad.to_local(), shadow, owner)
+        if self.rank == owner:
+            _lend(shadow, whole)
+            shadow.grad = grad
+            self._update(shadow)
+            shadow.grad = None
+        self._scatter(shadow, sharded.to_local(), owner)
+        if self.rank == owner:
+            _release(shadow)
 
     def _update(self, shadow: nn.Parameter) -> None:
         if self._per_parameter:

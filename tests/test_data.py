@@ -146,7 +146,7 @@ def batches(loader, n):
 
 @pytest.mark.parametrize("layout", ["packed", "paper"])
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("source", ["builtin", "files"])
+@pytest.mark.parametrize("source", ["builtin", "files", "files-by-document"])
 def test_loader_resumes_exactly(tmp_path, corpora, t5, layout, workers, source):
     if source == "builtin":
         cfg, tok = (
@@ -169,6 +169,7 @@ def test_loader_resumes_exactly(tmp_path, corpora, t5, layout, workers, source):
                 layout=layout,
                 seq_len=16,
                 num_workers=workers,
+                split="documents" if source == "files-by-document" else None,
             ),
             t5,
         )
@@ -290,16 +291,33 @@ def test_bad_data_settings_are_explained(tmp_path, t5):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_stream_resplit_over_another_world_size_continues_the_global_order(workers):
+@pytest.mark.parametrize("source", ["builtin", "files"])
+def test_a_stream_resplit_over_another_world_size_continues_the_global_order(
+    corpora, t5, workers, source
+):
     """2 ranks take 8 rows each, then 3 ranks continue: together they yield the documents one
     rank would have read, each once (paper layout: one document per row; with 2 workers, each
-    worker of a rank yields every other batch, so 4 batches leave them all at 4 documents)."""
+    worker of a rank yields every other batch, so 4 batches leave them all at 4 documents).
+    Files split by document (data.split=documents) re-split as the built-in corpus does."""
     from llm_pretrain.data import resplit
 
-    cfg = DataConfig(
-        source="builtin", tokenizer="builtin", layout="paper", seq_len=24, num_workers=workers
-    )
-    tok = load_tokenizer("builtin")
+    if source == "builtin":
+        cfg = DataConfig(
+            source="builtin", tokenizer="builtin", layout="paper", seq_len=24, num_workers=workers
+        )
+        tok = load_tokenizer("builtin")
+    else:
+        cfg = DataConfig(
+            source="files",
+            tokenizer="t5",
+            path=corpora["jsonl"],
+            val_docs=5,
+            layout="paper",
+            seq_len=24,
+            num_workers=workers,
+            split="documents",
+        )
+        tok = t5
     single = [
         tuple(r.tolist())
         for b in batches(train_loader(cfg, tok, 32000, 2, 0, 1), 14)
@@ -320,10 +338,57 @@ def test_a_stream_resplit_over_another_world_size_continues_the_global_order(wor
     assert Counter(after) == Counter(single[16:28])
 
 
-def test_a_streamed_dataset_is_not_resplit(corpora, t5):
+def test_a_stream_split_by_shards_is_not_resplit(corpora, t5):
     from llm_pretrain.data import resplit
 
     cfg = DataConfig(source="files", tokenizer="t5", path=corpora["jsonl"], val_docs=5)
     loader = train_loader(cfg, t5, 32000, 2, 0, 3)
-    with pytest.raises(ValueError, match="resume on the same number of ranks"):
+    with pytest.raises(ValueError, match="resume on the same number of ranks.*data.split=doc"):
         resplit(loader, [{}, {}], cfg, "ckpt")
+
+
+def test_a_resplit_across_an_epoch_end_restarts_the_next_epoch_at_its_first_document(corpora, t5):
+    """Saved: node 0 already in epoch 1, node 1 at document 17 of epoch 0 (36 train documents).
+    Epoch 0 resumes at 2 x 17 = 34 on 3 nodes: nodes 0 and 1 take its last two documents,
+    node 2 none (not an error), and epoch 1 starts from document 0 on every node."""
+    from llm_pretrain.data import NodeState, resplit
+
+    cfg = DataConfig(
+        source="files",
+        tokenizer="t5",
+        path=corpora["jsonl"],
+        val_docs=5,
+        layout="paper",
+        seq_len=24,
+        split="documents",
+    )
+    order = [
+        tuple(r.tolist())
+        for b in batches(train_loader(cfg, t5, 32000, 1, 0, 1), 40)
+        for r in b["input_ids"]
+    ]
+    assert order[36:] == order[:4]  # (one rank: the second epoch repeats the first)
+    saved = [
+        {"dataset_state": {"epoch": 1, "docs": 2, "carry": [], "base": 0}},
+        {"dataset_state": {"epoch": 0, "docs": 17, "carry": [], "base": 0}},
+    ]
+    for node, expect in [(0, [34, 0, 3]), (1, [35, 1, 4]), (2, [2, 5, 8])]:
+        loader = train_loader(cfg, t5, 32000, 1, node, 3)
+        resplit(loader, saved, cfg, "ckpt")
+        assert loader.dataset.state == NodeState(0, 0, [], 34)
+        got = [tuple(b["input_ids"][0].tolist()) for b in batches(loader, 3)]
+        assert got == [order[i] for i in expect], node
+
+
+@pytest.mark.parametrize(
+    "source, split, match",
+    [
+        ("files", "rows", "data.split='rows': use one of"),
+        ("builtin", "shards", "built-in corpus has no shards"),
+    ],
+)
+def test_a_wrong_data_split_is_refused_by_name(source, split, match):
+    from llm_pretrain.data import split_mode
+
+    with pytest.raises(ValueError, match=match):
+        split_mode(DataConfig(source=source, tokenizer="builtin", split=split))

@@ -184,18 +184,67 @@ def test_fsdp_checkpoints_resume_on_any_number_of_ranks_and_under_ddp(tmp_path):
 
 @pytest.mark.slow
 def test_per_layer_updates_on_two_ranks_with_accumulation_match_the_normal_path(tmp_path):
-    """DDP, 2 ranks x 2 micro-batches: each parameter steps once per step, in its hook, on the
-    gradient averaged over the ranks; the same losses as the normal DDP path."""
+    """2 ranks x 2 micro-batches: each parameter steps once per step, in its hook, on the
+    gradient averaged over the ranks (DDP) or on its reduce-scattered shard (FSDP2); the same
+    losses as the normal DDP path."""
     common = [*COMMON, *GALORE, "trainer.micro_batch_size=2", "trainer.grad_clip=0"]
-    runs = {}
-    for name, extra in [("normal", []), ("layered", ["trainer.per_layer_update=true"])]:
+    layered = ["trainer.per_layer_update=true"]
+    runs, summaries = {}, {}
+    for name, extra in [
+        ("normal", []),
+        ("layered", layered),
+        ("layered_fsdp", [*layered, "trainer.parallelism=fsdp"]),
+    ]:
         out = torchrun(2, [*common, *extra, f"hydra.run.dir={tmp_path / name}"], tmp_path)
         assert out.returncode == 0, out.stderr[-4000:]
         runs[name] = metrics(tmp_path / name)
-    for a, b in zip(sum(runs["normal"], []), sum(runs["layered"], []), strict=True):
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summaries[name]["world_size"] == 2
+    for name in ("layered", "layered_fsdp"):
+        for a, b in zip(sum(runs["normal"], []), sum(runs[name], []), strict=True):
+            assert abs(a - b) <= 1e-5 * abs(a), name
+    normal = summaries["normal"]["memory"]
+    # (DDP accumulating: every gradient is kept until the last micro-batch, no saving there)
+    assert summaries["layered"]["memory"]["gradients"] <= normal["gradients"]
+    # FSDP2: one block's gradient shards at a time (here the root's: embeddings and head),
+    # measured as predicted on each rank
+    sharded = summaries["layered_fsdp"]["memory"]
+    assert sharded["predicted"]["per_rank"] == sharded["per_rank"]
+    assert max(r["gradients"] for r in sharded["per_rank"]) < 0.5 * normal["gradients"]
+
+
+@pytest.mark.slow
+def test_c4_split_by_document_resumes_on_another_number_of_ranks(tmp_path, shared_data):
+    """The C4 sample read as files under data.split=documents: an FSDP2 run on 2 ranks saves
+    at step 3, and one rank continues with the losses the 2 ranks had (the same documents in
+    every later step)."""
+    common = [
+        *TINY,
+        "data=files",
+        f"data.path={shared_data / 'c4' / 'c4_en_sample_2000.jsonl.gz'}",
+        f"data.tokenizer={shared_data / 't5_tokenizer' / 'spiece.model'}",
+        "data.layout=paper",
+        "data.val_docs=20",
+        "data.split=documents",
+        "model.vocab_size=32000",
+        "trainer.max_steps=5",
+        "trainer.micro_batch_size=2",
+        "trainer.eval_at_start=false",
+        "eval.tokens=500",
+        "checkpoint.every=3",
+    ]
+    out = torchrun(
+        2, [*common, "trainer.parallelism=fsdp", f"hydra.run.dir={tmp_path / 'a'}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    straight = metrics(tmp_path / "a")[0]
+    step3 = tmp_path / "a" / "checkpoints" / "step_00000003"
+    one = run_cli(
+        [*common, f"checkpoint.resume={step3}", f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert "re-split over 1" in one.stdout
+    resumed = metrics(tmp_path / "b")[0]
+    assert len(resumed) == 2
+    for a, b in zip(straight[3:], resumed, strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
-    summary = json.loads((tmp_path / "layered" / "summary.json").read_text())
-    normal = json.loads((tmp_path / "normal" / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    # (with accumulation every gradient is kept until the last micro-batch: no saving there)
-    assert summary["memory"]["gradients"] <= normal["memory"]["gradients"]

@@ -413,15 +413,7 @@ def test_per_layer_updates_say_clipping_is_off(tmp_path, caplog):
             "RSO decays the frozen W0",
         ),
         (["trainer.parallelism=fsdp", "optimizer=adam_mini"], "Adam-mini runs collectives"),
-        (
-            [
-                "trainer.parallelism=fsdp",
-                "trainer.per_layer_update=true",
-                "trainer.micro_batch_size=4",
-                "trainer.global_batch_size=8",
-            ],
-            "not supported under trainer.parallelism=fsdp on several",
-        ),
+        (["data.split=rows"], "data.split='rows': use one of"),
     ],
 )
 def test_parallelism_refuses_what_it_cannot_run_exactly(overrides, message):

@@ -2,6 +2,7 @@
 same global batch: the same losses and weights, across refreshes and layer switches. Three
 ranks do not divide most of the toy's rows evenly (FSDP2 gives the last rank fewer)."""
 
+import functools
 import os
 
 import pytest
@@ -29,18 +30,24 @@ def _shard(model):
     fully_shard(model)
 
 
-def _run(name, raw, rank=0, world=1):
+def _run(name, raw, rank=0, world=1, per_layer=False):
+    from llm_pretrain.memory import MemoryReport
+    from llm_pretrain.train import LastMicroBatch, attach_per_layer_updates
     from llmpt.optimizers.sharded import full_tensor, memory_formula_per_rank, shard_model
 
     model = toy_model()
     opt = optimizers.build(OmegaConf.create(raw), model)
     if world > 1:
         opt = shard_model(model, opt, _shard)
+    if per_layer:  # the training loop's hooks: each shard steps after its block's reduce-scatter
+        attach_per_layer_updates(model, opt, MemoryReport(), LastMicroBatch(), world, world > 1)
     rows = BATCH.chunk(world)[rank]
     losses = []
     for _ in range(STEPS):
         loss = model(rows, rows)
         loss.backward()
+        if per_layer:  # every shard has stepped and dropped its gradient inside backward
+            assert all(p.grad is None for p in model.parameters()), name
         opt.step()
         opt.zero_grad(set_to_none=True)
         mean = loss.detach().clone()
@@ -56,21 +63,38 @@ def _run(name, raw, rank=0, world=1):
     return out
 
 
-def _worker(rank, world, init_file, cfgs, out_dir):
+def _worker(rank, world, init_file, cfgs, out_dir, per_layer):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    results = {name: _run(name, raw, rank, world) for name, raw in cfgs.items()}
+    results = {name: _run(name, raw, rank, world, per_layer) for name, raw in cfgs.items()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
+def _cfgs():
+    return {name: OmegaConf.to_container(optimizer_cfg(name)) for name in SHARDED}
+
+
+@functools.cache
+def _single():
+    """The one-process reference runs, shared by the parametrizations."""
+    return {name: _run(name, raw) for name, raw in _cfgs().items()}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_every_optimizer_under_fsdp_matches_one_process(tmp_path, world):
-    cfgs = {name: OmegaConf.to_container(optimizer_cfg(name)) for name in SHARDED}
-    single = {name: _run(name, raw) for name, raw in cfgs.items()}
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), cfgs, str(tmp_path)), nprocs=world)
+@pytest.mark.parametrize(
+    "world, per_layer",
+    # per-layer updates (trainer.per_layer_update): each shard steps in its FSDP2 hook, inside
+    # backward, against the normal path on one process
+    [(2, False), (3, False), (2, True)],
+    ids=["2-ranks", "3-ranks", "2-ranks-per-layer"],
+)
+def test_every_optimizer_under_fsdp_matches_one_process(tmp_path, world, per_layer):
+    cfgs = _cfgs()
+    single = _single()
+    args = (world, str(tmp_path / "init"), cfgs, str(tmp_path), per_layer)
+    mp.spawn(_worker, args=args, nprocs=world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     bad = []
     for name in SHARDED:
