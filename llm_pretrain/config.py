@@ -35,6 +35,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     attention: str = "auto"  # auto | sdpa | flash
+    num_kv_heads: int | None = None  # grouped-query attention's k/v heads; null: num_heads
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix (some HF checkpoints)
 
 
 @dataclass
@@ -140,8 +142,13 @@ class TrainerConfig:
     max_time_s: float = 0.0  # stop early (and still evaluate) after this wall time; 0: off
     phase_timing: bool = True  # time data / fwd+bwd / step (syncs the GPU between phases)
     # Step each parameter inside backward, as soon as its gradient is complete, and free that
-    # gradient: full gradients never coexist. One micro-batch per step, one rank, no clipping.
+    # gradient: full gradients never coexist. Any accumulation, DDP or FSDP2; no clipping.
     per_layer_update: bool = False
+    # Start from trained weights (only the weights: not optimizer, schedule or data position,
+    # unlike checkpoint.resume): a Hugging Face LlamaForCausalLM directory (safetensors), or one
+    # of our checkpoints (a run directory, a checkpoint file or a sharded checkpoint directory).
+    # model=hf takes every shape from the Hugging Face directory's config.json.
+    init_from: str | None = None
     # ddp: a replica of the model on every rank; fsdp: FSDP2, parameters, gradients and optimizer
     # state split over the ranks (every method exact; see llm_pretrain/parallel.py)
     parallelism: str = "ddp"
@@ -243,8 +250,17 @@ def check_experiment(cfg: DictConfig) -> None:
     )
 
 
+def _hf_model_field(key: str, _root_) -> typing.Any:
+    """``${hf_model:<field>}`` (conf/model/hf.yaml): the field of the Hugging Face checkpoint at
+    ``trainer.init_from``."""
+    from llm_pretrain import hf
+
+    return hf.read_config(hf.model_source(_root_.trainer.init_from))[key]
+
+
 def register_configs() -> None:
     """Register the schemas that the YAML files under ``conf/`` extend."""
+    OmegaConf.register_new_resolver("hf_model", _hf_model_field, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)

@@ -28,7 +28,7 @@ from torch import nn
 
 from llm_pretrain import optim as optimizers
 from llm_pretrain.config import ModelConfig
-from llm_pretrain.model import build_model
+from llm_pretrain.model import build_model, kv_heads
 from llmpt.optimizers import api
 from llmpt.optimizers.int8_linear import stored_weight_tensors
 
@@ -100,6 +100,7 @@ def activation_bytes_formula(
     precision = resolve_precision(precision)
     C, F, h, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.vocab_size
     L, hd = cfg.num_layers, cfg.hidden_size // cfg.num_heads
+    Ckv = kv_heads(cfg) * hd  # grouped-query attention: narrower k and v
     e = 4 if precision == "fp32" else 2
     autocast = precision == "bf16_autocast"
     wrapped = {
@@ -138,8 +139,8 @@ def activation_bytes_formula(
 
     shapes = {
         "self_attn.q_proj": C * C,
-        "self_attn.k_proj": C * C,
-        "self_attn.v_proj": C * C,
+        "self_attn.k_proj": C * Ckv,
+        "self_attn.v_proj": C * Ckv,
         "self_attn.o_proj": C * C,
         "mlp.gate_proj": C * F,
         "mlp.up_proj": C * F,
@@ -150,7 +151,7 @@ def activation_bytes_formula(
     per_token = (
         norm()
         + linear_inputs(qkv, C, 4)
-        + 3 * e * C  # q, k, v after RoPE
+        + e * (C + 2 * Ckv)  # q, k, v after RoPE (SDPA shares each k/v head in GQA)
         + 4 * h  # log-sum-exp
         + e * C  # attention output = o_proj's input (its view)
         + (e * r if o[0] in wrapped else 0)

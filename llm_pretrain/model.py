@@ -1,7 +1,9 @@
 """LLaMA, as in the GaLore/APOLLO pretraining configs, in one readable file.
 
 RMSNorm (eps 1e-6) -> RoPE -> causal attention (SDPA; flash-attn when installed, on CUDA, in
-16-bit) -> SwiGLU MLP, pre-norm blocks, untied embedding and lm_head, N(0, 0.02) init. Parameter
+16-bit) -> SwiGLU MLP, pre-norm blocks, untied embedding and lm_head, N(0, 0.02) init. Loaded
+Hugging Face checkpoints may add grouped-query attention (``num_kv_heads``) and a head tied to the
+embedding (``tie_embeddings``). Parameter
 names follow Hugging Face's ``LlamaForCausalLM`` so weights export without renaming, and so the
 papers' target rule ("linear weights whose names contain attn or mlp") selects the same matrices.
 Parallelism, compile and quantization are applied from outside; nothing here knows about them.
@@ -54,27 +56,30 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
+        self.num_kv_heads = kv_heads(cfg)
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.backend = cfg.attention
-        h = cfg.hidden_size
+        h, kv = cfg.hidden_size, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(h, h, bias=False)
-        self.k_proj = nn.Linear(h, h, bias=False)
-        self.v_proj = nn.Linear(h, h, bias=False)
+        self.k_proj = nn.Linear(h, kv, bias=False)
+        self.v_proj = nn.Linear(h, kv, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = cos[:T, None, :].to(q.dtype), sin[:T, None, :].to(q.dtype)  # (T, 1, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self._use_flash(q):
-            y = flash_attn_func(q, k, v, causal=True)  # (B, T, nh, hd)
+            y = flash_attn_func(q, k, v, causal=True)  # (B, T, nh, hd); GQA built in
         else:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
             # Right padding with masked labels needs only the causal mask (as in the references).
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+            gqa = self.num_kv_heads != self.num_heads  # (each k/v head serves a group of q's)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = y.transpose(1, 2)
         return self.o_proj(y.reshape(B, T, C))
 
     def _use_flash(self, q: torch.Tensor) -> bool:
@@ -138,6 +143,8 @@ class Llama(nn.Module):
         self.cfg = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if getattr(cfg, "tie_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
         cos, sin = rope_tables(
             cfg.hidden_size // cfg.num_heads, cfg.max_position_embeddings, cfg.rope_theta
         )
@@ -184,15 +191,19 @@ class Llama(nn.Module):
         )
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())  # (a tied matrix once)
         if non_embedding:
-            n -= self.model.embed_tokens.weight.numel() + self.lm_head.weight.numel()
+            n -= sum({id(p): p.numel() for p in self._vocab_matrices()}.values())
         return n
 
+    def _vocab_matrices(self) -> list[torch.Tensor]:
+        return [self.model.embed_tokens.weight, self.lm_head.weight]
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 N (all but the embedding) + attention (torchtitan's rule)."""
+        """Training FLOPs per token: 6 N (all but the embedding lookup, the head's matmul
+        included, tied or not) + attention (torchtitan's rule)."""
         c = self.cfg
-        n = self.num_params() - self.model.embed_tokens.weight.numel()
+        n = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
         return 6.0 * n + 12.0 * c.num_layers * c.hidden_size * seq_len
 
 
@@ -211,6 +222,18 @@ def validate_model_config(cfg: ModelConfig) -> None:
     for key in ("hidden_size", "intermediate_size", "num_heads", "num_layers", "vocab_size"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"model.{key}={getattr(cfg, key)} must be positive")
+    kv = kv_heads(cfg)
+    if kv <= 0 or cfg.num_heads % kv:
+        raise ValueError(
+            f"model.num_kv_heads={cfg.num_kv_heads} must be positive and divide model.num_heads="
+            f"{cfg.num_heads} (each k/v head serves a group of query heads); null: num_heads"
+        )
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    """Key/value heads: ``num_kv_heads``, or one per query head (plain multi-head attention)."""
+    kv = getattr(cfg, "num_kv_heads", None)
+    return cfg.num_heads if kv is None else kv
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Llama:

@@ -202,6 +202,13 @@ def _build(method: Method, cfg, model: nn.Module) -> torch.optim.Optimizer:
     if method.layers:
         kwargs["layers"] = [layer for _, layer in decoder_layers(model)]
     if method.heads:
+        kv = getattr(model.cfg, "num_kv_heads", None) or model.cfg.num_heads
+        if kv != model.cfg.num_heads:
+            raise ValueError(
+                f"{cfg.name} splits k and v by query head, but this model has grouped-query "
+                f"attention ({kv} k/v heads for {model.cfg.num_heads}); use "
+                "another optimizer"
+            )
         kwargs.update(dim=model.cfg.hidden_size, n_heads=model.cfg.num_heads)
     if method.params == "projected":
         params = param_groups(model, _targets(cfg))

@@ -33,14 +33,22 @@ from omegaconf import DictConfig, OmegaConf
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
-from llm_pretrain import checkpoint, data, distributed, parallel, sharded_checkpoint
+from llm_pretrain import (
+    checkpoint,
+    data,
+    distributed,
+    hf,
+    parallel,
+    pretrained,
+    sharded_checkpoint,
+)
 from llm_pretrain import optim as optimizers
 from llm_pretrain.config import CONF_DIR, check_experiment, check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
 from llm_pretrain.loggers import RunLogger
 from llm_pretrain.memory import MemoryReport, activation_bytes, unique_nbytes
 from llm_pretrain.memory_estimate import Estimate, estimate
-from llm_pretrain.model import IGNORE_INDEX, Llama, build_model
+from llm_pretrain.model import IGNORE_INDEX, Llama, build_model, kv_heads
 from llm_pretrain.schedule import build_scheduler
 from llm_pretrain.summary import format_summary, sweep_row
 from llm_pretrain.tokenizer import load_tokenizer
@@ -66,6 +74,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def check_config(cfg: DictConfig, world_size: int) -> int:
     """Refuse impossible settings up front; return the gradient-accumulation count."""
     t, d, m = cfg.trainer, cfg.data, cfg.model
+    if OmegaConf.select(cfg, "model.name") == "hf":  # (before any shape is read)
+        hf.model_source(t.init_from)
     per_pass = world_size * t.micro_batch_size
     if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
         raise ValueError("trainer.global_batch_size and trainer.micro_batch_size must be positive")
@@ -95,6 +105,7 @@ def fingerprint(cfg: DictConfig, world_size: int, precision: str) -> dict[str, A
     m, d, t = cfg.model, cfg.data, cfg.trainer
     return {
         "model": [m.hidden_size, m.intermediate_size, m.num_heads, m.num_layers, m.vocab_size],
+        "kv_heads_tied": [kv_heads(m), bool(m.tie_embeddings)],
         "optimizer": cfg.optimizer.name,
         "world_size": world_size,
         "global_batch_size": t.global_batch_size,
@@ -236,6 +247,10 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
             f"{cfg.model.vocab_size}: a document with a larger id stops the run"
         )
     model = build_model(cfg.model, di.device)
+    if tc.init_from:
+        loaded = pretrained.load_initial_weights(model, tc.init_from)
+        if di.is_main:
+            log.info(f"initial weights from {loaded}")
     if precision == "bf16":
         model.to(torch.bfloat16)
     if tc.compile:
@@ -309,8 +324,10 @@ def restore(job: Job, state: dict[str, Any], path: Path) -> None:
     # the world size may change: the model and optimizer reshard, the data is re-split
     current = {k: v for k, v in job.fingerprint.items() if k != "world_size"}
     saved = dict(state["fingerprint"])
-    if "data_split" not in saved:  # (written before data.split existed: the default then)
+    # (written before these keys existed: what every run was then)
+    if "data_split" not in saved:
         saved["data_split"] = "documents" if saved["data"][0] == "builtin" else "shards"
+    saved.setdefault("kv_heads_tied", [saved["model"][2], False])
     checkpoint.check_compatible(saved, current, path)
     if sharded_checkpoint.is_sharded_checkpoint(path):
         sharded_checkpoint.load_into(path, state, job.model, job.optimizer)

@@ -186,8 +186,10 @@ def test_fsdp_checkpoints_resume_on_any_number_of_ranks_and_under_ddp(tmp_path):
 def test_per_layer_updates_on_two_ranks_with_accumulation_match_the_normal_path(tmp_path):
     """2 ranks x 2 micro-batches: each parameter steps once per step, in its hook, on the
     gradient averaged over the ranks (DDP) or on its reduce-scattered shard (FSDP2); the same
-    losses as the normal DDP path."""
+    losses as the normal DDP path (on a GQA model with a tied head)."""
     common = [*COMMON, *GALORE, "trainer.micro_batch_size=2", "trainer.grad_clip=0"]
+    # grouped-query attention and a tied head, as loaded HF checkpoints may have
+    common += ["model.num_kv_heads=1", "model.tie_embeddings=true"]
     layered = ["trainer.per_layer_update=true"]
     runs, summaries = {}, {}
     for name, extra in [
