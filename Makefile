@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint bench bench-optim bench-dist cpu-bench clean
+.PHONY: setup run test lint bench bench-optim bench-dist cpu-bench cl-bench clean
 
 setup: $(STAMP)
 
@@ -48,14 +48,32 @@ bench-optim: $(STAMP)
 bench-dist: $(STAMP)
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/distributed_step.py $(ARGS)
 
-# experiment=cpu_bench for every registered optimizer (about 2 hours on 2 CPU cores), then the
-# sweep's report (docs/benchmarks.md).
+# experiment=cpu_bench for every registered pretraining optimizer (about 2 hours on 2 CPU cores),
+# then the sweep's report (docs/benchmarks.md).
 CPU_BENCH_DIR ?= outputs/sweeps/cpu_bench
-OPTIMIZERS = $(shell $(PY) -c 'from llm_pretrain.optim import METHODS; print(",".join(METHODS))')
+OPTIMIZERS = $(shell $(PY) -c 'from llm_pretrain.optim import METHODS as M; \
+	print(",".join(n for n in M if M[n].pretraining))')
 cpu-bench: $(STAMP)
 	$(PY) -m llm_pretrain.train -m experiment=cpu_bench optimizer=$(OPTIMIZERS) \
 		hydra.sweep.dir=$(CPU_BENCH_DIR) $(ARGS)
 	$(PY) -m llm_pretrain.report $(CPU_BENCH_DIR)
+
+# Continual learning on CPU (docs/benchmarks.md): llama_20m pretrained on the C4 sample (600
+# steps, about 15 minutes, once: kept in $(CL_BENCH_DIR)/base), then experiment=cl_bench (order 1
+# scaled down) for each method from it, then the report (AA, BWT, state, tokens/s, heatmaps).
+CL_BENCH_DIR ?= outputs/cl_bench
+CL_METHODS ?= adamw,galore,gorp,welore,gradnorm_lorp,owlore,lisa
+CL_BASE := model=llama_20m data=files data.path=$(SHARED)/c4/c4_en_sample_2000.jsonl.gz \
+	data.tokenizer=$(SHARED)/t5_tokenizer/spiece.model data.layout=packed data.seq_len=256 \
+	trainer.max_steps=600 trainer.global_batch_size=16 trainer.micro_batch_size=16 \
+	trainer.warmup_steps=30 trainer.lr=3e-3 trainer.eval_every=200 trainer.eval_at_start=false \
+	eval.tokens=20000 trainer.log_every=50 trainer.progress=false checkpoint.at_end=true
+cl-bench: $(STAMP)
+	test -f $(CL_BENCH_DIR)/base/checkpoints/step_00000600.pt || \
+		$(PY) -m llm_pretrain.train $(CL_BASE) hydra.run.dir=$(CL_BENCH_DIR)/base
+	$(PY) -m llm_pretrain.train -m experiment=cl_bench optimizer=$(CL_METHODS) \
+		trainer.init_from=$(CL_BENCH_DIR)/base hydra.sweep.dir=$(CL_BENCH_DIR)/sweep $(ARGS)
+	$(PY) -m llm_pretrain.report $(CL_BENCH_DIR)/sweep
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -40,10 +40,35 @@ class ModelConfig:
 
 
 @dataclass
+class TasksConfig:
+    """``data=tasks``: fine-tuning on labelled tasks (llm_pretrain/tasks.py)."""
+
+    # benchmark task names (dbpedia, amazon, ...: a folder <root>/<family>/<name>/), task
+    # folders of the same format (train.json, test.json, labels.json), or .jsonl files of
+    # prompt/response records
+    names: list[str] = field(default_factory=list)
+    root: str | None = None  # the benchmark folder (its instruction_config.json)
+    order: str = "mixed"  # mixed: one stream of every task; sequential: a phase per task (CL)
+    epochs: int = 1  # passes over a task's training examples (per phase under sequential)
+    steps_per_task: int = 0  # sequential: steps of each phase; 0: from data.tasks.epochs
+    # sequential: each task starts from fresh optimizer state, as the papers' new optimizer per
+    # task (an optimizer with end_task(), GORP, restarts itself, keeping its task subspace)
+    restart_optimizer: bool = True
+    train_per_class: int | None = None  # the first N training examples of each label
+    eval_per_class: int | None = None  # the first N test examples of each label
+    train_fraction: float = 0.7  # a task with one file: its first 70% per label train
+    unknown_labels: str = "error"  # error | drop: an example whose label is not in labels.json
+    truncate_prompts: bool = True  # cut an over-long prompt's left side (counted); false: refuse
+    metric: str = "generate"  # generate: greedy decoding, exact match | options: best-scored label
+    prompt_field: str = "prompt"  # .jsonl tasks
+    response_field: str = "response"
+
+
+@dataclass
 class DataConfig:
     """Where documents come from and how they become fixed-length rows."""
 
-    source: str = MISSING  # builtin | files | c4
+    source: str = MISSING  # builtin | files | c4 | tasks
     tokenizer: str = MISSING  # builtin | path to spiece.model | tokenizer.json | HF tokenizer dir
     seq_len: int = 256
     layout: str = "packed"  # packed | paper
@@ -63,6 +88,7 @@ class DataConfig:
     num_workers: int = 0
     builtin_seed: int = 1234  # builtin corpus: which language is generated
     builtin_vocab_size: int = 2048
+    tasks: TasksConfig = field(default_factory=TasksConfig)
 
 
 @dataclass
@@ -91,7 +117,7 @@ def optimizer_schema(name: str) -> type:
             if param.default is inspect.Parameter.empty:
                 raise TypeError(f"{fn.__qualname__}({key}) has no default: it cannot be a setting")
             fields_.append(_schema_field(key, hints.get(key, typing.Any), param.default))
-    if method.params == "projected" or method.surgery == "rso":
+    if method.params == "projected" or method.surgery in ("rso", "welore"):
         fields_.append(
             ("target_modules", list[str], field(default_factory=lambda: ["attn", "mlp"]))
         )
@@ -124,7 +150,7 @@ def _schema_field(key: str, hint, default) -> tuple:
 @dataclass
 class TrainerConfig:
     lr: float | None = None  # peak lr; null: the optimizer config's own (its paper default)
-    max_steps: int = 1000
+    max_steps: int | None = 1000  # null: data=tasks' length (data.tasks.epochs, steps_per_task)
     global_batch_size: int = 64  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 16  # sequences per forward pass on one rank
     warmup_steps: int = 100

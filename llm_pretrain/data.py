@@ -59,11 +59,13 @@ def split_mode(cfg: DataConfig) -> str:
     """How the training stream goes to the data nodes (``data.split``, resolved)."""
     if cfg.split is not None and cfg.split not in SPLIT_MODES:
         raise ValueError(f"data.split={cfg.split!r}: use one of {SPLIT_MODES} (or null)")
-    if cfg.source == "builtin":
+    if cfg.source in ("builtin", "tasks"):
         if cfg.split == "shards":
+            what = "built-in corpus" if cfg.source == "builtin" else "task set"
             raise ValueError(
-                "data.split=shards: the built-in corpus has no shards, its documents are "
-                "always split by index; leave data.split unset or set it to documents"
+                f"data.split=shards: the {what} "
+                "has no shards, its documents are always split by index; leave data.split unset "
+                "or set it to documents"
             )
         return "documents"
     return cfg.split or "shards"
@@ -290,10 +292,17 @@ def document_source(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Docume
             seed=cfg.seed,
             by_document=by_document,
         )
-    raise ValueError(f"data.source={cfg.source!r}: use builtin, files or c4")
+    raise ValueError(f"data.source={cfg.source!r}: use builtin, files, c4 or tasks")
 
 
 # ---------------------------------------------------------------------------------- rows
+def data_node(rank: int, world_size: int) -> tuple[int, int]:
+    """(this node, number of nodes): every DataLoader worker of every rank is one node."""
+    info = get_worker_info()
+    workers = info.num_workers if info else 1
+    return rank * workers + (info.id if info else 0), world_size * workers
+
+
 @dataclass
 class NodeState:
     epoch: int = 0
@@ -337,13 +346,12 @@ class TokenRows(IterableDataset):
             state["epoch"], state["docs"], list(state["carry"]), state.get("base", 0)
         )
 
-    def _node(self) -> tuple[int, int]:
-        info = get_worker_info()
-        workers = info.num_workers if info else 1
-        return self.rank * workers + (info.id if info else 0), self.world_size * workers
+    @property
+    def resplittable(self) -> bool:
+        return self.source.resplittable
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        node, num_nodes = self._node()
+        node, num_nodes = data_node(self.rank, self.world_size)
         st, L = self.state, self.seq_len
         while True:
             # The state is current at every yield: a snapshot then resumes after this row.
@@ -433,8 +441,8 @@ def resplit(loader: StatefulDataLoader, saved: list[dict], cfg: DataConfig, path
     document index can be re-split: the built-in corpus, and files or c4 under
     ``data.split=documents``; one split by shards is refused.
     """
-    rows: TokenRows = loader.dataset
-    if not rows.source.resplittable:
+    rows = loader.dataset  # (TokenRows, or tasks.TaskRows)
+    if not rows.resplittable:
         raise ValueError(
             f"checkpoint {path} was written on {len(saved)} rank(s) and data.source="
             f"{cfg.source} was split by shards (data.split=shards: each rank streams whole "

@@ -2,8 +2,10 @@
 Face ``LlamaForCausalLM`` directory (``config.json``, ``model.safetensors``, tokenizer files).
 
 The model is rebuilt from the run's ``config.yaml`` with its optimizer's model surgery (RSO's
-W0 + B P^T, Q-GaLore's INT8 weights), loaded from the checkpoint (a single file or a sharded DCP
-directory) and folded back into plain linears, so the export is the model the run trained.
+W0 + B P^T, Q-GaLore's INT8 weights, GradNormLoRP's g V / ||V||, WeLore's factors B A, with the
+ranks its config.yaml recorded), loaded from the checkpoint (a
+single file or a sharded DCP directory) and folded back into plain linears, so the export is the
+model the run trained.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def load_trained_model(ckpt: Path, cfg: DictConfig) -> Llama:
     from llm_pretrain import optim as optimizers
     from llmpt.optimizers.int8_linear import unwrap_int8
     from llmpt.optimizers.rso import unwrap
+    from llmpt.optimizers.weight_norm import unwrap as unwrap_weight_norm
+    from llmpt.optimizers.welore import uncompress
 
     model = build_model(cfg.model)
     if optimizers.METHODS[cfg.optimizer.name].surgery:  # the checkpoint holds the wrapped model
@@ -69,7 +73,7 @@ def load_trained_model(ckpt: Path, cfg: DictConfig) -> Llama:
         raise checkpoint.CheckpointError(
             f"{ckpt}: its model does not match the run's config.yaml ({e})"
         ) from e
-    unwrap_int8(unwrap(model))
+    uncompress(unwrap_weight_norm(unwrap_int8(unwrap(model))))
     for p in model.parameters():
         p.requires_grad_(True)
     return model

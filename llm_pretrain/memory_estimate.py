@@ -80,6 +80,8 @@ def activation_bytes_formula(
     rso_targets: list[str] | tuple[str, ...] = (),
     frozen_layers: int = 0,
     int8_targets: list[str] | tuple[str, ...] = (),
+    weight_norm_targets: list[str] | tuple[str, ...] = (),
+    low_rank: list[dict[str, int]] | None = None,
 ) -> int:
     """Bytes saved for backward by one forward of ``micro_batch`` sequences of ``seq_len``.
 
@@ -92,10 +94,19 @@ def activation_bytes_formula(
     x P (r values) instead of its input, and no weight copy. A linear whose weight is stored as
     INT8 codes (Q-GaLore, ``int8_targets``) keeps its input as it arrives (under autocast the
     fp32 norm output, shared by the linears that read it, instead of one bf16 cast each) and
-    no weight copy: it dequantizes the weight again in backward. In a layer a sampler has frozen
+    no weight copy: it dequantizes the weight again in backward. A weight-normalized linear
+    (GradNormLoRP, ``weight_norm_targets``) keeps its input as a plain one does, and no weight
+    copy: it recomputes g V / ||V|| in backward. In a layer a sampler has frozen
     (LISA, BAdam, OwLore), no weight needs a gradient, so the linears' inputs and the norms'
     outputs are not kept. The head keeps the token ids, the final norm, lm_head's input and the
     fp32 logits the loss reads, and the targets.
+
+    WeLore (``low_rank``: per layer, the low-rank components' ranks by linear name, e.g.
+    ``{"self_attn.q_proj": 120}``): a low-rank component B (A x) keeps its input as a plain
+    linear does and A x (k values per token); a targeted linear that is not one is dense and
+    frozen and keeps no input (under autocast still its weight's bf16 copy, for the input's
+    gradient); the frozen embedding keeps no ids, so the first norm, whose input needs no
+    gradient, keeps only its normalised output; the frozen head keeps no input.
     """
     precision = resolve_precision(precision)
     C, F, h, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.vocab_size
@@ -116,6 +127,12 @@ def activation_bytes_formula(
         for name in group
         if any(t in f"model.layers.0.{name}" for t in int8_targets)
     }
+    normed = {
+        name
+        for group in LINEARS.values()
+        for name in group
+        if any(t in f"model.layers.0.{name}" for t in weight_norm_targets)
+    }
 
     def norm() -> int:  # fp32 input (a copy when the model is bf16), 1/rms, normalised output
         return 4 * C + 4 + (2 * C if precision == "bf16" else 4 * C)
@@ -134,7 +151,7 @@ def activation_bytes_formula(
         return out
 
     def weight_copies(names: tuple[str, ...], shapes: dict[str, int]) -> int:
-        kept = [n for n in names if n not in wrapped and n not in stored]
+        kept = [n for n in names if n not in wrapped and n not in stored and n not in normed]
         return sum(2 * shapes[n] for n in kept) if autocast else 0
 
     shapes = {
@@ -188,7 +205,64 @@ def activation_bytes_formula(
         + (0 if one else 8 * predicted)  # targets
         + 4  # the loss
     )
+    if low_rank is not None:
+        # frozen embedding and head: no ids for the embedding (one sequence: the targets' view
+        # keeps their storage anyway) and no lm_head input
+        frozen_head = (0 if one else 8 * tokens) + e * C * (
+            tokens if one and not autocast else predicted
+        )
+        return _welore_layers(low_rank, L, locals()) + head - frozen_head
     return L * (per_token * tokens + per_layer) - frozen_layers * frozen_saving * tokens + head
+
+
+def _welore_layers(low_rank: list[dict[str, int]], layers: int, f: dict) -> int:
+    """The decoder layers' saved bytes under WeLore (see ``activation_bytes_formula``; ``f``:
+    its local values)."""
+    if len(low_rank) != layers:
+        raise ValueError(f"low_rank has {len(low_rank)} layers, the model {layers}")
+    C, F, h, e, Ckv = f["C"], f["F"], f["h"], f["e"], f["Ckv"]
+    autocast, norm = f["autocast"], f["norm"]
+    qkv, o, gate_up, down = f["qkv"], f["o"], f["gate_up"], f["down"]
+    dims = dict(zip(qkv + o + gate_up + down, [(C, C), (Ckv, C), (Ckv, C), (C, C), (F, C),
+                                              (F, C), (C, F)], strict=True))  # fmt: skip
+    total = 0
+    for i, ranks in enumerate(low_rank):
+
+        def inputs(names: tuple[str, ...], width: int, ranks=ranks) -> int:
+            lrc = [n for n in names if n in ranks]
+            kept = e * width * len(lrc) if autocast else (e * width if lrc else 0)
+            return kept + e * sum(ranks[n] for n in lrc)  # + A x of each
+
+        first_norm = (2 * C if f["precision"] == "bf16" else 4 * C) if i == 0 else norm()
+        per_token = (
+            first_norm
+            + inputs(qkv, C)
+            + e * (C + 2 * Ckv)
+            + 4 * h
+            + e * C
+            + e * ranks.get(o[0], 0)  # (o_proj's input is the attention output, kept anyway)
+            + norm()
+            + inputs(gate_up, C)
+            + 3 * e * F
+            + inputs(down, F)
+        )
+        per_layer = 0
+        if autocast:
+            for name, (rows, cols) in dims.items():  # bf16 copies: A and B, or the frozen W
+                per_layer += 2 * (ranks[name] * (rows + cols) if name in ranks else rows * cols)
+            per_layer += 2 * 2 * f["seq_len"] * (C // h)  # RoPE's cos and sin
+        total += per_token * f["tokens"] + per_layer
+    return total
+
+
+def low_rank_layout(model: nn.Module) -> list[dict[str, int]]:
+    """Per decoder layer, the ranks of its WeLore low-rank components by linear name."""
+    from llmpt.optimizers.welore import LowRankLinear
+
+    return [
+        {n: m.rank for n, m in layer.named_modules() if isinstance(m, LowRankLinear)}
+        for layer in model.model.layers
+    ]
 
 
 def shard_bytes(t: torch.Tensor, world: int) -> int:
@@ -254,6 +328,8 @@ def estimate(cfg: DictConfig, precision: str | None = None, world_size: int = 1)
     int8 = (
         opt.name == "q_galore" and opt.get("weight_quant") and opt.get("weight_storage") == "int8"
     )
+    normed = optimizers.METHODS[opt.name].surgery == "weight_norm"
+    low_rank = low_rank_layout(model) if optimizers.METHODS[opt.name].surgery == "welore" else None
     activations = activation_bytes_formula(
         cfg.model,
         precision,
@@ -263,6 +339,8 @@ def estimate(cfg: DictConfig, precision: str | None = None, world_size: int = 1)
         rso_targets=list(cfg.optimizer.target_modules) if rso else (),
         frozen_layers=frozen,
         int8_targets=list(opt.target_modules) if int8 else (),
+        weight_norm_targets=list(opt.target_modules) if normed else (),
+        low_rank=low_rank,
     )
     return Estimate(
         precision=precision,

@@ -162,13 +162,19 @@ class Llama(nn.Module):
                 module.weight.fill_(1.0)
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        reduction: str = "mean",
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits, or the next-token loss when ``labels`` are given.
 
         ``labels`` are aligned with ``input_ids`` (the shift happens here, as in HF); positions
         equal to -100 are ignored. ``reduction="sum"`` lets the caller weight by its own token
-        count.
+        count. ``logits_at`` (one position per row) returns those rows' (B, V) logits only: what
+        decoding needs, without a (B, T, V) tensor (and through ``forward``, so FSDP2's hooks
+        gather the head).
         """
         T = input_ids.shape[1]
         if self.cfg.max_position_embeddings < T:
@@ -180,6 +186,8 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             x = layer(x, self.rope_cos, self.rope_sin)
         x = self.model.norm(x)
+        if logits_at is not None:
+            return self.lm_head(x[torch.arange(x.shape[0], device=x.device), logits_at])
         if labels is None:
             return self.lm_head(x)  # (B, T, V)
         logits = self.lm_head(x[:, :-1])  # (B, T-1, V)

@@ -4,7 +4,8 @@ optimizer of ``llmpt.optimizers``.
 Each method is one row of ``METHODS``: the library class (or factory) whose signature is the
 method's config schema (``config.py`` derives the Hydra dataclass from it, so the defaults live
 in one place, the class), how its parameters are grouped, and which explicit model surgery it
-needs (RSO's reparametrization, Q-GaLore's stored INT8 weights, the layer samplers' freezing).
+needs (RSO's reparametrization, Q-GaLore's stored INT8 weights, GradNormLoRP's weight
+normalization, the layer samplers' freezing).
 ``build`` performs that surgery, builds the groups, passes every other config key to the class
 by name, and turns the library's argument names in error messages into config keys
 (``rank=`` -> ``optimizer.rank=``).
@@ -26,12 +27,18 @@ from torch import nn
 from llmpt.optimizers import api
 
 # the app's one import for its optimizers (train.py, memory*.py and the tests use these here)
-from llmpt.optimizers.api import split_targets, state_nbytes, trainable  # noqa: F401
+from llmpt.optimizers.api import (  # noqa: F401
+    restart_state,
+    split_targets,
+    state_nbytes,
+    trainable,
+)
 from llmpt.optimizers.distributed import replicated_world
 from llmpt.optimizers.groups import decoder_layers, param_groups, targeted_linears
 from llmpt.optimizers.int8_linear import wrap_int8
 from llmpt.optimizers.rso import check_outer_loop
 from llmpt.optimizers.rso import wrap as rso_wrap
+from llmpt.optimizers.welore import compress as welore_compress
 
 # constructor arguments the app fills itself, never from the config
 STRUCTURAL = {
@@ -89,8 +96,11 @@ class Method:
     from ``target_modules``), ``named`` (every trainable parameter with its name), ``tensors``
     (every trainable parameter, for third-party classes that take no names); ``heads``: pass the
     model's hidden size and attention heads (Adam-mini); ``layers``: pass the decoder layers;
-    ``surgery``: the model change made before the groups (``rso``, ``int8``);
-    ``schema_sources``: other functions whose arguments are config keys too (RSO's ``wrap``)."""
+    ``surgery``: the model change made before the groups (``rso``, ``int8``, ``weight_norm``,
+    ``welore``: the compression, whose ranks are written back to the config as ``ranks``);
+    ``schema_sources``: other functions whose arguments are config keys too (RSO's ``wrap``);
+    ``pretraining``: False for fine-tuning-only methods (GORP is GaLore until a task ends; WeLore
+    compresses trained weights), which the pretraining benchmark leaves out."""
 
     factory: Callable
     params: str = "projected"
@@ -98,6 +108,7 @@ class Method:
     layers: bool = False
     surgery: str | None = None
     schema_sources: tuple[Callable, ...] = field(default_factory=tuple)
+    pretraining: bool = True
 
     def sources(self) -> tuple[Callable, ...]:
         return (self.factory, *self.schema_sources)
@@ -130,6 +141,16 @@ METHODS: dict[str, Method] = {
     "coap_8bit": Method(api.Coap8bit),
     "osd": Method(api.OnlineSubspaceDescent),
     "flora": Method(api.Flora),
+    "gorp": Method(api.Gorp, pretraining=False),
+    "welore": Method(
+        api.WeLore,
+        params="tensors",
+        surgery="welore",
+        schema_sources=(welore_compress,),
+        pretraining=False,
+    ),
+    "gradnorm_lorp": Method(api.GradNormLoRP, surgery="weight_norm"),
+    "gradnorm_lorp_8bit": Method(api.GradNormLoRP8bit, surgery="weight_norm"),
     "rso": Method(api.Rso, params="named", surgery="rso", schema_sources=(rso_wrap,)),
 }
 WEIGHT_STORAGES = ("simulated", "int8")
@@ -199,6 +220,15 @@ def _build(method: Method, cfg, model: nn.Module) -> torch.optim.Optimizer:
         kwargs["linears"] = rso_wrap(model, _targets(cfg), **kwargs_for(rso_wrap, cfg))
     if method.surgery == "int8":
         kwargs["int8_linears"] = _int8_surgery(cfg, model)
+    if method.surgery == "weight_norm":
+        kwargs["linears"] = api.weight_norm_wrap(model, _targets(cfg))
+    plan = None
+    if method.surgery == "welore":
+        kwargs["linears"], plan = welore_compress(
+            model, _targets(cfg), **kwargs_for(welore_compress, cfg)
+        )
+        if plan is not None:  # record it: a resume, an export or an estimate rebuilds it
+            cfg.ranks = dict(plan.ranks)
     if method.layers:
         kwargs["layers"] = [layer for _, layer in decoder_layers(model)]
     if method.heads:
@@ -216,7 +246,10 @@ def _build(method: Method, cfg, model: nn.Module) -> torch.optim.Optimizer:
         params = [(n, p) for n, p in model.named_parameters() if trainable(p)]
         if method.params == "tensors":
             params = [p for _, p in params]
-    return method.factory(params, **kwargs)
+    optimizer = method.factory(params, **kwargs)
+    if plan is not None:
+        optimizer.plan = plan
+    return optimizer
 
 
 def _int8_surgery(cfg, model: nn.Module):

@@ -1,7 +1,7 @@
 """A sweep's results as one table and one plot: perplexity against memory, with the ratios to
 AdamW that answer "how much does X save, at what cost".
 
-    python -m llm_pretrain.report <sweep dir or results.jsonl> [--plot report.png]
+    python -m llm_pretrain.report <sweep dir, results.jsonl or run dir> [--plot report.png]
 
 Reads the ``results.jsonl`` that every job of a multirun appends to (one JSON row per job, a
 failed job included), prints a markdown table per model (val ppl, ppl gap to AdamW of the same
@@ -14,6 +14,12 @@ peak when the run had one, else the sum of the measured categories (weights + gr
 + activations of one micro-batch), marked as such. A run of a paper recipe
 (``experiment=galore_c4``, ...) with the recipe's own optimizer gets the paper's perplexity for
 its model size in a column of its own, with the source under the table.
+
+Runs on ``data=tasks`` also get a task table: the final exact-match accuracy per task and, for a
+continual-learning run (``experiment=cl_order1``, ...), average accuracy (AA) and backward
+transfer (BWT) beside optimizer-state memory and tokens/s; their accuracy matrices (task i after
+phase j) are drawn as heatmaps (``<plot>_tasks.png``). A single run directory (its
+``summary.json``) is reported the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Run:
     error: str | None = None
     paper_ppl: float | None = None
     paper: str | None = None
+    tasks: dict | None = None  # a data=tasks run's summary["tasks"]
 
 
 def paper_value(row: dict) -> tuple[float | None, str | None]:
@@ -58,13 +65,33 @@ def results_file(path: Path) -> Path:
     if not found.is_file():
         raise FileNotFoundError(
             f"no results.jsonl at {path}: give a multirun sweep directory "
-            "(python -m llm_pretrain.train -m ...) or the file itself"
+            "(python -m llm_pretrain.train -m ...), the file itself, or a run directory "
+            "(its summary.json)"
         )
     return found
 
 
+def summary_row(summary: dict) -> dict:
+    """A run directory's ``summary.json`` as a sweep row (the keys ``sweep_row`` writes)."""
+    row = {k: summary.get(k) for k in ("status", "model", "optimizer", "tokens_per_s", "tasks")}
+    ev = summary.get("eval") or {}
+    return row | {
+        "run_dir": summary.get("run_dir"),
+        "final_val_ppl": ev.get("final_ppl"),
+        "memory": summary.get("memory"),
+    }
+
+
 def load_runs(path: Path) -> list[Run]:
-    """Every line of the sweep's results, a readable row or not."""
+    """Every line of the sweep's results, a readable row or not; or the one run of a run
+    directory."""
+    path = Path(path)
+    single = path / "summary.json"
+    if path.is_dir() and not (path / "results.jsonl").is_file() and single.is_file():
+        try:
+            return [_run(summary_row(json.loads(single.read_text())), 1)]
+        except json.JSONDecodeError as e:
+            return [Run(str(single), "?", "?", False, error=f"unreadable summary.json: {e}")]
     runs, rows = [], []
     for n, line in enumerate(results_file(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -107,6 +134,7 @@ def _run(row: dict, n: int) -> Run:
             tokens_per_s=float(row["tokens_per_s"]),
             paper_ppl=paper_ppl,
             paper=paper,
+            tasks=row.get("tasks"),
         )
     except (KeyError, TypeError, ValueError) as e:
         return Run(label, model, optimizer, False, error=f"row {n} lacks {e}")
@@ -204,6 +232,90 @@ def table(runs: list[Run]) -> str:
     return "\n".join(out)
 
 
+def _pct(x: float | None, signed: bool = False) -> str:
+    return "-" if x is None else f"{100 * x:{'+' if signed else ''}.1f}"
+
+
+def task_table(runs: list[Run]) -> str:
+    """Final accuracy per task (%), and AA and BWT (points) for continual-learning runs."""
+    ok = [r for r in runs if r.ok and r.tasks]
+    if not ok:
+        return ""
+    names = list(dict.fromkeys(n for r in ok for n in r.tasks["names"]))
+    base = next((r for r in ok if r.optimizer == BASELINE), None)
+    out = [
+        "### tasks (exact-match accuracy, %)\n",
+        "| run | model | metric | AA | BWT | " + " | ".join(names) + " | state MiB | "
+        "state / AdamW | tokens/s |",
+        "| --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " | ---: | "
+        "---: | ---: |",
+    ]
+    for r in sorted(ok, key=lambda r: -(_aa(r) if _aa(r) is not None else -1.0)):
+        cl = r.tasks.get("continual") or {}
+        accs = [_pct(r.tasks["accuracy"].get(n)) for n in names]
+        state = _state(r)
+        out.append(
+            f"| {r.label} | {r.model} | {r.tasks.get('metric', '?')} | {_pct(cl.get('aa'))} | "
+            f"{_pct(cl.get('bwt'), signed=True)} | " + " | ".join(accs) + f" | "
+            f"{_mib(state)} | {_ratio(state, _state(base) if base else None)}"
+            f" | {r.tokens_per_s:,.0f} |"
+        )
+    out.append(
+        "\nstate MiB: the largest optimizer state at the end of a phase (continual runs), else "
+        "at the first step. AA: mean accuracy over the tasks after the last phase; BWT: mean over "
+        "all tasks but the last of (final accuracy - accuracy right after learning it), in "
+        "points; '-': not a sequential (continual-learning) run, or it did not finish every phase."
+    )
+    return "\n".join(out) + "\n"
+
+
+def _state(r: Run) -> int:
+    """A task run's optimizer-state bytes: the largest at a phase's end (GORP's subspace of
+    earlier tasks grows), else the first step's."""
+    per_phase = ((r.tasks or {}).get("continual") or {}).get("optimizer_state_per_phase")
+    return max(per_phase) if per_phase else r.state_bytes
+
+
+def _aa(r: Run) -> float | None:
+    return ((r.tasks or {}).get("continual") or {}).get("aa")
+
+
+def plot_accuracy_matrices(runs: list[Run], path: Path) -> Path | None:
+    """One heatmap per continual-learning run: accuracy of task i (columns) after phase j
+    (rows), the diagonal being each task right after it was learned."""
+    cl = [r for r in runs if r.ok and r.tasks and (r.tasks.get("continual") or {}).get("matrix")]
+    if not cl:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(cl))
+    rows = -(-len(cl) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(cl) :]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, cl, strict=False):
+        matrix, names = r.tasks["continual"]["matrix"], r.tasks["names"]
+        ax.imshow([[100 * v for v in row] for row in matrix], vmin=0, vmax=100, cmap="viridis")
+        for j, row in enumerate(matrix):
+            for i, v in enumerate(row):
+                ax.text(i, j, f"{100 * v:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if v < 0.6 else "black")  # fmt: skip
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(matrix)), [f"after {names[j]}" for j in range(len(matrix))],
+                      fontsize=8)  # fmt: skip
+        aa, bwt = r.tasks["continual"].get("aa"), r.tasks["continual"].get("bwt")
+        ax.set_title(f"{r.label}\nAA {_pct(aa)}  BWT {_pct(bwt, signed=True)}", fontsize=9)
+    fig.suptitle("accuracy (%) of each task (columns) after each phase (rows)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(runs: list[Run], path: Path) -> Path:
     """Val ppl against optimizer-state memory, one marker per run, the Pareto front joined."""
     import matplotlib
@@ -246,9 +358,16 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
     print(table(runs))
+    tasks = task_table(runs)
+    if tasks:
+        print(tasks)
     if any(r.ok for r in runs):
-        target = args.plot or results_file(args.sweep).with_name("report.png")
+        where = args.sweep if args.sweep.is_dir() else args.sweep.parent
+        target = args.plot or where / "report.png"
         print(f"\nplot: {plot(runs, target)}")
+        heat = plot_accuracy_matrices(runs, target.with_name(f"{target.stem}_tasks.png"))
+        if heat is not None:
+            print(f"accuracy matrices: {heat}")
 
 
 if __name__ == "__main__":

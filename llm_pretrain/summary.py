@@ -109,6 +109,7 @@ def sweep_row(
         "tokens_per_s": summary["tokens_per_s"],
         "world_size": summary["world_size"],
         "wall_time_s": summary["wall_time_s"],
+        "tasks": summary.get("tasks"),
         "memory": {
             k: mem[k]
             for k in (

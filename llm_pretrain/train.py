@@ -16,6 +16,7 @@ the same config without an output directory and receive rank 0's run directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -35,12 +36,14 @@ from tqdm import tqdm
 
 from llm_pretrain import (
     checkpoint,
+    continual,
     data,
     distributed,
     hf,
     parallel,
     pretrained,
     sharded_checkpoint,
+    tasks,
 )
 from llm_pretrain import optim as optimizers
 from llm_pretrain.config import CONF_DIR, check_experiment, check_known_keys, register_configs
@@ -92,7 +95,13 @@ def check_config(cfg: DictConfig, world_size: int) -> int:
         )
     if d.seq_len < 2:
         raise ValueError(f"data.seq_len={d.seq_len}: need at least 2 tokens to predict one")
-    if t.max_steps <= 0:
+    if t.max_steps is None:
+        if d.source != "tasks":
+            raise ValueError(
+                "trainer.max_steps=null: only data=tasks has a length of its own (its epochs); "
+                f"data.source={d.source} needs a number of steps"
+            )
+    elif t.max_steps <= 0:
         raise ValueError(f"trainer.max_steps={t.max_steps} must be positive")
     accum = t.global_batch_size // per_pass
     data.split_mode(d)
@@ -112,6 +121,7 @@ def fingerprint(cfg: DictConfig, world_size: int, precision: str) -> dict[str, A
         "micro_batch_size": t.micro_batch_size,
         "data": [d.source, d.tokenizer, d.layout, d.seq_len, d.num_workers, d.path or "", d.seed],
         "data_split": data.split_mode(d),
+        "tasks": OmegaConf.to_container(d.tasks) if d.source == "tasks" else None,
         "precision": precision,
     }
 
@@ -204,6 +214,8 @@ class Job:
     memory: MemoryReport
     fingerprint: dict[str, Any]
     predicted: Estimate | None = None
+    taskrun: continual.TaskRun | None = None  # data=tasks: the tasks, phases, accuracies
+    surgery: dict | None = None  # WeLore: the compression's plan, ppl before it
     logger: RunLogger | None = None
     train_model: torch.nn.Module | None = None
     last_micro: LastMicroBatch = field(default_factory=LastMicroBatch)
@@ -225,6 +237,27 @@ class Job:
             lockstep=parallel.sharded(self.cfg, di.world_size),
         )
 
+    def accuracies(self) -> dict[str, float]:
+        di = self.di
+        return self.taskrun.accuracies(
+            self.model,
+            self.cfg.eval.batch_size,
+            di.device,
+            di.rank,
+            di.world_size,
+            self.autocast,
+            lockstep=parallel.sharded(self.cfg, di.world_size),
+        )
+
+    def phase_loader(self, step: int) -> StatefulDataLoader:
+        return self.taskrun.loader(
+            step,
+            self.cfg.trainer.micro_batch_size,
+            self.di.rank,
+            self.di.world_size,
+            pin_memory=self.di.device.type == "cuda",
+        )
+
 
 def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
     check_known_keys(cfg)
@@ -241,7 +274,10 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
     torch.manual_seed(tc.seed)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, data.builtin_spec(cfg.data))
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+    taskrun = None
+    if cfg.data.source == "tasks":  # (refuses a tokenizer larger than the model's vocabulary)
+        taskrun = continual.setup(cfg.data, tc, tokenizer, cfg.model.vocab_size)
+    elif tokenizer.vocab_size > cfg.model.vocab_size:
         log.warning(
             f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
             f"{cfg.model.vocab_size}: a document with a larger id stops the run"
@@ -256,17 +292,37 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
     if tc.compile:
         for block in model.model.layers:
             block.compile()
+    if taskrun is not None:
+        val = tasks.validation_rows(
+            taskrun.tasks, cfg.data.seq_len, tokenizer.pad_id, cfg.eval.tokens
+        )
+    else:
+        val = data.validation_rows(cfg.data, tokenizer, cfg.model.vocab_size, cfg.eval.tokens)
+    before_surgery = None
+    fresh = tc.eval_at_start and not cfg.checkpoint.resume
+    if cfg.optimizer.name == "welore" and cfg.optimizer.ranks is None and fresh:
+        # the compression happens in the build: the loaded model's perplexity first
+        before_surgery = evaluate(
+            model, val, cfg.eval.batch_size, di.device, di.rank, di.world_size,
+            cfg.eval.compat, autocast,
+        )  # fmt: skip
     optimizer = optimizers.build(cfg.optimizer, model)
-    loader = data.train_loader(
-        cfg.data,
-        tokenizer,
-        cfg.model.vocab_size,
-        tc.micro_batch_size,
-        di.rank,
-        di.world_size,
-        pin_memory=di.device.type == "cuda",
-    )
-    val = data.validation_rows(cfg.data, tokenizer, cfg.model.vocab_size, cfg.eval.tokens)
+    if tc.init_from and hasattr(optimizer, "calibrate"):
+        calibrate_layers(optimizer, model, val, cfg.eval.batch_size, di, autocast)
+    if taskrun is not None:
+        loader = taskrun.loader(
+            0, tc.micro_batch_size, di.rank, di.world_size, pin_memory=di.device.type == "cuda"
+        )
+    else:
+        loader = data.train_loader(
+            cfg.data,
+            tokenizer,
+            cfg.model.vocab_size,
+            tc.micro_batch_size,
+            di.rank,
+            di.world_size,
+            pin_memory=di.device.type == "cuda",
+        )
     memory = MemoryReport()
     # Saved-tensor bytes of one micro-batch, measured on held-out rows so no data is consumed.
     reps = -(-tc.micro_batch_size // len(val["input_ids"]))
@@ -297,14 +353,57 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
         accum=accum,
         model=model,
         optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, tc),
+        scheduler=build_scheduler(optimizer, tc, taskrun.phase_ranges() if taskrun else None),
         loader=loader,
         val=val,
         entropy=data.source_entropy(cfg.data, tokenizer, val),
         memory=memory,
         fingerprint=fingerprint(cfg, di.world_size, precision),
         predicted=_predict(cfg, precision, di.world_size),
+        taskrun=taskrun,
+        surgery=_surgery_report(optimizer, before_surgery),
     )
+
+
+CALIBRATION_ROWS = 32
+
+
+def calibrate_layers(optimizer, model, val: dict, batch_size: int, di, autocast) -> None:
+    """OwLore on trained weights: OWL's outlier ratios from the loaded model on up to 32
+    held-out rows (the run's validation rows; no training data is consumed) choose the first
+    period's layers, instead of a uniform draw."""
+    rows = val["input_ids"][:CALIBRATION_ROWS]
+
+    def forward() -> None:
+        for i in range(0, len(rows), batch_size):
+            with autocast if autocast is not None else contextlib.nullcontext():
+                model(rows[i : i + batch_size].to(di.device))
+
+    weights = optimizer.calibrate(forward)
+    if di.is_main and weights is not None:
+        log.info(
+            f"OwLore: layer probabilities from the loaded weights' outliers on {len(rows)} "
+            f"held-out rows: {[round(float(w), 3) for w in weights]}; first active layers "
+            f"{optimizer.active_units()}"
+        )
+
+
+def _surgery_report(optimizer, before: dict | None) -> dict | None:
+    """WeLore's compression in the summary: its plan, and the loaded model's perplexity before
+    it (the initial evaluation is after it)."""
+    plan = getattr(optimizer, "plan", None)
+    if plan is None:
+        return None
+    return {
+        "err": plan.err,
+        "tau": plan.tau,
+        "low_rank_components": len(plan.ranks),
+        "dense_frozen": len(plan.dense),
+        "kept_dense_no_saving": len(plan.no_saving),
+        "rank_reduction_attempted": plan.attempted,
+        "rank_reduction_achieved": plan.achieved,
+        "ppl_before_compression": before["ppl"] if before else None,
+    }
 
 
 def _predict(cfg: DictConfig, precision: str, world_size: int) -> Estimate | None:
@@ -328,6 +427,7 @@ def restore(job: Job, state: dict[str, Any], path: Path) -> None:
     if "data_split" not in saved:
         saved["data_split"] = "documents" if saved["data"][0] == "builtin" else "shards"
     saved.setdefault("kv_heads_tied", [saved["model"][2], False])
+    saved.setdefault("tasks", None)
     checkpoint.check_compatible(saved, current, path)
     if sharded_checkpoint.is_sharded_checkpoint(path):
         sharded_checkpoint.load_into(path, state, job.model, job.optimizer)
@@ -338,6 +438,10 @@ def restore(job: Job, state: dict[str, Any], path: Path) -> None:
         job.model.load_state_dict(state["model"])
         job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
+    if job.taskrun is not None:  # the phase of the saved step, and the accuracies so far
+        job.taskrun.matrix = [list(row) for row in state.get("task_matrix") or []]
+        job.taskrun.state_bytes = list(state.get("task_state_bytes") or [])
+        job.loader = job.phase_loader(state["step"])
     saved_ranks = len(state["data"])
     if saved_ranks == di.world_size:
         job.loader.load_state_dict(state["data"][di.rank])
@@ -367,6 +471,8 @@ def save(job: Job, wall_s: float) -> None:
         "data": [s[0] for s in states],
         "rng": [s[1] for s in states],
         "fingerprint": job.fingerprint,
+        "task_matrix": job.taskrun.matrix if job.taskrun is not None else None,
+        "task_state_bytes": job.taskrun.state_bytes if job.taskrun is not None else None,
         "wandb_id": job.logger.wandb_id if job.logger else None,
     }
     if parallel.sharded(job.cfg, job.di.world_size):  # every rank writes its shards
@@ -461,7 +567,13 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torc
     label_tokens, input_tokens = distributed.sum_over_ranks(
         [
             sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro),
-            sum(float((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro),
+            # (task rows carry their own count: their prompts are not labels)
+            sum(
+                float(
+                    mb["tokens"].sum() if "tokens" in mb else (mb["labels"] != IGNORE_INDEX).sum()
+                )
+                for mb in micro
+            ),
         ],
         di.device,
     )
@@ -625,6 +737,10 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
                     f"step {job.step}/{tc.max_steps} loss {loss:.4f} lr {lr:.3e} tok/s {tps:.0f}"
                 )
         timer.mark("logging")
+        phase_over = job.taskrun is not None and job.taskrun.phase_end(job.step)
+        if phase_over and finish_phase(job, logger, show_bar):  # the next task's stream
+            batches = iter(job.loader)
+        timer.mark("eval")
 
         stop = False
         if tc.max_time_s > 0:  # every rank must agree, so rank 0's clock decides
@@ -658,6 +774,14 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             "eval/tokens": final["tokens"],
         }
     )
+    task_summary = None
+    if job.taskrun is not None:
+        run = job.taskrun
+        done = run.sequential and len(run.matrix) == len(run.phases)
+        accs = dict(zip(run.names, run.matrix[-1], strict=True)) if done else job.accuracies()
+        if not done:
+            logger.log({"step": job.step, **{f"tasks/{k}": v for k, v in accs.items()}})
+        task_summary = run.summary(accs)
     job.memory.measure_cuda_peaks(di.device)
     summary = build_summary(
         job,
@@ -667,11 +791,44 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
         timer,
         job.prior_wall_s + time.perf_counter() - t_start,
     )
+    if task_summary is not None:
+        summary["tasks"] = task_summary
+    if job.surgery is not None:
+        summary["welore"] = job.surgery
     logger.summary(summary)
     logger.close()
     if di.is_main:
         print(format_summary(summary), flush=True)
     return summary
+
+
+def finish_phase(job: Job, logger: RunLogger, show_bar: bool) -> bool:
+    """A sequential task run's phase is done: every task's accuracy becomes a row of the
+    matrix; unless it was the last, the optimizer's ``end_task()`` runs (if it has one; else,
+    with ``data.tasks.restart_optimizer``, its state restarts) and the next task's stream
+    replaces this one (returns True)."""
+    run = job.taskrun
+    accs = job.accuracies()
+    run.matrix.append([accs[n] for n in run.names])
+    run.state_bytes.append(sum(optimizers.state_nbytes(job.optimizer).values()))
+    phase = len(run.matrix) - 1
+    logger.log(
+        {"step": job.step, "tasks/phase": phase, **{f"tasks/{k}": v for k, v in accs.items()}}
+    )
+    if job.di.is_main and not show_bar:
+        log.info(
+            f"phase {phase} ({run.names[phase]}) done at step {job.step}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in accs.items())
+        )
+    if job.step >= job.cfg.trainer.max_steps:
+        return False
+    end_task = getattr(job.optimizer, "end_task", None)
+    if end_task is not None:
+        end_task()
+    elif job.cfg.data.tasks.restart_optimizer:
+        optimizers.restart_state(job.optimizer)
+    job.loader = job.phase_loader(job.step)
+    return True
 
 
 def build_summary(

@@ -34,6 +34,7 @@ KEY_CATEGORY = {
     "scales": "projector",  # GRASS's unbiasing scales (sampling with replacement)
     "basis": "projector",
     "basis_right": "projector",
+    "task_basis": "projector",  # GORP: the subspace of past tasks
     "basis_exp_avg": "projector",  # OSD: the projector's own Adam moments
     "basis_exp_avg_sq": "projector",
     "basis_codes": "projector",

@@ -9,8 +9,9 @@ before training (``opt.detach()`` undoes it); these methods refuse to step witho
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import torch
 from torch import nn
 
 from llmpt.optimizers.distributed import replicated_world
@@ -175,3 +176,27 @@ class OwLore(SubspaceOptimizer):
             seed=seed,
         )
         self.check_fixed(dict(active_layers=active_layers, interval=interval, seed=seed))
+        self.outliers = outliers if weighted else None
+
+    @torch.no_grad()
+    def calibrate(self, forward: Callable[[], object]) -> torch.Tensor | None:
+        """OWL's calibration, for fine-tuning a trained model: ``forward()`` runs the model on
+        calibration rows (every rank, the same number of times); the outlier ratios of the
+        loaded weights with those inputs replace the uniform draw of the first period. Call
+        after ``attach()`` and before the first step. Returns the layer probabilities (None
+        for ``sampling_order="uniform"``)."""
+        if self.outliers is None:
+            return None
+        if not self._attached:
+            raise RuntimeError("call optimizer.attach() before calibrate(): it hooks the linears")
+        if self._steps:
+            raise RuntimeError("calibrate() draws the first period's layers: call it before step")
+        self.outliers.calibrating = True
+        try:
+            forward()
+        finally:
+            self.outliers.calibrating = False
+        weights = self.outliers.weights()
+        self._active = set(self.sampling.sampler.choose(0, weights))
+        self.apply_freeze()
+        return weights

@@ -1,5 +1,5 @@
 """The GaLore family, each a composition in ``SubspaceOptimizer``: GaLore, 8-bit GaLore,
-Q-GaLore, Fira, FRUGAL and GUM.
+Q-GaLore, Fira, FRUGAL, GUM, GORP and GradNormLoRP (GaLore on a weight-normalized model).
 
 Every class takes torch.optim's ``params`` (groups from ``llmpt.optimizers.groups.param_groups``:
 a group with ``projected=True`` is projected, the rest take plain Adam) and plain keyword
@@ -28,6 +28,9 @@ from llmpt.optimizers.subspace import (
     layer_units,
     tensor_of,
 )
+from llmpt.optimizers.task_subspace import KEY as TASK_BASIS
+from llmpt.optimizers.task_subspace import TaskSubspaceFilter
+from llmpt.optimizers.weight_norm import WeightNormLinear
 from llmpt.optimizers.weight_quant import Int8Storage, Int8Weights
 
 Betas = tuple[float, float]
@@ -454,4 +457,211 @@ class Gum(SubspaceOptimizer):
         # the layer sample and every projector refresh on one schedule (K = update_gap)
         self.check_fixed(
             dict(momentum=momentum, ns_steps=ns_steps, seed=seed, update_gap=update_gap)
+        )
+
+
+class Gorp(SubspaceOptimizer):
+    """GORP (Wang et al., ACL 2025; spec finetune-and-lens.md section 2), its full-rank part:
+    GaLore (one-sided SVD basis, Adam on R, ``scale``) on the projected matrices, with R's
+    component in the subspace of earlier tasks removed before the moments are updated
+    (``llmpt.optimizers.task_subspace``). Call ``end_task()`` after each task: it grows each
+    matrix's subspace from Adam's first moment (``threshold`` of its energy) and, with
+    ``reset_between_tasks`` (the released code builds a new optimizer per task), clears every
+    other state so the next task starts with fresh moments and bases. Until the first
+    ``end_task()`` it is GaLore, step for step.
+
+    Defaults: the released scripts (rank 8, update_gap 20 and scale 0.25 of the LLaMA-2 runs,
+    eps 1e-6, lr 1e-3 of the T5 runs' LoRA and regular groups; the LLaMA-2 runs use 2e-4 there,
+    and both run their full-rank group far lower, 1e-5 (T5) or 1e-6: a group may set its own).
+    The other parameters take plain Adam, unfiltered (the paper freezes them and trains LoRA
+    adapters, which our model does not have)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        rank: int = 8,
+        update_gap: int = 20,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd_backend: str = "exact",
+        svd_power_iters: int = 1,
+        threshold: float = 0.9,
+        reset_between_tasks: bool = True,
+        compat: str = "none",
+    ) -> None:
+        task_filter = TaskSubspaceFilter(threshold, compat)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            scale=scale,
+            **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters),
+            task_filter=task_filter,
+        )
+        for _, p in self.projected_matrices():
+            task_filter.check_side(self.projector_for(p).side(tuple(p.shape)))
+        self.check_fixed(
+            dict(
+                svd_backend=svd_backend,
+                svd_power_iters=svd_power_iters,
+                threshold=threshold,
+                reset_between_tasks=reset_between_tasks,
+                compat=compat,
+            )
+        )
+        self.reset_between_tasks = reset_between_tasks
+        self._restarted = False  # state cleared by end_task(), no step taken since
+
+    def end_step(self) -> None:
+        super().end_step()
+        self._restarted = False
+
+    def end_task(self) -> dict[str, int]:
+        """The task is over: grow each projected matrix's subspace from its first moment and
+        (``reset_between_tasks``) clear the rest of the state. Returns the subspace widths by
+        parameter name (or index). Under ``ShardedOptimizer`` each rank does this for the
+        matrices it owns, whose state it holds."""
+        widths = {}
+        for group in self.param_groups:
+            if not group["projected"]:
+                continue
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, p in zip(names, group["params"], strict=True):
+                state = self.state.get(p)
+                moment = self.rule.first_moment(state) if state else None
+                if moment is None:
+                    continue  # never stepped (or owned by another rank)
+                width = self.task_filter.extend(state, moment)
+                widths[name or str(self._index[p])] = width
+        if self.reset_between_tasks:
+            self._restarted = True
+            for p in list(self.state):
+                kept = {k: v for k, v in self.state[p].items() if k == TASK_BASIS}
+                if kept:
+                    self.state[p] = kept
+                else:
+                    del self.state[p]
+        return widths
+
+    def memory_formula(self, steps: int = 1) -> dict[str, int]:
+        """GaLore's, plus the stored subspaces: k x (the filtered dimension) fp32 values per
+        matrix, k being data-dependent (``threshold`` of the energy, at most ``rank`` more per
+        task): the widths held now, zero before the first ``end_task()``. Right after
+        ``end_task()`` restarted the state, the subspaces are all there is."""
+        out = super().memory_formula(steps)
+        if self._restarted:
+            out = dict.fromkeys(out, 0)
+        for group in self.param_groups:
+            for p in group["params"]:
+                basis = (self.state.get(p) or {}).get(TASK_BASIS)
+                if basis is not None:
+                    out["projector"] += basis.shape[0] * basis.shape[1] * 4
+        return out
+
+
+def check_weight_normalized(optimizer: SubspaceOptimizer, linears: Sequence[WeightNormLinear]):
+    """GradNormLoRP steps a reparametrized model: every projected matrix must be the direction
+    of one of ``linears`` and every magnitude a parameter of the optimizer."""
+    if not linears:
+        raise ValueError(
+            "linears is empty: GradNormLoRP trains a weight-normalized model; pass the modules "
+            "llmpt.optimizers.weight_norm.wrap(model, targets) returned"
+        )
+    directions = {id(lin.weight) for lin in linears}
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for name, p in optimizer.projected_matrices():
+        if id(p) not in directions:
+            raise ValueError(
+                f"{name} is projected but is not the direction of a WeightNormLinear: wrap the "
+                "model first (weight_norm.wrap) and project the wrapped linears' weights"
+            )
+    if any(id(lin.magnitude) not in held for lin in linears if lin.magnitude.requires_grad):
+        raise ValueError(
+            "a WeightNormLinear's magnitude is not in the optimizer: build the param groups "
+            "after wrapping (param_groups(model, targets) puts magnitudes in the plain group)"
+        )
+
+
+class GradNormLoRP(SubspaceOptimizer):
+    """GradNormLoRP (Huang et al., AAAI 2025; spec finetune-and-lens.md 3.2), the clean
+    version: GaLore on the gradient of each targeted linear's direction V, and Adam on its
+    per-row magnitude g (plain group), for a model reparametrized as W = g V / ||V||_row by
+    ``llmpt.optimizers.weight_norm.wrap`` (``linears``: the modules it returned). The state is
+    GaLore's plus 2 x out per matrix for g; there is no copy of the weight. Defaults: the
+    README's LLaMA-60M pretraining (lr 0.01, rank 128, update_gap 250, scale 0.25)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        linears: Sequence[WeightNormLinear],
+        lr: float = 1e-2,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_gap: int = 250,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd_backend: str = "exact",
+        svd_power_iters: int = 1,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            scale=scale,
+            **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters),
+        )
+        check_weight_normalized(self, linears)
+        self.check_fixed(dict(svd_backend=svd_backend, svd_power_iters=svd_power_iters))
+
+
+class GradNormLoRP8bit(SubspaceOptimizer):
+    """8-bit GradNormLoRP: ``GradNormLoRP`` whose moments (projected and plain, magnitudes
+    included) are blockwise 8-bit, as 8-bit GaLore's (tensors under ``min_8bit_size`` values
+    keep fp32 moments). The paper's "up to 89.5%" optimizer-memory saving for LLaMA-7B is this
+    state against fp32 AdamW's (docs/memory.md). The released 8-bit class steps every weight
+    twice (its own projected Adam, then bitsandbytes' full Adam) and is not reproduced."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        linears: Sequence[WeightNormLinear],
+        lr: float = 1e-2,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_gap: int = 250,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd_backend: str = "exact",
+        svd_power_iters: int = 1,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            scale=scale,
+            **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters),
+            rule=BlockwiseAdam8bitRule(min_8bit_size),
+        )
+        check_weight_normalized(self, linears)
+        self.check_fixed(
+            dict(
+                svd_backend=svd_backend,
+                svd_power_iters=svd_power_iters,
+                min_8bit_size=min_8bit_size,
+            )
         )

@@ -105,10 +105,11 @@ class OutlierWeights:
     its scores A_ij = ||X_j||_2 |W_ij| over all its linears that exceed ``ratio`` times the
     layer's mean score, normalised over layers.
 
-    OWL measures X on calibration data from a pretrained model; in pretraining there is none, so
-    the input norms ||X_j|| are accumulated by forward hooks during the last optimizer step of
-    each period (on the current weights) and summed over DDP ranks. When no score exceeds the
-    threshold anywhere (typical early in pretraining), the probabilities are uniform.
+    OWL measures X on calibration data from a pretrained model (``OwLore.calibrate``: the
+    first draw of a fine-tuning run). In pretraining there is none, so the input norms ||X_j||
+    are also accumulated by forward hooks during the last optimizer step of each period (on the
+    current weights) and summed over DDP ranks. When no score exceeds the threshold anywhere
+    (typical early in pretraining), the probabilities are uniform.
     """
 
     def __init__(self, layers: list[nn.Module], ratio: float = 13.0) -> None:
@@ -116,6 +117,7 @@ class OutlierWeights:
             raise ValueError(f"outlier_ratio={ratio} must be positive")
         self.ratio = ratio
         self.collecting = False
+        self.calibrating = False  # OwLore.calibrate(): any forward counts
         self.sq: dict[nn.Linear, torch.Tensor] = {}
         self.linears = [
             [m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in layers
@@ -139,7 +141,8 @@ class OutlierWeights:
         self.collecting = on
 
     def _record(self, module: nn.Linear, args) -> None:
-        if not self.collecting or not module.training or not torch.is_grad_enabled():
+        training = self.collecting and module.training and torch.is_grad_enabled()
+        if not (training or self.calibrating):
             return  # only training forwards: not evaluation or memory probes
         x = args[0].detach().float()
         sq = x.pow(2).reshape(-1, x.shape[-1]).sum(0)

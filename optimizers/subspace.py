@@ -7,7 +7,8 @@ residual):
 1. the projector refreshes its basis when due (its own per-matrix step counter); with
    ``reset_on_refresh`` the rule's state and step counter restart (FRUGAL), else they are kept
    (GaLore);
-2. R = project(G); the rule turns R into a low-rank direction N (Adam: M / (sqrt(V) + eps));
+2. R = project(G) (GORP: without its component in past tasks' subspace); the rule turns R into a
+   low-rank direction N (Adam: M / (sqrt(V) + eps));
 3. the residual decides the update: none gives scale * back(N) (GaLore); ``norm_scaled`` adds
    Fira's scaled, limited G - back(R); ``state_free`` adds FRUGAL's signSGD step on it;
 4. W <- W - lr * correction * update, with decoupled weight decay before (``decay_first``,
@@ -164,6 +165,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
         error_feedback=None,
         projection: dict | None = None,
         make_projector=None,
+        task_filter=None,
     ) -> None:
         if not lr > 0:  # also refuses NaN
             raise ValueError(f"lr={lr} must be positive")
@@ -196,6 +198,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
             raise ValueError("moments are either reset or carried into the new basis, not both")
         self.transition = transition
         self.error_feedback = error_feedback
+        self.task_filter = task_filter  # GORP: past tasks' subspace out of R, before the rule
         self._index = {p: i for i, p in enumerate(self._all_params())}
         self._projectors = self._group_projectors(projection or {}, make_projector)
         if projector is None and any(g["projected"] for g in self.param_groups):
@@ -283,6 +286,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
             and self.weight_quant is None
             and self.transition is None
             and self.error_feedback is None
+            and self.task_filter is None
             and not self.reset_on_refresh
         )
 
@@ -456,6 +460,8 @@ class SubspaceOptimizer(PerParameterOptimizer):
         low = projector.project(state, grad)
         if ef is not None:  # E <- A - back(project(A))
             ef.record(state, grad, projector, low)
+        if self.task_filter is not None and mode == "projected":
+            low = self.task_filter.apply(state, low)
         state["step"] = step = step + 1
         factor = self.rule.lr_factor(tuple(p.shape)) if hasattr(self.rule, "lr_factor") else 1.0
         if mode == "complement":  # GUM's full-rank branch: the rule on G - P P^T G

@@ -7,8 +7,10 @@ from llm_pretrain import optim as optimizers
 from llm_pretrain.config import check_experiment
 from tests.conftest import REPO, SHARED_DATA, compose_cfg, run_cli
 
-RECIPES = sorted(
-    p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml") if p.stem != "cpu_bench"
+RECIPES = sorted(  # the C4 pretraining recipes (cpu_bench and the cl_* task runs are not)
+    p.stem
+    for p in (REPO / "conf" / "experiment").glob("*.yaml")
+    if p.stem != "cpu_bench" and not p.stem.startswith("cl_")
 )
 SIZES = ["llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b"]
 
@@ -82,7 +84,9 @@ def test_a_size_without_a_recipe_is_refused_with_the_sizes_it_has(tmp_path):
 
 def test_cpu_bench_gives_every_optimizer_the_same_data_schedule_and_budget():
     common = None
-    for name in optimizers.METHODS:
+    pretraining = [n for n, m in optimizers.METHODS.items() if m.pretraining]
+    assert "welore" not in pretraining and "gorp" not in pretraining  # fine-tuning methods
+    for name in pretraining:
         cfg = OmegaConf.to_container(
             compose_cfg(["experiment=cpu_bench", f"optimizer={name}"]), resolve=True
         )
@@ -117,3 +121,46 @@ def test_cpu_bench_runs_a_method(tmp_path):
     assert "28 matrices (3.16M params) projected: svd basis at rank 64 (std), refresh every 25" in (
         out.stdout
     )
+
+
+@pytest.mark.parametrize(
+    "order, names",
+    [
+        (1, ["dbpedia", "amazon", "yelp", "agnews"]),  # yahoo -> yelp (its data is missing)
+        (2, ["dbpedia", "amazon", "agnews", "yelp"]),
+        (3, ["yelp", "amazon", "agnews", "dbpedia"]),
+    ],
+)
+def test_the_continual_learning_orders_are_the_benchmarks(order, names):
+    cfg = compose_cfg([f"experiment=cl_order{order}"])
+    t = cfg.data.tasks
+    assert (cfg.data.source, list(t.names), t.order, t.train_per_class) == (
+        "tasks",
+        names,
+        "sequential",
+        1000,
+    )
+    assert (cfg.trainer.max_steps, cfg.trainer.global_batch_size, cfg.trainer.scheduler) == (
+        None,
+        64,
+        "constant",
+    )
+
+
+def test_cl_bench_gives_every_method_the_same_tasks_schedule_and_budget():
+    """make cl-bench: order 1 (yelp for yahoo) from one pretrained llama_20m, one lr per method."""
+    import re
+
+    methods = re.search(r"CL_METHODS \?= (\S+)", (REPO / "Makefile").read_text()).group(1)
+    common = None
+    for name in methods.split(","):
+        cfg = OmegaConf.to_container(
+            compose_cfg(["experiment=cl_bench", f"optimizer={name}"]), resolve=True
+        )
+        same = {k: cfg[k] for k in ("model", "data", "trainer", "eval")}
+        common = common or same
+        assert same == common, name
+        assert (REPO / "conf" / "experiment_optimizer" / "cl_bench" / f"{name}.yaml").is_file()
+    t = common["data"]["tasks"]
+    assert t["names"] == ["dbpedia", "amazon", "yelp", "agnews"] and t["order"] == "sequential"
+    assert common["model"]["name"] == "llama_20m" and common["trainer"]["max_steps"] is None

@@ -187,3 +187,108 @@ def test_export_refuses_a_used_output_directory_and_a_missing_config(tmp_path, c
     (run / "config.yaml").rename(tmp_path / "moved.yaml")
     with pytest.raises(SystemExit, match="needs the run's config.yaml"):
         main([str(checkpoint.checkpoint_path(run, 2)), str(tmp_path / "new")])
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ["optimizer=gorp", "optimizer.rank=4"],
+        ["optimizer=gradnorm_lorp", "optimizer.rank=4"],
+        ["optimizer=welore", "optimizer.err=0.5", "optimizer.min_ratio=0.4", "optimizer.lr=1e-2"],
+    ],
+)
+def test_fine_tuning_methods_train_from_a_hf_model_and_export_plain_weights(tmp_path, optimizer):
+    """GORP, GradNormLoRP (g V / ||V|| folded back) and WeLore (B A folded back, at the ranks
+    config.yaml recorded) from a loaded LlamaForCausalLM (GQA, tied head), with the memory
+    prediction exact, and out again with our logits."""
+    src = tmp_path / "src"
+    hf_llama(src)
+    run = tmp_path / "run"
+    overrides = ["model=hf", f"trainer.init_from={src}", "data.seq_len=32", *SHORT, *optimizer]
+    s = train(compose_cfg(overrides), run)
+    mem = s["memory"]
+    for key in ("weights", "gradients", "optimizer_state", "activations"):
+        assert mem["predicted"][key] == mem[key], key
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    if cfg.optimizer.name == "welore":  # the compression's choice, for the export to rebuild
+        assert cfg.optimizer.ranks and mem["gradients"] < mem["weights"] / 2
+    out = tmp_path / "hf"
+    export(run, out)
+    ours = load_trained_model(checkpoint.checkpoint_path(run, 2), cfg).eval()
+    reference = build_model(ours.cfg)
+    load_initial_weights(reference, str(src))
+    with torch.no_grad():
+        mine = ours(IDS)
+        assert not torch.allclose(mine, reference(IDS))  # it did fine-tune
+    assert (mine - hf_logits(out, IDS)).abs().max() <= 1e-5
+
+
+def test_welore_compression_reports_perplexity_before_and_after(tmp_path, capsys):
+    """The compression CLI on our own small run, and a fine-tuning run's summary."""
+    from llm_pretrain.welore import main as welore_main
+
+    base = tmp_path / "base"
+    train(compose_cfg([*TINY, *SHORT]), base)
+    out = tmp_path / "welore.json"
+    welore_main([f"trainer.init_from={base}", *TINY, "eval.tokens=300", "--err", "0.3,0.6",
+                 "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    text = capsys.readouterr().out
+    assert f"validation ppl {result['before']['ppl']:.2f} before compression" in text
+    rows = {(r["err"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(0.3, "welore"), (0.3, "uniform"), (0.6, "welore"), (0.6, "uniform")}
+    for r in rows.values():
+        assert abs(r["rank_reduction_attempted"] - r["err"]) < 0.05  # (small matrices)
+        assert r["targeted_params"]["after"] <= r["targeted_params"]["before"]
+    assert rows[(0.6, "welore")]["ppl"] != result["before"]["ppl"]  # it did truncate
+    s = train(
+        compose_cfg(
+            [
+                *TINY,
+                *SHORT,
+                f"trainer.init_from={base}",
+                "optimizer=welore",
+                "optimizer.err=0.6",
+                "trainer.eval_at_start=true",
+            ]
+        ),  # fmt: skip
+        tmp_path / "tune",
+    )
+    w = s["welore"]
+    assert w["low_rank_components"] > 0 and abs(w["rank_reduction_attempted"] - 0.6) < 0.05
+    assert w["ppl_before_compression"] == pytest.approx(result["before"]["ppl"])
+    assert s["eval"]["initial_ppl"] != w["ppl_before_compression"]
+    with pytest.raises(SystemExit, match="trainer.init_from is unset"):
+        welore_main([*TINY])
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ["optimizer=owlore", "optimizer.rank=4", "optimizer.active_layers=1"],
+        ["optimizer=lisa", "optimizer.active_layers=1"],
+        ["optimizer=badam"],
+        ["optimizer=galore", "optimizer.rank=4"],
+        ["optimizer=apollo", "optimizer.rank=4"],
+    ],
+)
+def test_existing_methods_fine_tune_a_loaded_model(tmp_path, optimizer, caplog):
+    """From a LlamaForCausalLM directory; OwLore's first layers come from the loaded weights'
+    outlier ratios (calibration on held-out rows), the others as in pretraining."""
+    src = tmp_path / "src"
+    hf_llama(src)
+    overrides = ["model=hf", f"trainer.init_from={src}", "data.seq_len=32", *SHORT, *optimizer]
+    with caplog.at_level("INFO", logger="llm_pretrain"):
+        s = train(compose_cfg(overrides), tmp_path / "run")
+    mem = s["memory"]
+    for key in ("weights", "gradients", "optimizer_state"):
+        assert mem["predicted"][key] == mem[key], key
+    tuned = checkpoint.load(checkpoint.checkpoint_path(tmp_path / "run", 2))["model"]
+    reference = build_model(build_model(compose_cfg(overrides).model).cfg)
+    load_initial_weights(reference, str(src))
+    moved = [k for k, v in reference.state_dict().items() if not torch.equal(v, tuned[k])]
+    assert moved  # it trained from the loaded weights
+    calibrated = "layer probabilities from the loaded weights' outliers" in caplog.text
+    assert calibrated == (optimizer[0] == "optimizer=owlore")

@@ -160,3 +160,28 @@ def test_a_paper_recipe_run_gets_the_papers_perplexity_in_its_own_column(tmp_pat
     assert "paper ppl: GaLore (Zhao et al. 2024), Table 2" in text
     section_130m = text.split("### llama_130m")[1]
     assert "paper ppl |" not in section_130m.split("\n\n")[1]  # no column without a figure
+
+
+def test_task_runs_get_accuracy_aa_bwt_and_heatmaps(tmp_path, capsys):
+    def cl_row(optimizer, matrix):
+        r = row(optimizer, 5.0, 10, 100.0)
+        names = ["dbpedia", "agnews"]
+        r["tasks"] = {
+            "names": names,
+            "metric": "generate",
+            "accuracy": dict(zip(names, matrix[-1], strict=True)),
+            "continual": {"matrix": matrix, "aa": sum(matrix[-1]) / 2,
+                          "bwt": matrix[-1][0] - matrix[0][0]},
+        }  # fmt: skip
+        return r
+
+    lines = [cl_row("adamw", [[0.9, 0.1], [0.5, 0.8]]), cl_row("gorp", [[0.9, 0.2], [0.8, 0.8]])]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    main([str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    header = out.index("### tasks (exact-match accuracy, %)")
+    gorp, adamw = out[header + 4], out[header + 5]  # best AA first
+    want = "| gorp | llama_20m | generate | 80.0 | -10.0 | 80.0 | 80.0 | 10.0 | 1.000 | 100 |"
+    assert gorp == want
+    assert adamw.startswith("| adamw | llama_20m | generate | 65.0 | -40.0 | 50.0 | 80.0 |")
+    assert (tmp_path / "report_tasks.png").read_bytes()[:4] == b"\x89PNG"

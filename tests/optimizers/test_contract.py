@@ -18,6 +18,9 @@ METHODS = sorted(optimizers.METHODS)
 LOW_RANK = [m for m in METHODS if "rank" in compose_cfg([f"optimizer={m}"]).optimizer]
 # methods that reparametrize the model instead of projecting gradients (see test_rso.py)
 REPARAMETRIZING = ["rso"]
+# methods whose surgery renames parameters (WeLore: a low-rank component's weight becomes
+# weight_a and weight_b) and freezes most of the model
+RENAMING = ["welore"]
 
 
 def optimizer_cfg(name: str):
@@ -36,6 +39,8 @@ def optimizer_cfg(name: str):
         cfg.density = 0.1
     if "min_8bit_size" in cfg:  # the toy's tensors are small: quantise the larger ones
         cfg.min_8bit_size = 300
+    if name == "welore":  # its lr (1e-4) fine-tunes a pretrained 7B; the toy starts at random
+        cfg.lr = 3e-2
     return cfg
 
 
@@ -184,14 +189,21 @@ def test_only_targeted_matrices_are_projected(name):
     opt = optimizers.build(optimizer_cfg(name), model)
     train_steps(model, opt, 1)
     names = {p: n for n, p in model.named_parameters()}
+
+    def targeted(n: str) -> bool:  # (GradNormLoRP's magnitudes are plain 1-D tensors)
+        return ("self_attn" in n or "mlp" in n) and n.endswith(".weight")
+
     for p, state in opt.state.items():
-        targeted = "self_attn" in names[p] or "mlp" in names[p]
-        assert ("side" in state) == targeted  # every projector records the side it projects
-        if not targeted:  # embeddings, lm_head, norms: plain Adam on the full tensor
+        assert ("side" in state) == targeted(names[p])  # every projector records its side
+        if not targeted(names[p]):  # embeddings, lm_head, norms: plain Adam on the full tensor
             assert state.get("exp_avg", state.get("state1")).shape == p.shape
     report = opt.projection_report()
-    # 2 layers x 7 linears projected; embeddings, lm_head and 5 norms stay plain
-    assert report.startswith("14 matrices") and "rank 8" in report and "7 tensors" in report
+    # 2 layers x 7 linears projected; embeddings, lm_head and 5 norms stay plain (and
+    # GradNormLoRP's 14 magnitudes)
+    plain = sum(not targeted(n) for n in names.values())
+    assert plain == (21 if "gradnorm" in name else 7)
+    assert report.startswith("14 matrices") and "rank 8" in report
+    assert f"{plain} tensors" in report
 
 
 def test_rank_larger_than_a_matrix_is_refused():

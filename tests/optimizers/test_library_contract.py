@@ -56,6 +56,18 @@ def rso(model, **kw):
     return api.Rso(trainable(model), linears, update_gap=2, **kw)
 
 
+def gradnorm_lorp(model, cls=api.GradNormLoRP, **kw):
+    linears = api.weight_norm_wrap(model, ["attn", "mlp"])
+    return cls(projected(model), linears, rank=4, update_gap=2, **kw)
+
+
+def welore(model):
+    """At fixed ranks (the plan of a resumed run): the structure must not depend on the seed."""
+    names = [n for n, _ in api.targeted_linears(model, ["attn", "mlp"])]
+    lrcs, _ = api.welore_compress(model, ["attn", "mlp"], ranks=dict.fromkeys(names[1:], 4))
+    return api.WeLore(trainable(model), lrcs, lr=1e-2)
+
+
 # name -> (model -> optimizer)
 TABLE = {
     "GaLore": lambda m: api.GaLore(projected(m), rank=4, update_gap=2),
@@ -83,6 +95,10 @@ TABLE = {
     "MicroAdam": lambda m: api.MicroAdam(trainable(m), density=0.1),
     "MuonWithAdamW": lambda m: api.MuonWithAdamW(projected(m)),
     "Rso": rso,
+    "Gorp": lambda m: api.Gorp(projected(m), rank=4, update_gap=2),
+    "GradNormLoRP": gradnorm_lorp,
+    "WeLore": welore,
+    "GradNormLoRP8bit": lambda m: gradnorm_lorp(m, api.GradNormLoRP8bit, min_8bit_size=100),
     "adamw8bit": lambda m: api.adamw8bit(trainable(m), min_8bit_size=100),
     "came": lambda m: api.came(trainable(m)),
 }
@@ -163,6 +179,30 @@ def test_rso_surgery_is_reversible():
     after = dict(model.named_parameters())
     assert set(after) == set(before)
     assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_weight_norm_surgery_is_reversible():
+    model = fresh()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = model(X)
+    linears = api.weight_norm_wrap(model, ["attn", "mlp"])
+    assert len(linears) == 6 and torch.allclose(model(X), out, atol=1e-6)
+    api.weight_norm_unwrap(model)
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    assert all(torch.allclose(after[n], before[n], atol=1e-6) for n in before)
+
+
+def test_welore_surgery_is_reversible():
+    model = fresh()
+    names = {n for n, _ in model.named_parameters()}
+    lrcs, plan = api.welore_compress(model, ["attn", "mlp"], err=0.6, min_ratio=0.0)
+    assert len(lrcs) == len(plan.ranks) > 0 and not model.embed.weight.requires_grad
+    tuned = model(X)
+    api.welore_uncompress(model)
+    assert {n for n, _ in model.named_parameters()} == names
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.allclose(model(X), tuned, atol=1e-5)
 
 
 def test_errors_name_the_constructor_argument():

@@ -390,6 +390,32 @@ def test_owlore_collects_statistics_only_in_the_last_step_of_each_period():
     assert recorded == flags
 
 
+def test_owlore_calibrates_its_first_draw_on_the_loaded_weights():
+    """Fine-tuning: OWL's ratios on calibration rows choose the first period's layers (a
+    uniform draw otherwise), and the hooks count these no-grad forwards only while calibrating."""
+    model = with_outliers(toy(), {2: 0.02, 3: 0.02})
+    opt = owlore(model, active_layers=1)
+    settings = dict(rank=8, update_gap=2, active_layers=1, interval=2)
+    detached = optimizers.build(method_cfg("owlore", **settings), toy(), attach=False)
+    with pytest.raises(RuntimeError, match=r"attach\(\) before calibrate"):
+        detached.calibrate(lambda: None)
+    p = opt.calibrate(lambda: model(BATCH))
+    assert p[0] == p[1] == 0 and p[2] > 0 and p[3] > 0
+    assert opt.active_units() == LayerSampler(4, 1, 2, "weighted", 0).choose(0, p)
+    assert opt.active_units()[0] in (2, 3)
+    frozen = {u for u in range(4) if u not in opt.active_units()}
+    layers = decoder_layers(model)
+    for u in range(4):
+        assert all(q.requires_grad == (u not in frozen) for q in layers[u][1].parameters())
+    with torch.no_grad():
+        model(BATCH)  # an evaluation forward after calibrating records nothing
+    assert not opt.sampling.collect.__self__.sq
+    model(BATCH, BATCH).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="before step"):
+        opt.calibrate(lambda: model(BATCH))
+
+
 def test_owlore_resumes_its_weighted_layers_bit_identically():
     heavy = [1, 3]
     assert LayerSampler(4, 2, 2, "uniform", 0).choose(0) != heavy  # what a redraw would give
