@@ -375,6 +375,11 @@ def load(cfg: DataConfig, tokenizer: Tokenizer, model_vocab: int) -> list[TaskDa
             f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={model_vocab}: "
             "its larger ids have no embedding; use the model's own tokenizer"
         )
+    if model_vocab > tokenizer.vocab_size:  # (a padded embedding table: harmless)
+        log.info(
+            f"model.vocab_size={model_vocab} exceeds the tokenizer's {tokenizer.vocab_size} ids: "
+            "the extra rows are never read, and decoding never picks them"
+        )
     if cfg.layout != "paper":
         raise TaskError(
             f"data.layout={cfg.layout}: task examples are one per row (data.layout=paper), "

@@ -250,3 +250,42 @@ def test_c4_split_by_document_resumes_on_another_number_of_ranks(tmp_path, share
     assert len(resumed) == 2
     for a, b in zip(straight[3:], resumed, strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
+
+
+@pytest.mark.slow
+def test_a_continual_run_under_fsdp_matches_one_rank(tmp_path, shared_data):
+    """experiment=cl_order1 with GORP on 2 FSDP2 ranks: the same losses, accuracy matrix and
+    task subspaces (end_task() on each matrix's owner) as on one process; evaluation runs in
+    lockstep whatever each rank's share of the test examples."""
+    common = [
+        *TINY,
+        "model.vocab_size=32000",
+        "data.seq_len=96",
+        f"data.tokenizer={shared_data / 't5_tokenizer' / 'spiece.model'}",
+        f"data.tasks.root={shared_data / 'cl_benchmark'}",
+        "experiment=cl_order1",
+        "data.tasks.names=[agnews,dbpedia]",
+        "data.tasks.train_per_class=1",
+        "data.tasks.eval_per_class=1",  # 4 and 14 test examples: 2 and 7 per rank
+        "data.tasks.steps_per_task=2",
+        "data.tasks.metric=options",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "trainer.warmup_steps=0",
+        "trainer.log_every=1",
+        "optimizer=gorp",
+        "optimizer.rank=4",
+        "eval.tokens=200",
+    ]
+    one = run_cli([*common, f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, [*common, "trainer.parallelism=fsdp", f"hydra.run.dir={tmp_path / 'two'}"],
+                   tmp_path)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-4000:]
+    (l1, e1), (l2, e2) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(l1) == len(l2) == 4
+    for a, b in zip(l1 + e1, l2 + e2, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert s1["tasks"]["continual"]["matrix"] == s2["tasks"]["continual"]["matrix"]
+    assert s1["tasks"]["continual"]["aa"] == s2["tasks"]["continual"]["aa"]
