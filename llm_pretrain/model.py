@@ -172,9 +172,9 @@ class Llama(nn.Module):
 
         ``labels`` are aligned with ``input_ids`` (the shift happens here, as in HF); positions
         equal to -100 are ignored. ``reduction="sum"`` lets the caller weight by its own token
-        count. ``logits_at`` (one position per row) returns those rows' (B, V) logits only: what
-        decoding needs, without a (B, T, V) tensor (and through ``forward``, so FSDP2's hooks
-        gather the head).
+        count. ``logits_at`` (one position per row, (B,), or n per row, (B, n)) returns the logits
+        at those positions only, (B, V) or (B, n, V): what decoding and label scoring need,
+        without a (B, T, V) tensor (and through ``forward``, so FSDP2's hooks gather the head).
         """
         T = input_ids.shape[1]
         if self.cfg.max_position_embeddings < T:
@@ -187,7 +187,8 @@ class Llama(nn.Module):
             x = layer(x, self.rope_cos, self.rope_sin)
         x = self.model.norm(x)
         if logits_at is not None:
-            return self.lm_head(x[torch.arange(x.shape[0], device=x.device), logits_at])
+            rows = torch.arange(x.shape[0], device=x.device)
+            return self.lm_head(x[rows[:, None] if logits_at.dim() == 2 else rows, logits_at])
         if labels is None:
             return self.lm_head(x)  # (B, T, V)
         logits = self.lm_head(x[:, :-1])  # (B, T-1, V)

@@ -653,13 +653,23 @@ def _greedy(
 def _option_scores(
     model: torch.nn.Module, prompts: list[list[int]], options: list[list[int]], device: torch.device
 ) -> torch.Tensor:
-    """(examples, labels) log-probability of each label (its tokens and EOS) as the answer."""
+    """(examples, labels) log-probability of each label (its tokens and EOS) as the answer; the
+    head runs only at the positions that predict a label token (``logits_at``), not at every
+    position of the (prompt + label) rows."""
     rows = [(p, o) for p in prompts for o in options]
     width = max(len(p) + len(o) for p, o in rows)
+    n = max(len(o) for o in options)
     x = torch.zeros((len(rows), width), dtype=torch.long)
-    y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    at = torch.zeros((len(rows), n), dtype=torch.long)  # position predicting the j-th token
+    target = torch.zeros((len(rows), n), dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.bool)
     for i, (p, o) in enumerate(rows):
         x[i, : len(p) + len(o)] = torch.tensor(p + o)
-        y[i, len(p) : len(p) + len(o)] = torch.tensor(o)
-    nll = model(x.to(device), y.to(device), reduction="none").view(len(rows), width - 1)
-    return -nll.double().sum(1).cpu().view(len(prompts), len(options))
+        k = len(o)
+        at[i, :k] = torch.arange(len(p) - 1, len(p) - 1 + k)
+        at[i, k:] = len(p) - 1  # (padding: read a real position, masked out below)
+        target[i, :k] = torch.tensor(o)
+        mask[i, :k] = True
+    logits = model(x.to(device), logits_at=at.to(device)).double().cpu()  # (rows, n, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
+    return (logp * mask).sum(1).view(len(prompts), len(options))
