@@ -11,6 +11,7 @@ the final name.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -54,14 +55,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(path: Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` through a temp file that is removed whatever happens; a full
+    disk is named, with the bytes needed and the fix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(no_room_message(path, tensor_nbytes(payload))) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def tensor_nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) payload: about what a checkpoint of it takes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_nbytes(v) for v in obj)
+    return 0
+
+
+def _free_bytes(path: Path) -> int:
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def no_room_message(path: Path, needed: int) -> str:
+    free = _free_bytes(path)
+    return (
+        f"no room for checkpoint {path}: it needs about {needed / 2**20:,.1f} MiB and "
+        f"{free / 2**20:,.1f} MiB are free on that filesystem. Free some space, keep fewer "
+        "checkpoints (checkpoint.keep_last), or put the run on a larger disk (hydra.run.dir=...)"
+    )
+
+
+def check_room(path: Path, needed: int) -> None:
+    """Refuse before writing (the temp file would fill the disk and be removed anyway)."""
+    if needed > _free_bytes(path):
+        raise CheckpointError(no_room_message(path, needed))
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -80,18 +125,35 @@ def _is_checkpoint(p: Path) -> bool:
     return p.is_file() if m.group(2) else (p / SHARDED_META).is_file()
 
 
+def step_of(path: Path) -> int:
+    """The step in a checkpoint's name (``step_00000040.pt`` or ``step_00000040/``)."""
+    return int(NAME_RE.fullmatch(path.name).group(1))
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     found = [p for p in directory.glob("step_*") if _is_checkpoint(p)]
-    return sorted(found, key=lambda p: int(NAME_RE.fullmatch(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    if keep_last > 0:
-        for old in list_checkpoints(run_dir / "checkpoints")[:-keep_last]:
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+def prune(run_dir: Path, keep: int, newest: Path | None = None) -> None:
+    """Delete all but the ``keep`` latest checkpoints; ``newest`` (the one just written) always
+    stays, whatever sorts after it. ``keep`` <= 0: delete nothing."""
+    if keep <= 0:
+        return
+    found = [p for p in list_checkpoints(run_dir / "checkpoints") if p != newest]
+    for old in found[: max(len(found) - (keep - (newest is not None)), 0)]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def make_room(run_dir: Path, keep_last: int) -> None:
+    """Before a save: keep ``keep_last - 1`` checkpoints, so the new one makes ``keep_last`` and
+    the disk never holds more. With ``keep_last=1`` the old one stays until the new one is
+    complete (room for 2), or a kill mid-save would leave none."""
+    if keep_last >= 2:
+        prune(run_dir, keep_last - 1)
 
 
 def resolve(spec: str, run_dir: Path) -> Path | None:

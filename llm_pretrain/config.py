@@ -182,6 +182,10 @@ class TrainerConfig:
     # steps (step 0's refresh included) as memory_snapshot_rank<r>.pickle in the run directory,
     # for pytorch.org/memory_viz
     memory_snapshot: bool = False
+    # a NaN or infinite loss (or gradient): stop (exit non-zero, status "diverged", no checkpoint
+    # from then on) | skip_step (drop that update; stop after max_nonfinite_skips in a row)
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
 
 @dataclass
@@ -197,6 +201,9 @@ class CheckpointConfig:
     at_end: bool = False
     resume: str | None = None  # null | auto (latest in this run dir) | path to file or run dir
     keep_last: int = 2
+    # start over in a run directory that holds another run's checkpoints, metrics.jsonl or
+    # summary.json, deleting them (without it such a directory is refused, unless resumed)
+    overwrite: bool = False
 
 
 @dataclass

@@ -15,12 +15,22 @@ from typing import Any
 from llm_pretrain.config import LoggerConfig
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as null: strict JSON (Python's ``json`` would write
+    the non-standard ``NaN`` and ``Infinity``), recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     return value
+
+
+def nonfinite_flags(record: dict[str, Any]) -> dict[str, str]:
+    """The top-level values ``json_safe`` turns to null, as strings ("nan", "inf", "-inf"): a
+    metrics row keeps them, so null still says which."""
+    return {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
 
 
 class RunLogger:
@@ -53,7 +63,9 @@ class RunLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._metrics.write(json.dumps(_clean(record)) + "\n")
+        flags = nonfinite_flags(record)
+        row = json_safe(record) | ({"nonfinite": flags} if flags else {})
+        self._metrics.write(json.dumps(row, allow_nan=False) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(
                 {k: v for k, v in record.items() if k != "step"}, step=int(record["step"])
@@ -62,9 +74,10 @@ class RunLogger:
     def summary(self, summary: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        (self.run_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
+        text = json.dumps(json_safe(summary), indent=2, allow_nan=False)
+        (self.run_dir / "summary.json").write_text(text + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.summary.update(_flatten(_clean(summary)))
+            self.wandb_run.summary.update(_flatten(json_safe(summary)))
 
     def close(self) -> None:
         if not self.enabled:

@@ -9,7 +9,8 @@ model (its best AdamW run), optimizer-state MiB and its ratio to AdamW's, peak m
 and its ratio; runs are labelled by optimizer and the overrides that vary in the sweep) and
 writes a PNG of val ppl against optimizer-state memory with the Pareto front marked (the points
 no other run beats on both). A failed job, an empty row, or a line that is not valid JSON (a run
-that crashed while writing) is listed as failed, never dropped. The peak is the CUDA allocator's
+that crashed while writing) is listed as failed, a run a non-finite loss stopped as diverged;
+none is dropped. The peak is the CUDA allocator's
 peak when the run had one, else the sum of the measured categories (weights + gradients + state
 + activations of one micro-batch), marked as such. A run of a paper recipe
 (``experiment=galore_c4``, ...) with the recipe's own optimizer gets the paper's perplexity for
@@ -47,6 +48,7 @@ class Run:
     paper_ppl: float | None = None
     paper: str | None = None
     tasks: dict | None = None  # a data=tasks run's summary["tasks"]
+    status: str = "ok"  # ok, or why not: failed | diverged (a non-finite loss stopped it)
 
 
 def paper_value(row: dict) -> tuple[float | None, str | None]:
@@ -116,7 +118,9 @@ def _run(row: dict, n: int) -> Run:
     model, optimizer = row.get("model", "?"), row.get("optimizer", "?")
     label = optimizer
     if row.get("status") != "ok":
-        return Run(label, model, optimizer, False, error=row.get("error") or "no status")
+        status = "diverged" if row.get("status") == "diverged" else "failed"
+        error = row.get("error") or "no status"
+        return Run(label, model, optimizer, False, error=error, status=status)
     try:
         paper_ppl, paper = paper_value(row)
         mem = row["memory"]
@@ -220,11 +224,14 @@ def table(runs: list[Run]) -> str:
                 f"\npaper ppl: {'; '.join(sources)} (the papers' estimator, eval.compat=galore)"
             )
         out.append("")
-    failed = [r for r in runs if not r.ok]
-    if failed:
-        out.append("### failed\n")
-        out += [f"- {r.model} / {r.label}: {r.error}" for r in failed]
-        out.append("")
+    for status in ("diverged", "failed"):
+        listed = [
+            r for r in runs if not r.ok and (r.status == "diverged") == (status == "diverged")
+        ]
+        if listed:
+            out.append(f"### {status}\n")
+            out += [f"- {r.model} / {r.label}: {r.error}" for r in listed]
+            out.append("")
     out.append(
         "peak MiB: the CUDA allocator's peak; '(sum)': weights + gradients + optimizer state + "
         "activations of one micro-batch, measured (no CUDA)."

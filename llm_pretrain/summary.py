@@ -85,8 +85,10 @@ def sweep_row(
     summary: dict[str, Any] | None,
     overrides: list[str] | None = None,
     error: str | None = None,
+    status: str = "failed",
 ) -> dict[str, Any]:
-    """One row of a sweep's ``results.jsonl``; a failed job still gets a row, with its error."""
+    """One row of a sweep's ``results.jsonl``; a failed or diverged job (``status``) still gets
+    a row, with its error."""
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException:  # the job failed on this config: keep it as written
@@ -99,7 +101,7 @@ def sweep_row(
         "config": config,
     }
     if summary is None:
-        return row | {"status": "failed", "error": error}
+        return row | {"status": status, "error": error}
     ev, mem = summary["eval"], summary["memory"]
     return row | {
         "status": "ok",

@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +43,15 @@ from llm_pretrain import (
     hf,
     parallel,
     pretrained,
+    rundir,
     sharded_checkpoint,
     tasks,
 )
 from llm_pretrain import optim as optimizers
 from llm_pretrain.config import CONF_DIR, check_experiment, check_known_keys, register_configs
 from llm_pretrain.evaluate import evaluate
-from llm_pretrain.loggers import RunLogger
+from llm_pretrain.guard import Diverged, NonFiniteGuard, grads_finite, weights_finite
+from llm_pretrain.loggers import RunLogger, json_safe
 from llm_pretrain.memory import MemoryReport, activation_bytes, unique_nbytes
 from llm_pretrain.memory_estimate import Estimate, estimate
 from llm_pretrain.model import IGNORE_INDEX, Llama, build_model, kv_heads
@@ -167,8 +170,14 @@ def mfu(
     return model.flops_per_token(seq_len) * tokens_per_s / peak if peak else None
 
 
-def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict[str, Any]:
-    """Run one training job; returns the summary (also written to ``run_dir/summary.json``)."""
+def train(
+    cfg: DictConfig,
+    run_dir: Path,
+    sweep_dir: Path | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run one training job; returns the summary (also written to ``run_dir/summary.json``).
+    In a sweep, a job that fails or diverges still gets its row, with its overrides."""
     dist_info = distributed.init(cfg.trainer.device)
     if sweep_dir is not None and cfg.logger.group is None:
         cfg.logger.group = f"sweep-{Path(sweep_dir).name}"  # one wandb group per sweep
@@ -181,8 +190,14 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> dict
         distributed.barrier()
         return summary
     except Exception as e:
-        if sweep_dir is not None and dist_info.is_main:
-            _append_row(sweep_dir, sweep_row(cfg, run_dir, None, error=f"{type(e).__name__}: {e}"))
+        # (a refused run directory keeps the row of the run that owns it)
+        if sweep_dir is not None and dist_info.is_main and not isinstance(e, rundir.RunDirTaken):
+            status = "diverged" if isinstance(e, Diverged) else "failed"
+            error = str(e) if status == "diverged" else f"{type(e).__name__}: {e}"
+            row = sweep_row(cfg, run_dir, None, overrides, error=error, status=status)
+            if isinstance(e, Diverged):
+                row["diverged"] = e.record()
+            _append_row(sweep_dir, row)
         raise
     finally:
         distributed.shutdown()
@@ -219,6 +234,7 @@ class Job:
     logger: RunLogger | None = None
     train_model: torch.nn.Module | None = None
     last_micro: LastMicroBatch = field(default_factory=LastMicroBatch)
+    guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     step: int = 0
     tokens_seen: int = 0
     prior_wall_s: float = 0.0
@@ -362,6 +378,12 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
         predicted=_predict(cfg, precision, di.world_size),
         taskrun=taskrun,
         surgery=_surgery_report(optimizer, before_surgery),
+        guard=NonFiniteGuard(
+            tc.on_nonfinite,
+            tc.max_nonfinite_skips,
+            optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]),
+            tc.grad_clip,
+        ),
     )
 
 
@@ -416,6 +438,30 @@ def _predict(cfg: DictConfig, precision: str, world_size: int) -> Estimate | Non
         return None
 
 
+def claim_run_dir(
+    cfg: DictConfig,
+    run_dir: Path,
+    di: distributed.DistInfo,
+    resume_from: Path | None,
+    state: dict | None,
+) -> None:
+    """Rank 0 decides whether this run may use ``run_dir`` (``llm_pretrain/rundir.py``) before
+    any work; every rank raises the same refusal."""
+    refusal = None
+    if di.is_main:
+        step = state["step"] if state is not None else None
+        try:
+            for note in rundir.claim(
+                run_dir, cfg.checkpoint.resume, resume_from, step, cfg.checkpoint.overwrite
+            ):
+                log.info(note)
+        except rundir.RunDirTaken as e:
+            refusal = str(e)
+    refusal = distributed.broadcast_object(refusal)
+    if refusal is not None:
+        raise rundir.RunDirTaken(refusal)
+
+
 def restore(job: Job, state: dict[str, Any], path: Path) -> None:
     """Resume from a single-file checkpoint (DDP, one process) or a DCP directory (FSDP2), on
     this run's number of ranks and parallelism, whichever wrote it."""
@@ -429,6 +475,17 @@ def restore(job: Job, state: dict[str, Any], path: Path) -> None:
     saved.setdefault("kv_heads_tied", [saved["model"][2], False])
     saved.setdefault("tasks", None)
     checkpoint.check_compatible(saved, current, path)
+    max_steps = job.cfg.trainer.max_steps
+    if state["step"] > max_steps:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} is at step {state['step']}, past trainer.max_steps={max_steps}: "
+            "raise trainer.max_steps to train on, or start a new run"
+        )
+    if state["step"] == max_steps and di.is_main:
+        log.info(
+            f"checkpoint {path} is at trainer.max_steps={max_steps}: nothing left to train, "
+            "only the final evaluation runs"
+        )
     if sharded_checkpoint.is_sharded_checkpoint(path):
         sharded_checkpoint.load_into(path, state, job.model, job.optimizer)
     elif parallel.sharded(job.cfg, di.world_size):  # a whole checkpoint into FSDP2 shards
@@ -461,7 +518,26 @@ def restore(job: Job, state: dict[str, Any], path: Path) -> None:
 
 def save(job: Job, wall_s: float) -> None:
     """Every rank contributes its data position and RNG state; rank 0 writes the file (under
-    FSDP2 every rank writes its shards of one directory)."""
+    FSDP2 every rank writes its shards of one directory). Non-finite weights are never saved:
+    that raises ``Diverged`` instead, so ``keep_last`` never prunes a good checkpoint for a bad
+    one."""
+    if not weights_finite(job.model, job.di.device):
+        why = "the checkpoint was not written"
+        message = job.guard.message(job.step, "weights", why)
+        raise Diverged(message, job.step, job.guard.last_finite)
+    # (about: the weights and the state measured at the first step, over all ranks)
+    m = job.memory
+    needed = distributed.sum_over_ranks([float(m.weights + m.optimizer_state)], job.di.device)[0]
+    refusal = None
+    if job.di.is_main:
+        checkpoint.make_room(job.run_dir, job.cfg.checkpoint.keep_last)
+        try:
+            checkpoint.check_room(checkpoint.checkpoint_path(job.run_dir, job.step), int(needed))
+        except checkpoint.CheckpointError as e:
+            refusal = str(e)
+    refusal = distributed.broadcast_object(refusal)  # (every rank stops, none waits)
+    if refusal is not None:
+        raise checkpoint.CheckpointError(refusal)
     states = distributed.gather_objects((job.loader.state_dict(), checkpoint.rng_state()))
     meta = {
         "step": job.step,
@@ -486,7 +562,7 @@ def save(job: Job, wall_s: float) -> None:
         )
     if not job.di.is_main:
         return
-    checkpoint.prune(job.run_dir, job.cfg.checkpoint.keep_last)
+    checkpoint.prune(job.run_dir, job.cfg.checkpoint.keep_last, newest=path)
     log.info(f"saved {path}")
 
 
@@ -555,12 +631,14 @@ def attach_per_layer_updates(
         p.requires_grad_(not frozen)
 
 
-def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torch.Tensor, Any]:
+def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, float, Any]:
     """One optimizer step over ``accum`` micro-batches per rank.
 
     The loss is normalised by the global count of predicted tokens, so every token weighs the
-    same whatever its micro-batch, rank or padding. Returns (predicted tokens, non-pad input
-    tokens, summed loss on this rank, grad norm or None).
+    same whatever its micro-batch, rank or padding. The non-finite guard sees the loss (and,
+    when it needs them, the gradients) before the update: it may skip the update or raise
+    ``Diverged``. Returns (predicted tokens, non-pad input tokens, the global mean loss (NaN
+    when the update was skipped), grad norm or None).
     """
     di, tc = job.di, job.cfg.trainer
     micro = [next(batches) for _ in range(job.accum)]
@@ -593,20 +671,27 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torc
         loss_sum += s.detach().double()
     timer.mark("forward_backward")
 
-    grad_norm = None
+    grad_norm, grads_ok = None, None
     if not tc.per_layer_update:  # (per-layer: the hooks stepped every parameter in backward)
+        # layers a sampler froze for this period are left out, also under DDP where their
+        # gradients exist: the norm is the one of the gradients the optimizer applies
+        applied = [p for p in job.model.parameters() if not getattr(p, "frozen_by_sampler", 0)]
         if tc.grad_clip > 0:
-            # layers a sampler froze for this period are left out, also under DDP where their
-            # gradients exist: the norm is the one of the gradients the optimizer applies
-            applied = [p for p in job.model.parameters() if not getattr(p, "frozen_by_sampler", 0)]
             grad_norm = torch.nn.utils.clip_grad_norm_(applied, tc.grad_clip)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, the same on every rank
                 grad_norm = grad_norm.full_tensor()
+            grads_ok = torch.isfinite(grad_norm)
+        elif job.guard.checks_gradients:
+            grads_ok = grads_finite(applied)
+    apply, loss = job.guard.check(job.step + 1, loss_sum, label_tokens, grads_ok, di.device)
+    if apply:
+        # (per-layer: every gradient is consumed; this only counts the step and lets samplers
+        # switch)
         job.optimizer.step()
-    else:  # every gradient is consumed: this only counts the step (and lets samplers switch)
-        job.optimizer.step()
-    job.scheduler.step()
-    if job.memory.weights == 0:  # first step of this process: optimizer state now exists
+    with warnings.catch_warnings():  # (torch warns when the first update was skipped)
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+        job.scheduler.step()  # (a skipped step still moves the schedule: it follows job.step)
+    if job.memory.weights == 0 and apply:  # this process's first update: the state exists now
         job.memory.measure_training_state(job.model, job.optimizer)
         if parallel.sharded(job.cfg, di.world_size):
             m = job.memory
@@ -621,13 +706,12 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, torc
     timer.mark("optimizer")
     job.step += 1
     job.tokens_seen += int(input_tokens)
-    return label_tokens, input_tokens, loss_sum, grad_norm
+    return label_tokens, input_tokens, loss, grad_norm
 
 
 def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str, Any]:
     t_start = time.perf_counter()
     tc = cfg.trainer
-    job = build_job(cfg, run_dir, di)
     resume_from = (
         checkpoint.resolve(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
     )
@@ -635,6 +719,8 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     if resume_from is not None:
         sharded_file = sharded_checkpoint.is_sharded_checkpoint(resume_from)
         state = (sharded_checkpoint.load_meta if sharded_file else checkpoint.load)(resume_from)
+    claim_run_dir(cfg, run_dir, di, resume_from, state)
+    job = build_job(cfg, run_dir, di)
     if state is not None:
         restore(job, state, resume_from)
     if di.is_main:
@@ -699,70 +785,81 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     batches = iter(job.loader)
     job.train_model.train()
     first_of_process = job.step  # (a resumed run starts later)
-    while job.step < tc.max_steps:
-        first_step = job.memory.weights == 0  # this process's first: memory gets measured
-        label_tokens, input_tokens, loss_sum, grad_norm = train_step(job, batches, timer)
-        if first_step:
-            logger.log(job.memory.record(job.step))
-        snapshot_due = job.step == min(tc.max_steps, first_of_process + SNAPSHOT_STEPS)
-        if tc.memory_snapshot and snapshot_due:
-            path = job.run_dir / f"memory_snapshot_rank{di.rank}.pickle"
-            torch.cuda.memory._dump_snapshot(str(path))
-            torch.cuda.memory._record_memory_history(enabled=None)
-            log.info(
-                f"saved the CUDA memory snapshot to {path} (open it at pytorch.org/memory_viz)"
-            )
-        window_tokens += int(input_tokens)
-        loop_tokens += int(input_tokens)
-        bar.update(1)
-        if job.step % tc.log_every == 0 or job.step == tc.max_steps:
-            loss = float(distributed.all_reduce(loss_sum).cpu()) / max(label_tokens, 1.0)
-            # Throughput over the step's phases only: evals and checkpoints are timed apart.
-            tps = window_tokens / max(timer.step_seconds() - window_s, 1e-9)
-            window_tokens, window_s = 0, timer.step_seconds()
-            lr = job.scheduler.get_last_lr()[0]
-            record = {
-                "step": job.step,
-                "train/loss": loss,
-                "train/lr": lr,
-                "train/tokens_seen": job.tokens_seen,
-                "train/tokens_per_s": tps,
-            }
-            if grad_norm is not None:
-                record["train/grad_norm"] = float(grad_norm)
-            logger.log(record)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            if di.is_main and not show_bar:
+    try:
+        while job.step < tc.max_steps:
+            first_step = job.memory.weights == 0  # this process's first: memory gets measured
+            label_tokens, input_tokens, loss, grad_norm = train_step(job, batches, timer)
+            if first_step and job.memory.weights:  # (not when the first update was skipped)
+                logger.log(job.memory.record(job.step))
+            snapshot_due = job.step == min(tc.max_steps, first_of_process + SNAPSHOT_STEPS)
+            if tc.memory_snapshot and snapshot_due:
+                path = job.run_dir / f"memory_snapshot_rank{di.rank}.pickle"
+                torch.cuda.memory._dump_snapshot(str(path))
+                torch.cuda.memory._record_memory_history(enabled=None)
                 log.info(
-                    f"step {job.step}/{tc.max_steps} loss {loss:.4f} lr {lr:.3e} tok/s {tps:.0f}"
+                    f"saved the CUDA memory snapshot to {path} (open it at pytorch.org/memory_viz)"
                 )
-        timer.mark("logging")
-        phase_over = job.taskrun is not None and job.taskrun.phase_end(job.step)
-        if phase_over and finish_phase(job, logger, show_bar):  # the next task's stream
-            batches = iter(job.loader)
-        timer.mark("eval")
+            window_tokens += int(input_tokens)
+            loop_tokens += int(input_tokens)
+            bar.update(1)
+            if job.step % tc.log_every == 0 or job.step == tc.max_steps:
+                # Throughput over the step's phases only: evals and checkpoints are timed apart.
+                tps = window_tokens / max(timer.step_seconds() - window_s, 1e-9)
+                window_tokens, window_s = 0, timer.step_seconds()
+                lr = job.scheduler.get_last_lr()[0]
+                record = {
+                    "step": job.step,
+                    "train/loss": loss,
+                    "train/lr": lr,
+                    "train/tokens_seen": job.tokens_seen,
+                    "train/tokens_per_s": tps,
+                }
+                if grad_norm is not None:
+                    record["train/grad_norm"] = float(grad_norm)
+                if job.guard.skipped:
+                    record["train/skipped_steps"] = job.guard.skipped
+                logger.log(record)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                if di.is_main and not show_bar:
+                    log.info(
+                        f"step {job.step}/{tc.max_steps} loss {loss:.4f} lr {lr:.3e} "
+                        f"tok/s {tps:.0f}"
+                    )
+            timer.mark("logging")
+            phase_over = job.taskrun is not None and job.taskrun.phase_end(job.step)
+            if phase_over and finish_phase(job, logger, show_bar):  # the next task's stream
+                batches = iter(job.loader)
+            timer.mark("eval")
 
-        stop = False
-        if tc.max_time_s > 0:  # every rank must agree, so rank 0's clock decides
-            stop = distributed.broadcast_object(time.perf_counter() - t_start > tc.max_time_s)
-        if tc.eval_every and job.step % tc.eval_every == 0 and job.step < tc.max_steps and not stop:
-            ev = job.evaluate()
-            logger.log({"step": job.step, "eval/loss": ev["loss"], "eval/ppl": ev["ppl"]})
-            if di.is_main and not show_bar:
-                log.info(f"step {job.step} eval loss {ev['loss']:.4f} ppl {ev['ppl']:.2f}")
-        timer.mark("eval")
-        if cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0:
+            stop = False
+            if tc.max_time_s > 0:  # every rank must agree, so rank 0's clock decides
+                stop = distributed.broadcast_object(time.perf_counter() - t_start > tc.max_time_s)
+            if (
+                tc.eval_every
+                and job.step % tc.eval_every == 0
+                and job.step < tc.max_steps
+                and not stop
+            ):
+                ev = job.evaluate()
+                logger.log({"step": job.step, "eval/loss": ev["loss"], "eval/ppl": ev["ppl"]})
+                if di.is_main and not show_bar:
+                    log.info(f"step {job.step} eval loss {ev['loss']:.4f} ppl {ev['ppl']:.2f}")
+            timer.mark("eval")
+            if cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0:
+                save(job, time.perf_counter() - t_start)
+            timer.mark("checkpoint")
+            if stop:
+                if di.is_main:
+                    log.info(f"trainer.max_time_s={tc.max_time_s} reached at step {job.step}")
+                break
+        saved_now = cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0
+        if cfg.checkpoint.at_end and not saved_now:
             save(job, time.perf_counter() - t_start)
-        timer.mark("checkpoint")
-        if stop:
-            if di.is_main:
-                log.info(f"trainer.max_time_s={tc.max_time_s} reached at step {job.step}")
-            break
+    except Diverged as e:
+        bar.close()
+        diverged(job, logger, e, time.perf_counter() - t_start)
+        raise
     bar.close()
-
-    saved_now = cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0
-    if cfg.checkpoint.at_end and not saved_now:
-        save(job, time.perf_counter() - t_start)
     if not parallel.sharded(cfg, di.world_size):  # (FSDP2: every rank holds other rows)
         distributed.check_replicas(job.model)
     final = job.evaluate()
@@ -800,6 +897,27 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     if di.is_main:
         print(format_summary(summary), flush=True)
     return summary
+
+
+def diverged(job: Job, logger: RunLogger, e: Diverged, wall_s: float) -> None:
+    """The run stops on ``e``: ``summary.json`` says so (status ``diverged``), with the step and
+    the last finite loss; the checkpoints on disk are the last finite ones, all kept."""
+    if job.di.is_main:
+        log.error(str(e))
+    logger.summary(
+        {
+            "status": "diverged",
+            "run_dir": str(job.run_dir),
+            "model": job.cfg.model.name,
+            "optimizer": job.cfg.optimizer.name,
+            "steps": job.step,
+            "tokens_seen": job.tokens_seen,
+            "wall_time_s": job.prior_wall_s + wall_s,
+            "diverged": e.record(),
+            "error": str(e),
+        }
+    )
+    logger.close()
 
 
 def finish_phase(job: Job, logger: RunLogger, show_bar: bool) -> bool:
@@ -850,6 +968,7 @@ def build_summary(
         "parallelism": cfg.trainer.parallelism,
         "precision": job.precision,
         "steps": job.step,
+        "skipped_steps": job.guard.skipped,  # trainer.on_nonfinite=skip_step
         "tokens_seen": job.tokens_seen,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu(
@@ -875,25 +994,42 @@ def build_summary(
 
 
 def _append_row(sweep_dir: Path, row: dict[str, Any]) -> None:
+    """Add a job's row to the sweep's ``results.jsonl``, replacing any earlier row of the same
+    run directory (a sweep run again with ``checkpoint.resume=auto``): one row per job."""
     import fcntl
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    with open(sweep_dir / "results.jsonl", "a") as f:
+    line = json.dumps(json_safe(row), allow_nan=False) + "\n"
+    with open(sweep_dir / "results.jsonl", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(row) + "\n")
+        f.seek(0)
+        old = f.read().splitlines(keepends=True)
+        kept = [ln for ln in old if _row_dir(ln) != row["run_dir"]]
+        if len(kept) == len(old):
+            f.write(line)
+        else:
+            f.seek(0)
+            f.truncate()
+            f.writelines([*kept, line])
+        f.flush()
         fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _row_dir(line: str) -> str | None:
+    try:
+        return json.loads(line).get("run_dir")
+    except (json.JSONDecodeError, AttributeError):
+        return None  # (a row cut short: kept, the report lists it)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
-    summary = train(cfg, Path(hc.runtime.output_dir), sweep_dir)
+    overrides = list(hc.overrides.task)
+    summary = train(cfg, Path(hc.runtime.output_dir), sweep_dir, overrides)
     if sweep_dir is not None and distributed.launched_rank() == 0:
-        _append_row(
-            sweep_dir,
-            sweep_row(cfg, Path(summary["run_dir"]), summary, overrides=list(hc.overrides.task)),
-        )
+        _append_row(sweep_dir, sweep_row(cfg, Path(summary["run_dir"]), summary, overrides))
     return summary["eval"]["final_loss"]
 
 

@@ -80,7 +80,9 @@ class TaskSubspaceFilter:
             energy = torch.cumsum(sigma.double().square(), 0) / total
             below = int((energy < self.threshold).sum())
             k = below if self.reference else min(below + 1, sigma.numel())
-            state[KEY] = u[:, :k].contiguous()
+            # (a copy, not .contiguous(): LAPACK's U is column-major, so a one-column slice
+            # already counts as contiguous and would keep all of U's storage alive)
+            state[KEY] = u[:, :k].clone(memory_format=torch.contiguous_format)
             return k
         residual = m - old @ (old.T @ m)
         captured = (total - float(residual.square().sum())) / total

@@ -136,7 +136,7 @@ def test_sharded_directories_are_listed_resolved_and_pruned_with_files(tmp_path)
     assert names == ["step_00000001.pt", "step_00000002", "step_00000003"]
     assert checkpoint.resolve("auto", tmp_path).name == "step_00000003"
     assert checkpoint.resolve(str(ckpts / "step_00000002"), tmp_path).name == "step_00000002"
-    checkpoint.prune(tmp_path, keep_last=1)
+    checkpoint.prune(tmp_path, keep=1)
     assert sorted(p.name for p in ckpts.iterdir()) == [
         ".step_00000004.tmp",
         "step_00000003",

@@ -1,0 +1,185 @@
+"""Issue 20: a diverged run stops and says so, a run directory belongs to one run, checkpoints
+never lose the last good state (pruning, full disks, interrupted saves), and every JSON file we
+write is strict JSON."""
+
+import errno
+import json
+import shutil
+
+import pytest
+import torch
+
+from llm_pretrain import checkpoint, report, rundir
+from llm_pretrain.guard import Diverged
+from llm_pretrain.model import Llama
+from llm_pretrain.train import _append_row, train
+from tests.conftest import TINY, compose_cfg
+
+BASE = [*TINY, "trainer.eval_at_start=false"]
+
+
+def strict_rows(path):
+    """Every line parsed as strict JSON: NaN and Infinity are refused."""
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token} in {path}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def steps_on_disk(run_dir):
+    return [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run_dir / "checkpoints")]
+
+
+def test_a_diverging_run_stops_keeps_its_finite_checkpoints_and_says_so(tmp_path):
+    run, sweep = tmp_path / "run", tmp_path / "sweep"
+    overrides = ["trainer.lr=1e3", "checkpoint.every=2", "checkpoint.keep_last=2"]
+    # the issue's case: llama_tiny at lr 1e3 reaches NaN within a few steps
+    issue = ["model=llama_tiny", "trainer.global_batch_size=4", "trainer.micro_batch_size=4"]
+    issue += ["data.seq_len=64", "trainer.eval_every=0", "trainer.eval_at_start=false"]
+    issue += ["eval.tokens=1000", "trainer.log_every=1", "trainer.warmup_steps=5"]
+    cfg = compose_cfg([*issue, "trainer.progress=false", "trainer.max_steps=30", *overrides])
+    with pytest.raises(Diverged, match=r"non-finite .* at step \d+.*Lower the learning rate"):
+        train(cfg, run, sweep, overrides)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    bad = summary["diverged"]["step"]
+    assert summary["diverged"]["last_finite_step"] == bad - 1 == summary["steps"]
+    # every checkpoint on disk is from before the divergence, with finite weights
+    kept = steps_on_disk(run)
+    assert kept and max(kept) < bad
+    for p in checkpoint.list_checkpoints(run / "checkpoints"):
+        assert all(torch.isfinite(t).all() for t in checkpoint.load(p)["model"].values())
+    metrics = strict_rows(run / "metrics.jsonl")
+    assert max(r["step"] for r in metrics) < bad
+    (row,) = strict_rows(sweep / "results.jsonl")
+    assert row["status"] == "diverged" and row["overrides"] == overrides
+    assert row["diverged"]["step"] == bad
+    text = report.table(report.load_runs(sweep))
+    assert "### diverged" in text and "### failed" not in text
+
+
+def test_skip_step_drops_one_bad_update_and_trains_on(tmp_path, monkeypatch):
+    forward, calls = Llama.forward, {"n": 0}
+
+    def one_bad_batch(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if kwargs.get("reduction") == "sum":  # (the training step's calls only)
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third micro-batch: step 2's first
+                return out * float("inf")
+        return out
+
+    monkeypatch.setattr(Llama, "forward", one_bad_batch)
+    cfg = compose_cfg([*BASE, "trainer.max_steps=4", "trainer.on_nonfinite=skip_step"])
+    s = train(cfg, tmp_path)
+    assert s["status"] == "ok" and s["steps"] == 4 and s["skipped_steps"] == 1
+    rows = [r for r in strict_rows(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in rows if r["train/loss"] is None] == [2]
+    assert rows[1]["nonfinite"]["train/loss"] == "nan"  # (null in the row, and why)
+    assert rows[1]["train/skipped_steps"] == 1 and rows[2]["train/loss"] > 0
+
+
+def test_a_skipped_first_update_is_not_retried_forever(tmp_path, monkeypatch):
+    forward = Llama.forward
+    monkeypatch.setattr(Llama, "forward", lambda self, *a, **k: forward(self, *a, **k) * torch.nan)
+    overrides = ["trainer.on_nonfinite=skip_step", "trainer.max_nonfinite_skips=2"]
+    cfg = compose_cfg([*BASE, "trainer.max_steps=6", *overrides])
+    with pytest.raises(Diverged, match="after 2 skipped steps in a row.*no step of this"):
+        train(cfg, tmp_path)
+
+
+def test_a_fresh_run_refuses_a_directory_with_another_runs_files(tmp_path):
+    first = [*BASE, "trainer.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=5"]
+    train(compose_cfg(first), tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    again = [*BASE, "trainer.max_steps=3", "checkpoint.every=1"]
+    with pytest.raises(rundir.RunDirTaken, match=r"checkpoint\.overwrite=true"):
+        train(compose_cfg(again), tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing touched
+    s = train(compose_cfg([*again, "checkpoint.overwrite=true"]), tmp_path)
+    assert s["steps"] == 3 and steps_on_disk(tmp_path) == [2, 3]  # its own, none of the old
+    assert [r["step"] for r in strict_rows(tmp_path / "metrics.jsonl")][-1] == 3
+
+
+def test_resume_auto_cuts_the_metrics_to_the_resumed_step_and_refuses_a_later_checkpoint(
+    tmp_path,
+):
+    base = [*BASE, "checkpoint.every=2", "checkpoint.keep_last=5"]
+    train(compose_cfg([*base, "trainer.max_steps=5"]), tmp_path)
+    # a kill after step 5 left the rows of steps 5 (and a torn line); the last checkpoint is 4
+    (tmp_path / "summary.json").unlink()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train/lo')
+    s = train(compose_cfg([*base, "trainer.max_steps=6", "checkpoint.resume=auto"]), tmp_path)
+    steps = [r["step"] for r in strict_rows(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6] and s["steps"] == 6  # each step once
+    with pytest.raises(checkpoint.CheckpointError, match="past trainer.max_steps=5"):
+        train(compose_cfg([*base, "trainer.max_steps=5", "checkpoint.resume=auto"]), tmp_path)
+    s = train(compose_cfg([*base, "trainer.max_steps=6", "checkpoint.resume=auto"]), tmp_path)
+    assert s["steps"] == 6  # at max_steps: nothing to train, evaluated again
+
+
+def test_resume_auto_without_a_checkpoint_starts_over_only_an_unfinished_run(tmp_path):
+    train(compose_cfg([*BASE, "trainer.max_steps=2"]), tmp_path)  # finished, no checkpoint
+    auto = [*BASE, "trainer.max_steps=2", "checkpoint.resume=auto"]
+    with pytest.raises(rundir.RunDirTaken):
+        train(compose_cfg(auto), tmp_path)
+    (tmp_path / "summary.json").unlink()  # as if killed before its first checkpoint
+    assert train(compose_cfg(auto), tmp_path)["steps"] == 2
+    assert [r["step"] for r in strict_rows(tmp_path / "metrics.jsonl") if "train/loss" in r] == [
+        1,
+        2,
+    ]
+
+
+def test_pruning_keeps_the_checkpoint_just_written_and_needs_room_for_keep_last(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    for step in (35, 40):
+        checkpoint.save(checkpoint.checkpoint_path(tmp_path, step), {"step": step})
+    new = checkpoint.save(checkpoint.checkpoint_path(tmp_path, 5), {"step": 5})
+    checkpoint.prune(tmp_path, 2, newest=new)
+    assert steps_on_disk(tmp_path) == [5, 40]  # 35 went; 5, the run's own, stayed
+    checkpoint.make_room(tmp_path, 2)  # before the next save: one left, the new one makes 2
+    assert len(list(ckpts.iterdir())) == 1
+    checkpoint.make_room(tmp_path, 1)  # keep_last=1 keeps the old one until the new is whole
+    assert len(list(ckpts.iterdir())) == 1
+
+
+def test_a_full_disk_is_named_with_the_bytes_and_the_fix_and_leaves_no_temp_file(
+    tmp_path, monkeypatch
+):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    path = checkpoint.checkpoint_path(tmp_path, 3)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no room for checkpoint .*step_00000003"):
+        checkpoint.save(path, {"w": torch.zeros(1024)})
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # the temp file went too
+
+    monkeypatch.undo()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10))
+    cfg = compose_cfg([*BASE, "trainer.max_steps=2", "checkpoint.every=2"])
+    with pytest.raises(checkpoint.CheckpointError, match=r"MiB and 0\.0 MiB are free.*keep_last"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_interrupted_saves_temp_file_is_removed_at_start(tmp_path, caplog):
+    stale = tmp_path / "checkpoints" / ".step_00000004.pt.tmp-12345"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x" * 100)
+    caplog.set_level("INFO", logger="llm_pretrain")
+    train(compose_cfg([*BASE, "trainer.max_steps=1"]), tmp_path)
+    assert not stale.exists()
+    assert "left by an interrupted save (100 bytes)" in caplog.text
+
+
+def test_a_sweep_row_is_replaced_by_its_job_never_duplicated(tmp_path):
+    _append_row(tmp_path, {"run_dir": "s/0", "status": "failed", "x": float("nan")})
+    _append_row(tmp_path, {"run_dir": "s/1", "status": "ok"})
+    _append_row(tmp_path, {"run_dir": "s/0", "status": "ok"})
+    rows = strict_rows(tmp_path / "results.jsonl")
+    assert [(r["run_dir"], r["status"]) for r in rows] == [("s/1", "ok"), ("s/0", "ok")]
