@@ -177,20 +177,59 @@ def resolve(spec: str, run_dir: Path) -> Path | None:
     return path
 
 
-def load(path: Path) -> dict[str, Any]:
+# what a resume reads from a checkpoint (a sharded one's meta.pt has all but model and optimizer)
+RESUME_KEYS = ("step", "tokens_seen", "wall_time_s", "scheduler", "data", "rng", "fingerprint")
+WHOLE_KEYS = (*RESUME_KEYS, "model", "optimizer")
+
+
+def read(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with our messages: a file holding objects other than
+    tensors and plain values is refused as unsafe (never 'try weights_only=False'), a damaged
+    one as corrupt or truncated."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found is None:  # not a pickle of ours at all: damaged (quote the reason, not the hint)
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
+            raise CheckpointError(
+                f"{what} {path} is corrupt or truncated and cannot be read "
+                f"({detail[0] if detail else type(e).__name__}); delete it or resume from an "
+                "earlier one"
+            ) from None
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); delete it or resume from an earlier one"
-        ) from e
+            f"{what} {path} holds objects other than tensors and plain values "
+            f"({found.group(1)}), which could run code when loaded: it "
+            "will not be loaded. Use a checkpoint this project wrote"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"{what} {path} is corrupt or truncated and cannot be read ({type(e).__name__}: "
+            f"{first}); delete it or resume from an earlier one"
+        ) from None
+
+
+def require(payload: dict[str, Any], keys: tuple[str, ...], path: Path) -> dict[str, Any]:
+    """Name what a checkpoint lacks, rather than fail on the first key read."""
+    missing = [k for k in keys if k not in payload]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(missing)}: it was not written by a complete "
+            "save of this project; resume from another checkpoint"
+        )
+    return payload
+
+
+def load(path: Path, keys: tuple[str, ...] = WHOLE_KEYS) -> dict[str, Any]:
+    """A single-file checkpoint, checked for our format and for ``keys``."""
+    payload = read(path)
     found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
     if found != FORMAT:
         raise CheckpointError(
             f"{path} is not an llm_pretrain checkpoint (format {found!r}, expected {FORMAT!r})"
         )
-    return payload
+    return require(payload, keys, path)
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

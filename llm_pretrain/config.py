@@ -7,13 +7,14 @@ of the wrong type fails at composition time with Hydra's own message, before any
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from llm_pretrain.optim import METHODS, signature_defaults
 
@@ -271,6 +272,141 @@ def check_known_keys(cfg: DictConfig, path: str = "") -> None:
             check_known_keys(child, f"{path}{key}.")
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """The values a setting may take: a numeric range (finite; ``open_low``/``open_high``
+    exclude the end) or a set of choices; ``null`` only where ``nullable``. A list value (betas)
+    is checked element by element."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False
+    note: str = ""  # what 0 (or null) means, for the message
+
+    def problem(self, value: typing.Any) -> str | None:
+        if value is None:
+            return None if self.nullable else "must be set (null is not allowed)"
+        if isinstance(value, (list, tuple)):
+            return next((p for p in map(self.problem, value) if p), None)
+        if self.choices is not None:
+            return None if value in self.choices else f"must be one of {', '.join(self.choices)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, not {type(value).__name__}"
+        if not math.isfinite(value):
+            return "must be finite"
+        below = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        above = self.high is not None and (
+            value >= self.high if self.open_high else value > self.high
+        )
+        if below or above:
+            lo = "(-inf" if self.low is None else "(["[not self.open_low] + f"{self.low:g}"
+            hi = "inf)" if self.high is None else f"{self.high:g}" + ")]"[not self.open_high]
+            return f"must be in {lo}, {hi}" + (f" ({self.note})" if self.note else "")
+        return None
+
+
+POSITIVE = Allowed(0, open_low=True)
+AT_LEAST_1 = Allowed(1)
+NON_NEGATIVE = Allowed(0)
+FRACTION = Allowed(0, 1)
+BETA = Allowed(0, 1, open_high=True)
+
+# Every constrained setting, checked before any work (``check_values``); a key absent from a
+# config (an optimizer without ``rank``) is skipped. Free-form strings (paths, names) are checked
+# where they are opened; types are Hydra's (the schemas above).
+VALUES: dict[str, Allowed] = {
+    "model.hidden_size": AT_LEAST_1,
+    "model.intermediate_size": AT_LEAST_1,
+    "model.num_heads": AT_LEAST_1,
+    "model.num_layers": AT_LEAST_1,
+    "model.vocab_size": AT_LEAST_1,
+    "model.max_position_embeddings": AT_LEAST_1,
+    "model.rms_norm_eps": POSITIVE,
+    "model.rope_theta": POSITIVE,
+    "model.init_std": POSITIVE,
+    "model.attention": Allowed(choices=("auto", "sdpa", "flash")),
+    "model.num_kv_heads": Allowed(1, nullable=True),
+    "data.source": Allowed(choices=("builtin", "files", "c4", "tasks")),
+    "data.seq_len": Allowed(2),
+    "data.layout": Allowed(choices=("packed", "paper")),
+    "data.val_docs": AT_LEAST_1,
+    "data.split": Allowed(choices=("shards", "documents"), nullable=True),
+    "data.num_workers": NON_NEGATIVE,
+    "data.builtin_vocab_size": AT_LEAST_1,
+    "data.tasks.order": Allowed(choices=("mixed", "sequential")),
+    "data.tasks.epochs": AT_LEAST_1,
+    "data.tasks.steps_per_task": Allowed(0, note="0: from data.tasks.epochs"),
+    "data.tasks.train_per_class": Allowed(1, nullable=True),
+    "data.tasks.eval_per_class": Allowed(1, nullable=True),
+    "data.tasks.train_fraction": Allowed(0, 1, open_low=True, open_high=True),
+    "data.tasks.unknown_labels": Allowed(choices=("error", "drop")),
+    "data.tasks.metric": Allowed(choices=("generate", "options")),
+    "trainer.lr": Allowed(0, open_low=True, nullable=True),
+    "trainer.max_steps": Allowed(1, nullable=True),
+    "trainer.global_batch_size": AT_LEAST_1,
+    "trainer.micro_batch_size": AT_LEAST_1,
+    "trainer.warmup_steps": NON_NEGATIVE,
+    "trainer.scheduler": Allowed(choices=("cosine", "linear", "constant")),
+    "trainer.min_lr_ratio": FRACTION,
+    "trainer.grad_clip": Allowed(0, note="0: no clipping"),
+    "trainer.precision": Allowed(choices=("auto", "fp32", "bf16_autocast", "bf16")),
+    "trainer.device": Allowed(choices=("auto", "cpu", "cuda")),
+    "trainer.log_every": AT_LEAST_1,
+    "trainer.eval_every": Allowed(0, note="0: only at the start and the end"),
+    "trainer.max_time_s": Allowed(0, note="0: no time limit"),
+    "trainer.parallelism": Allowed(choices=("ddp", "fsdp")),
+    "trainer.on_nonfinite": Allowed(choices=("stop", "skip_step")),
+    "trainer.max_nonfinite_skips": AT_LEAST_1,
+    "eval.tokens": AT_LEAST_1,
+    "eval.batch_size": AT_LEAST_1,
+    "eval.compat": Allowed(choices=("none", "galore")),
+    "checkpoint.every": Allowed(0, note="0: no checkpoint during the run"),
+    "checkpoint.keep_last": Allowed(0, note="0: keep every checkpoint"),
+    "logger.mode": Allowed(choices=("online", "offline", "disabled")),
+    # the optimizers' common settings, whichever method has them
+    "optimizer.lr": POSITIVE,
+    "optimizer.adamw_lr": Allowed(0, open_low=True, nullable=True),
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.eps": Allowed(0, open_low=True, nullable=True),
+    "optimizer.adamw_eps": POSITIVE,
+    "optimizer.eps2": POSITIVE,
+    "optimizer.betas": BETA,
+    "optimizer.adamw_betas": BETA,
+    "optimizer.momentum": BETA,
+    "optimizer.scale": POSITIVE,
+    "optimizer.rank": Allowed(1, nullable=True),
+    "optimizer.update_gap": AT_LEAST_1,
+    "optimizer.interval": AT_LEAST_1,
+    "optimizer.active_layers": AT_LEAST_1,
+    "optimizer.density": Allowed(0, 1, open_low=True),
+    "optimizer.threshold": Allowed(0, 1, open_low=True),
+    "optimizer.ns_steps": AT_LEAST_1,
+    "optimizer.window": AT_LEAST_1,
+    "optimizer.queue_size": AT_LEAST_1,
+}
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse a setting outside its range or choices (``VALUES``), naming the key, before any
+    work: a negative ``min_lr_ratio`` would ascend, ``log_every=0`` divide by zero after a
+    step, ``eval.batch_size=0`` fail after all of training."""
+    for key, allowed in VALUES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        problem = allowed.problem(value)
+        if problem is not None:
+            raise ValueError(f"{key}={value!r} {problem}")
+
+
+_ABSENT = object()
+
+
 def check_experiment(cfg: DictConfig) -> None:
     """A paper recipe has settings for some model sizes only: name them, rather than let an
     interpolation of the recipe table fail on the first key it reads."""
@@ -291,9 +427,22 @@ def _hf_model_field(key: str, _root_) -> typing.Any:
     return hf.read_config(hf.model_source(_root_.trainer.init_from))[key]
 
 
+def help_groups() -> str:
+    """``--help``'s list of config groups: the YAML files a user picks from, without the schemas
+    (``base_*``) and the per-experiment settings (``experiment_optimizer/``) Hydra would list."""
+    lines = []
+    for group in sorted(p for p in CONF_DIR.rglob("*") if p.is_dir()):
+        name = group.relative_to(CONF_DIR).as_posix()
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        if options and not name.startswith("experiment_optimizer"):
+            lines.append(f"{name}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def register_configs() -> None:
     """Register the schemas that the YAML files under ``conf/`` extend."""
     OmegaConf.register_new_resolver("hf_model", _hf_model_field, replace=True)
+    OmegaConf.register_new_resolver("help_groups", help_groups, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)

@@ -66,7 +66,7 @@ def load_trained_model(ckpt: Path, cfg: DictConfig) -> Llama:
         sharded_checkpoint.load_meta(ckpt)  # refuses another format before anything is read
         state = sharded_checkpoint.consolidate_model(ckpt)
     else:
-        state = checkpoint.load(ckpt)["model"]
+        state = checkpoint.load(ckpt, keys=("model",))["model"]
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -164,13 +164,14 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from llm_pretrain.config import CONF_DIR, check_known_keys, register_configs
+    from llm_pretrain.config import CONF_DIR, check_known_keys, check_values, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     check_known_keys(cfg)
+    check_values(cfg)
     return cfg
 
 

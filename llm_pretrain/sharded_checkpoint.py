@@ -36,7 +36,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from llm_pretrain import distributed
+from llm_pretrain import checkpoint, distributed
 from llm_pretrain.checkpoint import SHARDED_META, CheckpointError
 
 FORMAT = "llm_pretrain.dcp/1"
@@ -196,21 +196,15 @@ def save(path: Path, model: nn.Module, optimizer, meta: dict[str, Any]) -> Path:
     return path
 
 
-def load_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = torch.load(path / META, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"checkpoint {path / META} is corrupt or truncated ({type(e).__name__}); delete the "
-            "checkpoint or resume from an earlier one"
-        ) from e
+def load_meta(path: Path, keys: tuple[str, ...] = checkpoint.RESUME_KEYS) -> dict[str, Any]:
+    meta = checkpoint.read(path / META, "checkpoint metadata")
     found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
     if found != FORMAT:
         raise CheckpointError(
             f"{path} is not a sharded llm_pretrain checkpoint (format {found!r}, expected "
             f"{FORMAT!r})"
         )
-    return meta
+    return checkpoint.require(meta, keys, path)
 
 
 def load_into(path: Path, meta: dict[str, Any], model: nn.Module, optimizer) -> None:
@@ -298,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     source, out = Path(args[1]), Path(args[2])
     if not is_sharded_checkpoint(source):
         raise SystemExit(f"{source}: not a sharded checkpoint directory (no {META})\n\n{USAGE}")
-    load_meta(source)  # refuses another format before anything is read
+    load_meta(source, keys=())  # refuses another format before anything is read
     model = consolidate_model(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

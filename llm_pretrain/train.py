@@ -48,7 +48,13 @@ from llm_pretrain import (
     tasks,
 )
 from llm_pretrain import optim as optimizers
-from llm_pretrain.config import CONF_DIR, check_experiment, check_known_keys, register_configs
+from llm_pretrain.config import (
+    CONF_DIR,
+    check_experiment,
+    check_known_keys,
+    check_values,
+    register_configs,
+)
 from llm_pretrain.evaluate import evaluate
 from llm_pretrain.guard import Diverged, NonFiniteGuard, grads_finite, weights_finite
 from llm_pretrain.loggers import RunLogger, json_safe
@@ -712,6 +718,8 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, floa
 def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str, Any]:
     t_start = time.perf_counter()
     tc = cfg.trainer
+    check_known_keys(cfg)  # (before the run directory is touched)
+    check_values(cfg)
     resume_from = (
         checkpoint.resolve(cfg.checkpoint.resume, run_dir) if cfg.checkpoint.resume else None
     )

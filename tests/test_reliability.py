@@ -183,3 +183,29 @@ def test_a_sweep_row_is_replaced_by_its_job_never_duplicated(tmp_path):
     _append_row(tmp_path, {"run_dir": "s/0", "status": "ok"})
     rows = strict_rows(tmp_path / "results.jsonl")
     assert [(r["run_dir"], r["status"]) for r in rows] == [("s/1", "ok"), ("s/0", "ok")]
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_an_unsafe_or_incomplete_checkpoint_is_refused_with_what_is_wrong(tmp_path):
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": checkpoint.FORMAT, "step": _Hostile()}, hostile)
+    with pytest.raises(checkpoint.CheckpointError, match="could run code.*will not be loaded") as e:
+        checkpoint.load(hostile)
+    assert "weights_only" not in str(e.value) and "corrupt" not in str(e.value)
+    bare = tmp_path / "bare.pt"
+    torch.save({"format": checkpoint.FORMAT}, bare)
+    with pytest.raises(checkpoint.CheckpointError, match="lacks step, tokens_seen, .*optimizer"):
+        train(compose_cfg([*BASE, f"checkpoint.resume={bare}"]), tmp_path / "run")
+
+
+def test_help_lists_what_a_user_picks_and_hides_the_internal_groups(tmp_path):
+    from tests.conftest import run_cli
+
+    out = run_cli(["--help"], cwd=tmp_path)
+    assert out.returncode == 0
+    assert "optimizer: adafactor, adam_mini, adamw," in out.stdout
+    assert "base_" not in out.stdout and "experiment_optimizer" not in out.stdout
