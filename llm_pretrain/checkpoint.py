@@ -232,6 +232,56 @@ def load(path: Path, keys: tuple[str, ...] = WHOLE_KEYS) -> dict[str, Any]:
     return require(payload, keys, path)
 
 
+# Settings a resume may change: how long to train, how to log, evaluate, checkpoint and stop,
+# and where to run. Every other setting (the model, the data, the optimizer's, the lr and its
+# schedule, the batch geometry, precision, seed) shapes the optimizer state or the schedule that
+# was saved, so a resume that changes one is refused by name.
+RESUME_MAY_CHANGE = (
+    "trainer.max_steps",  # (a longer run: the schedule now spans the new length)
+    "trainer.max_time_s",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "trainer.eval_at_start",
+    "trainer.progress",
+    "trainer.phase_timing",
+    "trainer.compile",
+    "trainer.device",
+    "trainer.parallelism",  # (checkpoints reshard: sharded_checkpoint.py)
+    "trainer.init_from",  # (a resume loads the checkpoint's weights, not these)
+    "trainer.memory_snapshot",
+    "trainer.on_nonfinite",
+    "trainer.max_nonfinite_skips",
+    "trainer.grad_clip",
+    "eval.",
+    "checkpoint.",
+    "logger.",
+    "experiment.",
+    "run_name",
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
+    """Keys whose value differs between a checkpoint's config and this run's, split into
+    (allowed: ``RESUME_MAY_CHANGE``, refused), each as key -> (saved, current)."""
+    old, new = _flat(saved), _flat(current)
+    changed = {
+        k: (old.get(k, "<absent>"), new.get(k, "<absent>"))
+        for k in sorted(set(old) | set(new))
+        if old.get(k, "<absent>") != new.get(k, "<absent>")
+    }
+    allowed = {k: v for k, v in changed.items() if k.startswith(RESUME_MAY_CHANGE)}
+    return allowed, {k: v for k, v in changed.items() if k not in allowed}
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse a resume whose config changed in a way that breaks exact continuation."""
     diffs = [

@@ -77,6 +77,10 @@ class DataConfig:
     val_path: str | None = None  # files: glob(s) of held-out documents
     val_docs: int = 200  # files without val_path: the first N documents are held out
     text_field: str = "text"
+    encoding: str = "utf-8"  # files: their text encoding (latin-1, cp1252, ...)
+    # files: a byte the encoding cannot decode stops before training, naming the file and the
+    # position (stop), or becomes U+FFFD (replace)
+    on_decode_error: str = "stop"
     hf_name: str = "allenai/c4"  # c4 source
     hf_config: str = "en"
     shuffle_shards: bool = True
@@ -335,6 +339,7 @@ VALUES: dict[str, Allowed] = {
     "data.val_docs": AT_LEAST_1,
     "data.split": Allowed(choices=("shards", "documents"), nullable=True),
     "data.num_workers": NON_NEGATIVE,
+    "data.on_decode_error": Allowed(choices=("stop", "replace")),
     "data.builtin_vocab_size": AT_LEAST_1,
     "data.tasks.order": Allowed(choices=("mixed", "sequential")),
     "data.tasks.epochs": AT_LEAST_1,

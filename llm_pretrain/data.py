@@ -27,8 +27,12 @@ so a checkpoint records exactly what training consumed.
 
 from __future__ import annotations
 
+import bz2
+import codecs
 import glob
+import gzip
 import logging
+import lzma
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -219,13 +223,61 @@ def _format_of(path: str, key: str) -> str:
     return fmt
 
 
-def _local_dataset(files: list[str], key: str):
+OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def check_files(files: list[str], key: str, encoding: str, on_error: str) -> None:
+    """Read every text file once before training: an empty file, or one the encoding cannot
+    decode, is refused by name (with the byte position and the fix) instead of failing
+    mid-training, deep inside the reader, without the file's name."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"data.encoding={encoding!r}: not an encoding Python knows") from None
+    for f in files:
+        stat = Path(f).stat()
+        seen = (f, stat.st_size, stat.st_mtime_ns, encoding, on_error)
+        if _format_of(f, key) == "parquet" or seen in _CHECKED:
+            continue  # (parquet: binary, its text columns UTF-8 by definition)
+        opener = OPENERS.get(Path(f).suffix, open)
+        decoder = codecs.getincrementaldecoder(encoding)("strict")
+        size = 0
+        with opener(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                if on_error == "stop":
+                    try:
+                        decoder.decode(chunk)
+                    except UnicodeDecodeError as e:
+                        raise ValueError(
+                            f"{key}: {f} is not valid {encoding} (byte {size + e.start:,}: "
+                            f"{e.reason}). Set data.encoding to its encoding (e.g. latin-1), or "
+                            "data.on_decode_error=replace to read undecodable bytes as U+FFFD, "
+                            "or remove the file from the glob"
+                        ) from None
+                size += len(chunk)
+        if size == 0:
+            raise ValueError(f"{key}: {f} is empty; remove it from the glob or give it documents")
+        _CHECKED.add(seen)
+
+
+_CHECKED: set[tuple] = set()  # files read once already (train and validation share them)
+
+
+def _local_dataset(files: list[str], key: str, encoding: str = "utf-8", on_error: str = "stop"):
+    fmt = _format_of(files[0], key)
+    options = {}
+    if fmt != "parquet":
+        # datasets applies encoding_errors only when the encoding is not spelled "utf-8"
+        name = codecs.lookup(encoding).name
+        options = {
+            "encoding": "utf_8" if name == "utf-8" and on_error == "replace" else encoding,
+            "encoding_errors": "replace" if on_error == "replace" else "strict",
+        }
+
     def make():
         from datasets import load_dataset
 
-        return load_dataset(
-            _format_of(files[0], key), data_files=files, split="train", streaming=True
-        )
+        return load_dataset(fmt, data_files=files, split="train", streaming=True, **options)
 
     return make
 
@@ -257,15 +309,17 @@ def document_source(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Docume
                 ("data.path", cfg.path) if split == "train" else ("data.val_path", cfg.val_path)
             )
             files = _resolve_files(spec, key)
+            check_files(files, key, cfg.encoding, cfg.on_decode_error)
             return HFDocuments(
-                _local_dataset(files, key),
+                _local_dataset(files, key, cfg.encoding, cfg.on_decode_error),
                 shuffle=cfg.shuffle_shards and split == "train",
                 where=key,
                 by_document=by_document,
                 **common,
             )
         files = _resolve_files(cfg.path, "data.path")
-        make = _local_dataset(files, "data.path")
+        check_files(files, "data.path", cfg.encoding, cfg.on_decode_error)
+        make = _local_dataset(files, "data.path", cfg.encoding, cfg.on_decode_error)
         if split == "validation":  # the first val_docs documents are held out
             return HFDocuments(make, shuffle=False, take=cfg.val_docs, where="data.path", **common)
         train = HFDocuments(

@@ -468,6 +468,32 @@ def claim_run_dir(
         raise rundir.RunDirTaken(refusal)
 
 
+def check_resumed_settings(job: Job, saved: dict | None, path: Path) -> None:
+    """Compare every setting with the checkpoint's: the ones a resume may change
+    (``checkpoint.RESUME_MAY_CHANGE``) are applied, each with a log line; any other change is
+    refused by key, as the saved state and schedule would silently not follow it. (Checkpoints
+    written before the config was saved are compared by fingerprint only.)"""
+    if saved is None:
+        if job.di.is_main:
+            log.warning(f"{path} predates saved configs: only its fingerprint was compared")
+        return
+    allowed, refused = checkpoint.config_changes(
+        saved, OmegaConf.to_container(job.cfg, resolve=True)
+    )
+    if refused:
+        listed = "; ".join(
+            f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items()
+        )
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was written with other settings ({listed}); the saved optimizer "
+            "state and schedule would not follow them. Resume with the checkpoint's values, or "
+            "start a new run (trainer.init_from loads its weights only)"
+        )
+    if job.di.is_main:
+        for k, (old, new) in allowed.items():
+            log.info(f"resume: {k} is {new!r} now ({old!r} in the checkpoint), applied")
+
+
 def restore(job: Job, state: dict[str, Any], path: Path) -> None:
     """Resume from a single-file checkpoint (DDP, one process) or a DCP directory (FSDP2), on
     this run's number of ranks and parallelism, whichever wrote it."""
@@ -481,6 +507,7 @@ def restore(job: Job, state: dict[str, Any], path: Path) -> None:
     saved.setdefault("kv_heads_tied", [saved["model"][2], False])
     saved.setdefault("tasks", None)
     checkpoint.check_compatible(saved, current, path)
+    check_resumed_settings(job, state.get("config"), path)
     max_steps = job.cfg.trainer.max_steps
     if state["step"] > max_steps:
         raise checkpoint.CheckpointError(
@@ -553,6 +580,7 @@ def save(job: Job, wall_s: float) -> None:
         "data": [s[0] for s in states],
         "rng": [s[1] for s in states],
         "fingerprint": job.fingerprint,
+        "config": OmegaConf.to_container(job.cfg, resolve=True),  # (a resume compares it all)
         "task_matrix": job.taskrun.matrix if job.taskrun is not None else None,
         "task_state_bytes": job.taskrun.state_bytes if job.taskrun is not None else None,
         "wandb_id": job.logger.wandb_id if job.logger else None,

@@ -209,3 +209,46 @@ def test_help_lists_what_a_user_picks_and_hides_the_internal_groups(tmp_path):
     assert out.returncode == 0
     assert "optimizer: adafactor, adam_mini, adamw," in out.stdout
     assert "base_" not in out.stdout and "experiment_optimizer" not in out.stdout
+
+
+def test_a_resume_applies_only_the_settings_it_may_change_and_refuses_the_rest(tmp_path, caplog):
+    base = [*BASE, "optimizer=galore", "optimizer.rank=4", "checkpoint.every=2"]
+    train(compose_cfg([*base, "trainer.max_steps=2"]), tmp_path)
+    resume = [*base, "checkpoint.resume=auto"]
+    for changed in (["trainer.lr=0.03"], ["optimizer.rank=8"], ["trainer.scheduler=linear"]):
+        key = changed[0].split("=")[0]
+        with pytest.raises(checkpoint.CheckpointError, match=rf"other settings \(.*{key}: "):
+            train(compose_cfg([*resume, "trainer.max_steps=3", *changed]), tmp_path)
+    caplog.set_level("INFO", logger="llm_pretrain")
+    s = train(compose_cfg([*resume, "trainer.max_steps=3", "trainer.log_every=2"]), tmp_path)
+    assert s["steps"] == 3
+    assert "resume: trainer.max_steps is 3 now (2 in the checkpoint), applied" in caplog.text
+    assert "resume: trainer.log_every is 2 now (1 in the checkpoint), applied" in caplog.text
+
+
+def test_a_file_the_encoding_cannot_read_or_an_empty_one_is_refused_before_training(tmp_path):
+    from tests.conftest import T5_SPIECE
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = "".join(f"document number {i} about the weather and the sea\n" for i in range(60))
+    (corpus / "a.txt").write_text(text)
+    (corpus / "b.txt").write_bytes(("café " * 40 + "\n").encode("latin-1") * 20)
+    files = [
+        *BASE,
+        "data=files",
+        f"data.path={corpus}/*.txt",
+        f"data.tokenizer={T5_SPIECE}",
+        "model.vocab_size=32000",
+        "data.val_docs=10",
+        "trainer.max_steps=1",
+    ]
+    with pytest.raises(ValueError, match=r"b\.txt is not valid utf-8 \(byte 3: .*latin-1"):
+        train(compose_cfg(files), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before any work
+    assert train(compose_cfg([*files, "data.encoding=latin-1"]), tmp_path / "l1")["steps"] == 1
+    s = train(compose_cfg([*files, "data.on_decode_error=replace"]), tmp_path / "rep")
+    assert s["steps"] == 1
+    (corpus / "c.txt").write_text("")
+    with pytest.raises(ValueError, match=r"c\.txt is empty"):
+        train(compose_cfg([*files, "data.encoding=latin-1"]), tmp_path / "empty")

@@ -43,6 +43,7 @@ FREE_STRINGS = {
     "data.path",
     "data.val_path",
     "data.text_field",
+    "data.encoding",  # (codecs.lookup, when the files are checked)
     "data.hf_name",
     "data.hf_config",
     "data.tasks.root",
