@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint bench bench-optim bench-dist cpu-bench cl-bench clean
+.PHONY: setup run test lint bench bench-optim bench-dist cpu-bench cl-bench soak clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,13 @@ cl-bench: $(STAMP)
 	$(PY) -m llm_pretrain.train -m experiment=cl_bench optimizer=$(CL_METHODS) \
 		trainer.init_from=$(CL_BENCH_DIR)/base hydra.sweep.dir=$(CL_BENCH_DIR)/sweep $(ARGS)
 	$(PY) -m llm_pretrain.report $(CL_BENCH_DIR)/sweep
+
+# Fault injection (docs/reliability.md): kill -9, SIGTERM and a file-size limit against real
+# runs on the built-in corpus and the C4 sample, each resumed and compared bit for bit with an
+# uninterrupted run; SOAK_MINUTES of trials after one of each kind.
+SOAK_MINUTES ?= 15
+soak: $(STAMP)
+	$(PY) tests/soak.py --minutes $(SOAK_MINUTES) --json outputs/soak.json
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -65,15 +65,25 @@ def save(path: Path, payload: dict[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointError(no_room_message(path, tensor_nbytes(payload))) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        full = _no_room_error(e)
+        if full is not None:
+            reason = f" ({full.strerror})" if full.errno == errno.EFBIG else ""
+            raise CheckpointError(no_room_message(path, tensor_nbytes(payload)) + reason) from e
         raise
     return path
+
+
+def _no_room_error(e: BaseException | None) -> OSError | None:
+    """The full-disk (or quota, or file-size limit) error behind ``e``, if any: torch's zip
+    writer turns one into a RuntimeError about the file position when it closes."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def tensor_nbytes(obj: Any) -> int:
@@ -251,6 +261,7 @@ RESUME_MAY_CHANGE = (
     "trainer.memory_snapshot",
     "trainer.on_nonfinite",
     "trainer.max_nonfinite_skips",
+    "trainer.dist_timeout_s",
     "trainer.grad_clip",
     "eval.",
     "checkpoint.",
@@ -271,12 +282,11 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
     """Keys whose value differs between a checkpoint's config and this run's, split into
-    (allowed: ``RESUME_MAY_CHANGE``, refused), each as key -> (saved, current)."""
+    (allowed: ``RESUME_MAY_CHANGE``, refused), each as key -> (saved, current). A key the
+    checkpoint lacks is a setting added since it was written: not compared."""
     old, new = _flat(saved), _flat(current)
     changed = {
-        k: (old.get(k, "<absent>"), new.get(k, "<absent>"))
-        for k in sorted(set(old) | set(new))
-        if old.get(k, "<absent>") != new.get(k, "<absent>")
+        k: (old[k], new.get(k, "<absent>")) for k in sorted(old) if old[k] != new.get(k, "<absent>")
     }
     allowed = {k: v for k, v in changed.items() if k.startswith(RESUME_MAY_CHANGE)}
     return allowed, {k: v for k, v in changed.items() if k not in allowed}

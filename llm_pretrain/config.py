@@ -191,6 +191,9 @@ class TrainerConfig:
     # from then on) | skip_step (drop that update; stop after max_nonfinite_skips in a row)
     on_nonfinite: str = "stop"
     max_nonfinite_skips: int = 10
+    # several ranks: a collective that waits longer than this fails on every rank (a rank that
+    # stalled or died), instead of hanging for torch's default 30 minutes
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -336,7 +339,7 @@ VALUES: dict[str, Allowed] = {
     "data.source": Allowed(choices=("builtin", "files", "c4", "tasks")),
     "data.seq_len": Allowed(2),
     "data.layout": Allowed(choices=("packed", "paper")),
-    "data.val_docs": AT_LEAST_1,
+    "data.val_docs": Allowed(0, note="0: none held out, with data.val_path"),
     "data.split": Allowed(choices=("shards", "documents"), nullable=True),
     "data.num_workers": NON_NEGATIVE,
     "data.on_decode_error": Allowed(choices=("stop", "replace")),
@@ -365,6 +368,7 @@ VALUES: dict[str, Allowed] = {
     "trainer.parallelism": Allowed(choices=("ddp", "fsdp")),
     "trainer.on_nonfinite": Allowed(choices=("stop", "skip_step")),
     "trainer.max_nonfinite_skips": AT_LEAST_1,
+    "trainer.dist_timeout_s": POSITIVE,
     "eval.tokens": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1,
     "eval.compat": Allowed(choices=("none", "galore")),

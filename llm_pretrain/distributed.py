@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -50,9 +51,9 @@ def export_submitit_environment() -> bool:
     return True
 
 
-def init(device: str = "auto") -> DistInfo:
+def init(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
     """Join the process group torchrun or submitit describes (gloo on CPU, NCCL on CUDA) and pick
-    a device."""
+    a device. ``timeout_s``: how long a collective waits for a peer before failing."""
     export_submitit_environment()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -70,7 +71,8 @@ def init(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **timeout)
     return DistInfo(rank, world, local_rank, dev)
 
 

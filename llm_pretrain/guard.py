@@ -68,6 +68,7 @@ class NonFiniteGuard:
     last_finite: tuple[int, float] | None = None  # (step, global mean loss)
     skipped: int = 0  # steps skipped so far (skip_step)
     in_a_row: int = 0
+    stop_requested: bool = False  # a rank was signalled (preemption.py): stop after this step
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -86,14 +87,19 @@ class NonFiniteGuard:
         label_tokens: float,
         grads_ok: torch.Tensor | None,
         device: torch.device,
+        signalled: bool = False,
     ) -> tuple[bool, float]:
         """Step ``step`` (1-based) has run backward: returns (apply its update?, the global mean
-        loss). Raises ``Diverged`` in stop mode, or after ``max_skips`` skips in a row."""
+        loss). Raises ``Diverged`` in stop mode, or after ``max_skips`` skips in a row. The same
+        all-reduce carries ``signalled`` (this rank got a stop signal) into
+        ``stop_requested``."""
         loss_bad = float(not bool(torch.isfinite(loss_sum)))
         grad_bad = float(not bool(grads_ok)) if grads_ok is not None else 0.0
-        total, loss_bad, grad_bad = distributed.sum_over_ranks(
-            [float(loss_sum) if not loss_bad else 0.0, loss_bad, grad_bad], device
+        total, loss_bad, grad_bad, signals = distributed.sum_over_ranks(
+            [float(loss_sum) if not loss_bad else 0.0, loss_bad, grad_bad, float(signalled)],
+            device,
         )
+        self.stop_requested = self.stop_requested or signals > 0
         loss = math.nan if loss_bad else total / max(label_tokens, 1.0)
         if not loss_bad and not grad_bad:
             self.last_finite, self.in_a_row = (step, loss), 0

@@ -61,6 +61,7 @@ from llm_pretrain.loggers import RunLogger, json_safe
 from llm_pretrain.memory import MemoryReport, activation_bytes, unique_nbytes
 from llm_pretrain.memory_estimate import Estimate, estimate
 from llm_pretrain.model import IGNORE_INDEX, Llama, build_model, kv_heads
+from llm_pretrain.preemption import REQUEUE_EXIT, Preempted, PreemptionHandler
 from llm_pretrain.schedule import build_scheduler
 from llm_pretrain.summary import format_summary, sweep_row
 from llm_pretrain.tokenizer import load_tokenizer
@@ -184,7 +185,7 @@ def train(
 ) -> dict[str, Any]:
     """Run one training job; returns the summary (also written to ``run_dir/summary.json``).
     In a sweep, a job that fails or diverges still gets its row, with its overrides."""
-    dist_info = distributed.init(cfg.trainer.device)
+    dist_info = distributed.init(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     if sweep_dir is not None and cfg.logger.group is None:
         cfg.logger.group = f"sweep-{Path(sweep_dir).name}"  # one wandb group per sweep
     try:
@@ -198,8 +199,8 @@ def train(
     except Exception as e:
         # (a refused run directory keeps the row of the run that owns it)
         if sweep_dir is not None and dist_info.is_main and not isinstance(e, rundir.RunDirTaken):
-            status = "diverged" if isinstance(e, Diverged) else "failed"
-            error = str(e) if status == "diverged" else f"{type(e).__name__}: {e}"
+            status = {Diverged: "diverged", Preempted: "preempted"}.get(type(e), "failed")
+            error = str(e) if status != "failed" else f"{type(e).__name__}: {e}"
             row = sweep_row(cfg, run_dir, None, overrides, error=error, status=status)
             if isinstance(e, Diverged):
                 row["diverged"] = e.record()
@@ -241,6 +242,7 @@ class Job:
     train_model: torch.nn.Module | None = None
     last_micro: LastMicroBatch = field(default_factory=LastMicroBatch)
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
+    preemption: PreemptionHandler = field(default_factory=PreemptionHandler)
     step: int = 0
     tokens_seen: int = 0
     prior_wall_s: float = 0.0
@@ -549,7 +551,14 @@ def restore(job: Job, state: dict[str, Any], path: Path) -> None:
         log.info(f"resumed from {path} at step {job.step} ({job.tokens_seen:,} tokens seen)")
 
 
-def save(job: Job, wall_s: float) -> None:
+def saved_path(job: Job) -> Path:
+    """Where ``save`` puts this step's checkpoint: a file, or a directory under FSDP2."""
+    if parallel.sharded(job.cfg, job.di.world_size):
+        return checkpoint.checkpoint_dir(job.run_dir, job.step)
+    return checkpoint.checkpoint_path(job.run_dir, job.step)
+
+
+def save(job: Job, wall_s: float) -> Path:
     """Every rank contributes its data position and RNG state; rank 0 writes the file (under
     FSDP2 every rank writes its shards of one directory). Non-finite weights are never saved:
     that raises ``Diverged`` instead, so ``keep_last`` never prunes a good checkpoint for a bad
@@ -595,9 +604,10 @@ def save(job: Job, wall_s: float) -> None:
             {**meta, "model": job.model.state_dict(), "optimizer": job.optimizer.state_dict()},
         )
     if not job.di.is_main:
-        return
+        return saved_path(job)
     checkpoint.prune(job.run_dir, job.cfg.checkpoint.keep_last, newest=path)
     log.info(f"saved {path}")
+    return path
 
 
 def attach_per_layer_updates(
@@ -717,7 +727,10 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, floa
             grads_ok = torch.isfinite(grad_norm)
         elif job.guard.checks_gradients:
             grads_ok = grads_finite(applied)
-    apply, loss = job.guard.check(job.step + 1, loss_sum, label_tokens, grads_ok, di.device)
+    signalled = job.preemption.received is not None
+    apply, loss = job.guard.check(
+        job.step + 1, loss_sum, label_tokens, grads_ok, di.device, signalled
+    )
     if apply:
         # (per-layer: every gradient is consumed; this only counts the step and lets samplers
         # switch)
@@ -821,6 +834,7 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     batches = iter(job.loader)
     job.train_model.train()
     first_of_process = job.step  # (a resumed run starts later)
+    job.preemption.install()
     try:
         while job.step < tc.max_steps:
             first_step = job.memory.weights == 0  # this process's first: memory gets measured
@@ -881,9 +895,19 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
                 if di.is_main and not show_bar:
                     log.info(f"step {job.step} eval loss {ev['loss']:.4f} ppl {ev['ppl']:.2f}")
             timer.mark("eval")
-            if cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0:
+            saved_now = cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0
+            if saved_now:
                 save(job, time.perf_counter() - t_start)
             timer.mark("checkpoint")
+            if job.guard.stop_requested:  # SIGTERM / SIGUSR1 on some rank: save and go
+                path = save(job, time.perf_counter() - t_start) if not saved_now else None
+                raise Preempted(
+                    f"stopped by {job.preemption.received or 'a signal on another rank'} after "
+                    f"step {job.step}; its checkpoint is saved: resume with "
+                    f"checkpoint.resume=auto (exit code {REQUEUE_EXIT})",
+                    job.preemption.received or "another rank's",
+                    str(path or saved_path(job)),
+                )
             if stop:
                 if di.is_main:
                     log.info(f"trainer.max_time_s={tc.max_time_s} reached at step {job.step}")
@@ -891,10 +915,12 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
         saved_now = cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0
         if cfg.checkpoint.at_end and not saved_now:
             save(job, time.perf_counter() - t_start)
-    except Diverged as e:
+    except (Diverged, Preempted) as e:
         bar.close()
-        diverged(job, logger, e, time.perf_counter() - t_start)
+        stopped(job, logger, e, time.perf_counter() - t_start)
         raise
+    finally:
+        job.preemption.restore()
     bar.close()
     if not parallel.sharded(cfg, di.world_size):  # (FSDP2: every rank holds other rows)
         distributed.check_replicas(job.model)
@@ -935,21 +961,28 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     return summary
 
 
-def diverged(job: Job, logger: RunLogger, e: Diverged, wall_s: float) -> None:
-    """The run stops on ``e``: ``summary.json`` says so (status ``diverged``), with the step and
-    the last finite loss; the checkpoints on disk are the last finite ones, all kept."""
+def stopped(job: Job, logger: RunLogger, e: Diverged | Preempted, wall_s: float) -> None:
+    """The run stops on ``e``: ``summary.json`` says so (status ``diverged``, with the step and
+    the last finite loss, the checkpoints on disk being the last finite ones, all kept; or
+    ``preempted``, with the signal and the checkpoint just saved)."""
+    diverging = isinstance(e, Diverged)
     if job.di.is_main:
-        log.error(str(e))
+        (log.error if diverging else log.warning)(str(e))
+    detail = (
+        {"diverged": e.record()}
+        if diverging
+        else {"preempted": {"signal": e.signal_name, "checkpoint": e.checkpoint}}
+    )
     logger.summary(
         {
-            "status": "diverged",
+            "status": "diverged" if diverging else "preempted",
             "run_dir": str(job.run_dir),
             "model": job.cfg.model.name,
             "optimizer": job.cfg.optimizer.name,
             "steps": job.step,
             "tokens_seen": job.tokens_seen,
             "wall_time_s": job.prior_wall_s + wall_s,
-            "diverged": e.record(),
+            **detail,
             "error": str(e),
         }
     )
@@ -1063,7 +1096,10 @@ def hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     overrides = list(hc.overrides.task)
-    summary = train(cfg, Path(hc.runtime.output_dir), sweep_dir, overrides)
+    try:
+        summary = train(cfg, Path(hc.runtime.output_dir), sweep_dir, overrides)
+    except Preempted:
+        sys.exit(REQUEUE_EXIT)  # (logged and summarised already; the launcher requeues)
     if sweep_dir is not None and distributed.launched_rank() == 0:
         _append_row(sweep_dir, sweep_row(cfg, Path(summary["run_dir"]), summary, overrides))
     return summary["eval"]["final_loss"]

@@ -263,7 +263,7 @@ def test_bad_data_settings_are_explained(tmp_path, t5):
     with pytest.raises(ValueError, match="data.val_docs=200 documents are held out"):
         first(DataConfig(source="files", tokenizer="t5", path=str(tmp_path / "three.jsonl.gz")))
     write_jsonl_gz(tmp_path / "empty.jsonl.gz", [])
-    with pytest.raises(ValueError, match="corpus is empty"):
+    with pytest.raises(ValueError, match=r"empty\.jsonl\.gz is empty; remove it"):
         first(
             DataConfig(
                 source="files",

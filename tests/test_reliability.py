@@ -2,9 +2,15 @@
 never lose the last good state (pruning, full disks, interrupted saves), and every JSON file we
 write is strict JSON."""
 
+import contextlib
 import errno
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -12,8 +18,9 @@ import torch
 from llm_pretrain import checkpoint, report, rundir
 from llm_pretrain.guard import Diverged
 from llm_pretrain.model import Llama
+from llm_pretrain.preemption import Preempted
 from llm_pretrain.train import _append_row, train
-from tests.conftest import TINY, compose_cfg
+from tests.conftest import T5_SPIECE, TINY, compose_cfg, run_cli
 
 BASE = [*TINY, "trainer.eval_at_start=false"]
 
@@ -203,8 +210,6 @@ def test_an_unsafe_or_incomplete_checkpoint_is_refused_with_what_is_wrong(tmp_pa
 
 
 def test_help_lists_what_a_user_picks_and_hides_the_internal_groups(tmp_path):
-    from tests.conftest import run_cli
-
     out = run_cli(["--help"], cwd=tmp_path)
     assert out.returncode == 0
     assert "optimizer: adafactor, adam_mini, adamw," in out.stdout
@@ -227,8 +232,6 @@ def test_a_resume_applies_only_the_settings_it_may_change_and_refuses_the_rest(t
 
 
 def test_a_file_the_encoding_cannot_read_or_an_empty_one_is_refused_before_training(tmp_path):
-    from tests.conftest import T5_SPIECE
-
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     text = "".join(f"document number {i} about the weather and the sea\n" for i in range(60))
@@ -252,3 +255,109 @@ def test_a_file_the_encoding_cannot_read_or_an_empty_one_is_refused_before_train
     (corpus / "c.txt").write_text("")
     with pytest.raises(ValueError, match=r"c\.txt is empty"):
         train(compose_cfg([*files, "data.encoding=latin-1"]), tmp_path / "empty")
+
+
+def test_sigusr1_saves_at_the_step_boundary_and_the_resume_is_exact(tmp_path, monkeypatch):
+
+    base = [*BASE, "trainer.max_steps=4"]
+    whole = train(compose_cfg(base), tmp_path / "whole")
+    forward, calls = Llama.forward, {"n": 0}
+
+    def signalled(self, *args, **kwargs):
+        if kwargs.get("reduction") == "sum":
+            calls["n"] += 1
+            if calls["n"] == 3:  # during step 2
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Llama, "forward", signalled)
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 after step 2"):
+        train(compose_cfg(base), tmp_path / "cut")
+    monkeypatch.undo()
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["preempted"]["signal"] == "SIGUSR1"
+    assert steps_on_disk(tmp_path / "cut") == [2]  # saved though checkpoint.every=0
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone again
+    resumed = train(compose_cfg([*base, "checkpoint.resume=auto"]), tmp_path / "cut")
+    assert resumed["eval"]["final_loss"] == whole["eval"]["final_loss"]
+
+
+def _children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    with open(path) as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _torchrun(args, cwd):
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.Popen(
+        [*cmd, "-m", "llm_pretrain.train", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_step(run_dir, step, proc, timeout=120):
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(
+            json.loads(line).get("step", 0) >= step
+            for line in metrics.read_text().splitlines()
+            if line.endswith("}")
+        ):
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} in {timeout}s")
+
+
+LONG_RUN = [*BASE, "trainer.max_steps=100000", "trainer.global_batch_size=8"]
+
+
+@pytest.mark.slow
+def test_on_two_ranks_sigterm_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint(
+    tmp_path,
+):
+
+    run = tmp_path / "run"
+    proc = _torchrun([*LONG_RUN, f"hydra.run.dir={run}"], tmp_path)
+    try:
+        _wait_for_step(run, 2, proc)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+
+        os.kill(workers[1], signal.SIGTERM)  # one rank only
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "preempted", out[-3000:]
+    assert steps_on_disk(run) == [summary["steps"]]  # the step both ranks stopped after
+    assert "exit code 75" in out
+
+
+@pytest.mark.slow
+def test_on_two_ranks_a_stalled_rank_fails_the_other_within_the_timeout(tmp_path):
+
+    run = tmp_path / "run"
+    proc = _torchrun([*LONG_RUN, "trainer.dist_timeout_s=5", f"hydra.run.dir={run}"], tmp_path)
+    stalled = None
+    try:
+        _wait_for_step(run, 2, proc)
+        stalled = _children(proc.pid)[1]
+        os.kill(stalled, signal.SIGSTOP)
+        start = time.monotonic()
+        out, _ = proc.communicate(timeout=180)
+        waited = time.monotonic() - start
+    finally:
+        if stalled is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stalled, signal.SIGKILL)
+        proc.kill()
+    assert proc.returncode != 0
+    assert waited < 90, f"the survivor waited {waited:.0f}s"  # (30 minutes without the timeout)
