@@ -47,10 +47,3 @@ class PreemptionHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
-
-    def __enter__(self) -> PreemptionHandler:
-        self.install()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()

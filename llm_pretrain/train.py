@@ -455,19 +455,28 @@ def claim_run_dir(
 ) -> None:
     """Rank 0 decides whether this run may use ``run_dir`` (``llm_pretrain/rundir.py``) before
     any work; every rank raises the same refusal."""
-    refusal = None
-    if di.is_main:
+
+    def claim() -> None:
         step = state["step"] if state is not None else None
+        overwrite = cfg.checkpoint.overwrite
+        for note in rundir.claim(run_dir, cfg.checkpoint.resume, resume_from, step, overwrite):
+            log.info(note)
+
+    decided_on_main(claim, rundir.RunDirTaken, di)
+
+
+def decided_on_main(check, refusal: type[Exception], di: distributed.DistInfo) -> None:
+    """Run ``check`` on rank 0 only; if it raises ``refusal``, every rank raises the same
+    message (none is left waiting in a collective for a rank that stopped)."""
+    message = None
+    if di.is_main:
         try:
-            for note in rundir.claim(
-                run_dir, cfg.checkpoint.resume, resume_from, step, cfg.checkpoint.overwrite
-            ):
-                log.info(note)
-        except rundir.RunDirTaken as e:
-            refusal = str(e)
-    refusal = distributed.broadcast_object(refusal)
-    if refusal is not None:
-        raise rundir.RunDirTaken(refusal)
+            check()
+        except refusal as e:
+            message = str(e)
+    message = distributed.broadcast_object(message)
+    if message is not None:
+        raise refusal(message)
 
 
 def check_resumed_settings(job: Job, saved: dict | None, path: Path) -> None:
@@ -570,16 +579,13 @@ def save(job: Job, wall_s: float) -> Path:
     # (about: the weights and the state measured at the first step, over all ranks)
     m = job.memory
     needed = distributed.sum_over_ranks([float(m.weights + m.optimizer_state)], job.di.device)[0]
-    refusal = None
-    if job.di.is_main:
+    path = saved_path(job)
+
+    def room() -> None:
         checkpoint.make_room(job.run_dir, job.cfg.checkpoint.keep_last)
-        try:
-            checkpoint.check_room(checkpoint.checkpoint_path(job.run_dir, job.step), int(needed))
-        except checkpoint.CheckpointError as e:
-            refusal = str(e)
-    refusal = distributed.broadcast_object(refusal)  # (every rank stops, none waits)
-    if refusal is not None:
-        raise checkpoint.CheckpointError(refusal)
+        checkpoint.check_room(path, int(needed))
+
+    decided_on_main(room, checkpoint.CheckpointError, job.di)
     states = distributed.gather_objects((job.loader.state_dict(), checkpoint.rng_state()))
     meta = {
         "step": job.step,
@@ -595,16 +601,14 @@ def save(job: Job, wall_s: float) -> Path:
         "wandb_id": job.logger.wandb_id if job.logger else None,
     }
     if parallel.sharded(job.cfg, job.di.world_size):  # every rank writes its shards
-        path = sharded_checkpoint.save(
-            checkpoint.checkpoint_dir(job.run_dir, job.step), job.model, job.optimizer, meta
-        )
+        sharded_checkpoint.save(path, job.model, job.optimizer, meta)
     elif job.di.is_main:
-        path = checkpoint.save(
-            checkpoint.checkpoint_path(job.run_dir, job.step),
+        checkpoint.save(
+            path,
             {**meta, "model": job.model.state_dict(), "optimizer": job.optimizer.state_dict()},
         )
     if not job.di.is_main:
-        return saved_path(job)
+        return path
     checkpoint.prune(job.run_dir, job.cfg.checkpoint.keep_last, newest=path)
     log.info(f"saved {path}")
     return path
