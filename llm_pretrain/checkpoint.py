@@ -262,6 +262,8 @@ RESUME_MAY_CHANGE = (
     "trainer.on_nonfinite",
     "trainer.max_nonfinite_skips",
     "trainer.dist_timeout_s",
+    "trainer.stall_factor",
+    "trainer.stall_min_s",
     "trainer.grad_clip",
     "eval.",
     "checkpoint.",

@@ -194,6 +194,11 @@ class TrainerConfig:
     # several ranks: a collective that waits longer than this fails on every rank (a rank that
     # stalled or died), instead of hanging for torch's default 30 minutes
     dist_timeout_s: float = 600.0
+    # several ranks: a training step that runs stall_factor x the median step (and at least
+    # stall_min_s) while one rank is silent or behind fails every rank, naming that rank
+    # (llm_pretrain/watchdog.py); every rank slow at the same place only warns. 0: off
+    stall_factor: float = 20.0
+    stall_min_s: float = 60.0
 
 
 @dataclass
@@ -369,6 +374,8 @@ VALUES: dict[str, Allowed] = {
     "trainer.on_nonfinite": Allowed(choices=("stop", "skip_step")),
     "trainer.max_nonfinite_skips": AT_LEAST_1,
     "trainer.dist_timeout_s": POSITIVE,
+    "trainer.stall_factor": Allowed(0, note="0: no step watchdog"),
+    "trainer.stall_min_s": POSITIVE,
     "eval.tokens": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1,
     "eval.compat": Allowed(choices=("none", "galore")),

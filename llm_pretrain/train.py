@@ -65,6 +65,7 @@ from llm_pretrain.preemption import REQUEUE_EXIT, Preempted, PreemptionHandler
 from llm_pretrain.schedule import build_scheduler
 from llm_pretrain.summary import format_summary, sweep_row
 from llm_pretrain.tokenizer import load_tokenizer
+from llm_pretrain.watchdog import StepWatchdog
 from llmpt.optimizers.groups import trainable
 
 log = logging.getLogger("llm_pretrain")
@@ -243,6 +244,7 @@ class Job:
     last_micro: LastMicroBatch = field(default_factory=LastMicroBatch)
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     preemption: PreemptionHandler = field(default_factory=PreemptionHandler)
+    watchdog: StepWatchdog = field(default_factory=lambda: StepWatchdog(factor=0, min_s=0))
     step: int = 0
     tokens_seen: int = 0
     prior_wall_s: float = 0.0
@@ -689,6 +691,7 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, floa
     when the update was skipped), grad norm or None).
     """
     di, tc = job.di, job.cfg.trainer
+    job.watchdog.begin(job.step + 1)
     micro = [next(batches) for _ in range(job.accum)]
     label_tokens, input_tokens = distributed.sum_over_ranks(
         [
@@ -704,6 +707,7 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, floa
         di.device,
     )
     timer.mark("data")
+    job.watchdog.phase("forward_backward")
 
     loss_sum = torch.zeros((), device=di.device, dtype=torch.float64)
     for i, mb in enumerate(micro):
@@ -718,6 +722,7 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, floa
             (s * (di.world_size / max(label_tokens, 1.0))).backward()
         loss_sum += s.detach().double()
     timer.mark("forward_backward")
+    job.watchdog.phase("optimizer")
 
     grad_norm, grads_ok = None, None
     if not tc.per_layer_update:  # (per-layer: the hooks stepped every parameter in backward)
@@ -755,6 +760,7 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, floa
             )
     job.optimizer.zero_grad(set_to_none=True)
     timer.mark("optimizer")
+    job.watchdog.end()
     job.step += 1
     job.tokens_seen += int(input_tokens)
     return label_tokens, input_tokens, loss, grad_norm
@@ -839,6 +845,15 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
     job.train_model.train()
     first_of_process = job.step  # (a resumed run starts later)
     job.preemption.install()
+    job.watchdog = StepWatchdog(
+        tc.stall_factor,
+        tc.stall_min_s,
+        di.rank,
+        di.world_size,
+        namespace=str(job.run_dir),
+        on_stall=lambda message: record_stall(job, logger, message, time.perf_counter() - t_start),
+    )
+    job.watchdog.start()
     try:
         while job.step < tc.max_steps:
             first_step = job.memory.weights == 0  # this process's first: memory gets measured
@@ -925,6 +940,7 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
         raise
     finally:
         job.preemption.restore()
+        job.watchdog.stop()
     bar.close()
     if not parallel.sharded(cfg, di.world_size):  # (FSDP2: every rank holds other rows)
         distributed.check_replicas(job.model)
@@ -988,6 +1004,24 @@ def stopped(job: Job, logger: RunLogger, e: Diverged | Preempted, wall_s: float)
             "wall_time_s": job.prior_wall_s + wall_s,
             **detail,
             "error": str(e),
+        }
+    )
+    logger.close()
+
+
+def record_stall(job: Job, logger: RunLogger, message: str, wall_s: float) -> None:
+    """The watchdog's thread is about to end this process (watchdog.py): ``summary.json`` says
+    ``stalled``, with the message that names the rank."""
+    logger.summary(
+        {
+            "status": "stalled",
+            "run_dir": str(job.run_dir),
+            "model": job.cfg.model.name,
+            "optimizer": job.cfg.optimizer.name,
+            "steps": job.step,
+            "tokens_seen": job.tokens_seen,
+            "wall_time_s": job.prior_wall_s + wall_s,
+            "error": message,
         }
     )
     logger.close()

@@ -300,6 +300,21 @@ def _torchrun(args, cwd):
     )
 
 
+def _seconds_until_exit(pid: int, timeout: float = 120) -> float:
+    """How long ``pid`` ran on (torchrun itself waits its grace period before it kills a
+    stopped rank, so the test watches the survivor, not torchrun)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):  # exited, not yet reaped
+                    break
+        except FileNotFoundError:  # exited and reaped
+            break
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
 def _wait_for_step(run_dir, step, proc, timeout=120):
 
     end = time.monotonic() + timeout
@@ -350,16 +365,7 @@ def test_on_two_ranks_a_stalled_rank_fails_the_other_within_the_timeout(tmp_path
         _wait_for_step(run, 2, proc)
         survivor, stalled = _children(proc.pid)
         os.kill(stalled, signal.SIGSTOP)
-        start = time.monotonic()
-        while time.monotonic() - start < 120:
-            try:
-                with open(f"/proc/{survivor}/stat") as f:
-                    if f.read().split(") ")[1].startswith("Z"):  # exited, not yet reaped
-                        break
-            except FileNotFoundError:  # exited and reaped
-                break
-            time.sleep(0.2)
-        waited = time.monotonic() - start
+        waited = _seconds_until_exit(survivor)
     finally:
         if stalled is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -368,3 +374,34 @@ def test_on_two_ranks_a_stalled_rank_fails_the_other_within_the_timeout(tmp_path
     assert proc.returncode != 0
     # the survivor failed within the timeout and some start-up slack (30 minutes without it)
     assert waited < 60, f"the survivor waited {waited:.0f}s"
+
+
+def _rank_of(pid: int) -> int:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    return int(env[b"RANK"])
+
+
+@pytest.mark.slow
+def test_on_two_ranks_the_step_watchdog_names_the_stalled_rank(tmp_path):
+    # a 10-minute collective timeout: the watchdog, not gloo, must end the run
+    args = ["trainer.dist_timeout_s=600", "trainer.stall_factor=3", "trainer.stall_min_s=2"]
+    run = tmp_path / "run"
+    proc = _torchrun([*LONG_RUN, *args, f"hydra.run.dir={run}"], tmp_path)
+    stalled = None
+    try:
+        _wait_for_step(run, 20, proc)  # (the watchdog judges after a few measured steps)
+        workers = _children(proc.pid)
+        stalled = next(p for p in workers if _rank_of(p) == 1)
+        os.kill(stalled, signal.SIGSTOP)
+        waited = _seconds_until_exit(next(p for p in workers if p != stalled))
+    finally:
+        if stalled is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stalled, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "rank 1 stalled: no heartbeat" in out, out[-3000:]
+    assert waited < 30, f"the survivor waited {waited:.0f}s"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "stalled" and summary["error"].startswith("rank 1 stalled")
