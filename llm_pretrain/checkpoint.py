@@ -264,6 +264,7 @@ RESUME_MAY_CHANGE = (
     "trainer.dist_timeout_s",
     "trainer.stall_factor",
     "trainer.stall_min_s",
+    "trainer.gradient_analysis_every",
     "trainer.grad_clip",
     "eval.",
     "checkpoint.",

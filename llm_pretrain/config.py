@@ -199,6 +199,10 @@ class TrainerConfig:
     # (llm_pretrain/watchdog.py); every rank slow at the same place only warns. 0: off
     stall_factor: float = 20.0
     stall_min_s: float = 60.0
+    # every N steps, the targeted matrices' gradient rank, energy in the optimizer's subspace
+    # and in the best rank-r one, and the change of bases (llm_pretrain/gradient_analysis.py,
+    # grad/* in metrics.jsonl). 0: off
+    gradient_analysis_every: int = 0
 
 
 @dataclass
@@ -376,6 +380,7 @@ VALUES: dict[str, Allowed] = {
     "trainer.dist_timeout_s": POSITIVE,
     "trainer.stall_factor": Allowed(0, note="0: no step watchdog"),
     "trainer.stall_min_s": POSITIVE,
+    "trainer.gradient_analysis_every": Allowed(0, note="0: off"),
     "eval.tokens": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1,
     "eval.compat": Allowed(choices=("none", "galore")),

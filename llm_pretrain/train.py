@@ -56,6 +56,8 @@ from llm_pretrain.config import (
     register_configs,
 )
 from llm_pretrain.evaluate import evaluate
+from llm_pretrain.gradient_analysis import GradientAnalysis
+from llm_pretrain.gradient_analysis import check_supported as check_analysis_supported
 from llm_pretrain.guard import Diverged, NonFiniteGuard, grads_finite, weights_finite
 from llm_pretrain.loggers import RunLogger, json_safe
 from llm_pretrain.memory import MemoryReport, activation_bytes, unique_nbytes
@@ -244,6 +246,7 @@ class Job:
     last_micro: LastMicroBatch = field(default_factory=LastMicroBatch)
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     preemption: PreemptionHandler = field(default_factory=PreemptionHandler)
+    analysis: GradientAnalysis | None = None  # trainer.gradient_analysis_every
     watchdog: StepWatchdog = field(default_factory=lambda: StepWatchdog(factor=0, min_s=0))
     step: int = 0
     tokens_seen: int = 0
@@ -740,10 +743,17 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, floa
     apply, loss = job.guard.check(
         job.step + 1, loss_sum, label_tokens, grads_ok, di.device, signalled
     )
+    analysis = None
+    if job.analysis is not None and job.analysis.due(job.step + 1) and apply:
+        timer.mark("optimizer")
+        analysis = job.analysis.measure(label_tokens) if di.is_main else None
+        timer.mark("gradient_analysis")
     if apply:
         # (per-layer: every gradient is consumed; this only counts the step and lets samplers
         # switch)
         job.optimizer.step()
+        if job.analysis is not None and di.is_main:
+            job.analysis.observe_bases()
     with warnings.catch_warnings():  # (torch warns when the first update was skipped)
         warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
         job.scheduler.step()  # (a skipped step still moves the schedule: it follows job.step)
@@ -763,6 +773,8 @@ def train_step(job: Job, batches, timer: PhaseTimer) -> tuple[float, float, floa
     job.watchdog.end()
     job.step += 1
     job.tokens_seen += int(input_tokens)
+    if analysis and job.logger is not None:
+        job.logger.log({"step": job.step, **analysis})
     return label_tokens, input_tokens, loss, grad_norm
 
 
@@ -815,6 +827,11 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
                 "trainer.per_layer_update=true a parameter is updated before the global gradient "
                 "norm exists, so clipping is off (set trainer.grad_clip=0 to silence this)"
             )
+    check_analysis_supported(
+        tc.gradient_analysis_every, tc.per_layer_update, parallel.sharded(cfg, di.world_size)
+    )
+    if tc.gradient_analysis_every:
+        job.analysis = GradientAnalysis(job.model, job.optimizer, tc.gradient_analysis_every)
     job.train_model = parallel.training_module(
         job.model, di.world_size, tc.parallelism, tc.per_layer_update
     )
