@@ -14,10 +14,10 @@ through the final norm and ``lm_head`` (the untied decoding matrix, not the inpu
 x for gate, up, q, k and v (their inputs are the normed residual stream), delta for down and o
 (they write into it). For delta the *bottom* tokens matter: an SGD step adds -lr * delta.
 
-The model: ``--checkpoint`` (a run directory or one of its checkpoints: its own config.yaml
-gives the model and tokenizer), or the overrides' ``model=`` / ``data.tokenizer=`` with
-``trainer.init_from`` (a Hugging Face directory with ``model=hf``, or one of our runs), or a
-freshly initialised model. Outputs in ``--out`` (default ``outputs/lens/<time>``):
+The model: ``--checkpoint`` (a run directory or one of its checkpoints, whose config.yaml gives
+the model and tokenizer, or a Hugging Face ``LlamaForCausalLM`` directory with its tokenizer),
+or the overrides' ``model=`` and ``data.tokenizer=`` with ``trainer.init_from``, or a freshly
+initialised model. Outputs in ``--out`` (default ``outputs/lens/<time>``):
 ``summary.json``, ``vectors.csv`` (one row per layer, module, token and projection),
 ``grad_rank.csv`` and PNG tables (layers x tokens, the paper's Figures 4 and 6).
 """
@@ -621,18 +621,23 @@ def load(opts: dict[str, str], overrides: list[str]):
     """(config, model, tokenizer): from --checkpoint's run, or from the overrides."""
     from omegaconf import OmegaConf
 
-    from llm_pretrain import data
+    from llm_pretrain import data, hf
     from llm_pretrain.config import ModelConfig
     from llm_pretrain.memory import _compose
     from llm_pretrain.model import build_model
     from llm_pretrain.pretrained import load_initial_weights
     from llm_pretrain.tokenizer import load_tokenizer
 
+    spec = opts["--checkpoint"]
+    if spec and hf.is_hf_directory(Path(spec).expanduser()):  # its config.json and tokenizer
+        path = Path(spec).expanduser()
+        overrides = [*overrides, "model=hf", f"trainer.init_from={path}", f"data.tokenizer={path}"]
+        spec = ""
     cfg = _compose(overrides)
-    if opts["--checkpoint"]:
+    if spec:
         from llm_pretrain.export import load_trained_model, locate
 
-        ckpt, config = locate(Path(opts["--checkpoint"]).expanduser())
+        ckpt, config = locate(Path(spec).expanduser())
         run = OmegaConf.load(config)
         run.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), run.model)
         model = load_trained_model(ckpt, run)

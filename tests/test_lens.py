@@ -201,3 +201,16 @@ def test_the_cli_reads_a_trained_runs_checkpoint(tmp_path, builtin):
     assert summary["model"]["source"].endswith(".pt")
     assert [m["module"] for m in summary["matrices"]] == ["q", "o"] * 2  # TINY: 2 layers
     assert summary["matrices"][-1]["rank"] == 1  # the last layer's o_proj, last-token loss
+
+    # the same weights as a Hugging Face directory (config.json, safetensors, tokenizer.json)
+    from llm_pretrain.export import export
+
+    export(run, tmp_path / "hf")
+    lens.run(
+        ["--checkpoint", str(tmp_path / "hf"), "--prompt", " ".join(words[30:33])]
+        + ["--target", words[40], "--modules", "q,o", "--dtype", "float32"]
+        + ["--out", str(tmp_path / "lens_hf")]
+    )
+    from_hf = json.loads((tmp_path / "lens_hf" / "summary.json").read_text())
+    assert from_hf["model"]["source"].startswith("Hugging Face checkpoint")
+    assert from_hf["log_p_target"] == pytest.approx(summary["log_p_target"], abs=1e-5)
