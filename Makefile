@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint bench bench-optim bench-dist cpu-bench cl-bench soak clean
+.PHONY: setup run test lint bench bench-optim bench-head bench-dist cpu-bench cl-bench soak clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ bench-optim: $(STAMP)
 	$(PY) benchmarks/optimizer_step.py --family projection $(ARGS)
 	$(PY) benchmarks/registry_table.py
 	$(PY) benchmarks/rso_memory.py
+
+# Forward + backward of llama_20m (batch 8 x 256) with the dense head against the chunked one
+# (model.loss_impl) at several chunk sizes, and the activations each saves (docs/benchmarks.md).
+bench-head: $(STAMP)
+	$(PY) benchmarks/head_loss.py $(ARGS)
 
 # Step time and bytes communicated per step, DDP against FSDP2, on 2 CPU ranks
 # (docs/benchmarks.md); slow, not part of tests.

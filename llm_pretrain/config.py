@@ -38,6 +38,11 @@ class ModelConfig:
     attention: str = "auto"  # auto | sdpa | flash
     num_kv_heads: int | None = None  # grouped-query attention's k/v heads; null: num_heads
     tie_embeddings: bool = False  # lm_head shares the embedding matrix (some HF checkpoints)
+    # chunked: the head's linear and loss fused, chunk by chunk of tokens, without the
+    # (B, T, V) logits (llm_pretrain/chunked_loss.py); dense: all logits, then F.cross_entropy
+    loss_impl: str = "chunked"
+    # tokens per chunk of loss_impl=chunked (256: the fastest on 2 CPU cores, docs/benchmarks.md)
+    loss_chunk_tokens: int = 256
 
 
 @dataclass
@@ -345,6 +350,8 @@ VALUES: dict[str, Allowed] = {
     "model.init_std": POSITIVE,
     "model.attention": Allowed(choices=("auto", "sdpa", "flash")),
     "model.num_kv_heads": Allowed(1, nullable=True),
+    "model.loss_impl": Allowed(choices=("chunked", "dense")),
+    "model.loss_chunk_tokens": AT_LEAST_1,
     "data.source": Allowed(choices=("builtin", "files", "c4", "tasks")),
     "data.seq_len": Allowed(2),
     "data.layout": Allowed(choices=("packed", "paper")),

@@ -542,7 +542,8 @@ def plot_tables(result: dict, out: Path) -> list[Path]:
 def render(result: dict) -> str:
     """A short text report: the answer, then one line per matrix."""
     lines = [
-        f"prompt {' '.join(result['prompt_tokens'])!r}: answer {result['answer']['piece']!r}, "
+        f"prompt {' '.join(result['prompt_tokens'])!r}: answer {result['answer']['piece']!r} "
+        f"(id {result['answer']['id']}), "
         f"target {result['target']['piece']!r} (rank {result['target_rank']}, log p "
         f"{result['log_p_target']:.3f}); {result['loss_kind']} loss {result['loss']:.4f}",
         "",

@@ -28,7 +28,7 @@ from torch import nn
 
 from llm_pretrain import optim as optimizers
 from llm_pretrain.config import ModelConfig
-from llm_pretrain.model import build_model, kv_heads
+from llm_pretrain.model import build_model, fused_head, kv_heads
 from llmpt.optimizers import api
 from llmpt.optimizers.int8_linear import stored_weight_tensors
 
@@ -82,6 +82,7 @@ def activation_bytes_formula(
     int8_targets: list[str] | tuple[str, ...] = (),
     weight_norm_targets: list[str] | tuple[str, ...] = (),
     low_rank: list[dict[str, int]] | None = None,
+    loss_impl: str | None = None,
 ) -> int:
     """Bytes saved for backward by one forward of ``micro_batch`` sequences of ``seq_len``.
 
@@ -94,21 +95,26 @@ def activation_bytes_formula(
     x P (r values) instead of its input, and no weight copy. A linear whose weight is stored as
     INT8 codes (Q-GaLore, ``int8_targets``) keeps its input as it arrives (under autocast the
     fp32 norm output, shared by the linears that read it, instead of one bf16 cast each) and
-    no weight copy: it dequantizes the weight again in backward. A weight-normalized linear
+    no weight copy: it dequantizes the weight again in backward (an INT8 lm_head, its whole
+    input: the slice x[:, :-1] is a view). A weight-normalized linear
     (GradNormLoRP, ``weight_norm_targets``) keeps its input as a plain one does, and no weight
     copy: it recomputes g V / ||V|| in backward. In a layer a sampler has frozen
     (LISA, BAdam, OwLore), no weight needs a gradient, so the linears' inputs and the norms'
     outputs are not kept. The head keeps the token ids, the final norm, lm_head's input and the
-    fp32 logits the loss reads, and the targets.
+    targets, and with ``loss_impl`` (default ``cfg.loss_impl``) ``dense`` the fp32 logits the
+    loss reads (under autocast also lm_head's bf16 weight copy); ``chunked`` keeps one fp32
+    log-sum-exp per token instead and casts the weight again in backward.
 
     WeLore (``low_rank``: per layer, the low-rank components' ranks by linear name, e.g.
     ``{"self_attn.q_proj": 120}``): a low-rank component B (A x) keeps its input as a plain
     linear does and A x (k values per token); a targeted linear that is not one is dense and
     frozen and keeps no input (under autocast still its weight's bf16 copy, for the input's
     gradient); the frozen embedding keeps no ids, so the first norm, whose input needs no
-    gradient, keeps only its normalised output; the frozen head keeps no input.
+    gradient, keeps only its normalised output; the frozen dense head keeps no input (the
+    chunked one does: backward computes the logits again from it).
     """
     precision = resolve_precision(precision)
+    dense_loss = (loss_impl or getattr(cfg, "loss_impl", "dense")) == "dense"
     C, F, h, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.vocab_size
     L, hd = cfg.num_layers, cfg.hidden_size // cfg.num_heads
     Ckv = kv_heads(cfg) * hd  # grouped-query attention: narrower k and v
@@ -195,20 +201,27 @@ def activation_bytes_formula(
     # views that keep their whole storage (the labels' is the ids' own in the training loop's
     # activation probe, which passes the inputs as labels)
     one = micro_batch == 1
+    int8_head = any(t in "lm_head" for t in int8_targets)  # (its loss reads dense logits)
     head = (
         8 * tokens  # token ids (embedding backward)
         + norm() * tokens
-        # lm_head's input, x[:, :-1] (under autocast its bf16 cast, a copy of the slice)
-        + e * C * (tokens if one and not autocast else predicted)
-        + (2 * C * V if autocast else 0)
-        + 4 * V * predicted  # fp32 logits kept by the loss
+        # lm_head's input, x[:, :-1] (under autocast its bf16 cast, a copy of the slice; an
+        # INT8 head keeps the slice as it arrives, a view that keeps the whole x)
+        + (
+            (4 if autocast else e) * C * tokens
+            if int8_head
+            else e * C * (tokens if one and not autocast else predicted)
+        )
         + (0 if one else 8 * predicted)  # targets
-        + 4  # the loss
     )
+    if dense_loss:
+        head += (2 * C * V if autocast and not int8_head else 0) + 4 * V * predicted + 4  # logits
+    else:
+        head += 4 * predicted  # chunked: the fp32 log-sum-exp per token
     if low_rank is not None:
         # frozen embedding and head: no ids for the embedding (one sequence: the targets' view
         # keeps their storage anyway) and no lm_head input
-        frozen_head = (0 if one else 8 * tokens) + e * C * (
+        frozen_head = (0 if one else 8 * tokens) + dense_loss * e * C * (
             tokens if one and not autocast else predicted
         )
         return _welore_layers(low_rank, L, locals()) + head - frozen_head
@@ -341,6 +354,8 @@ def estimate(cfg: DictConfig, precision: str | None = None, world_size: int = 1)
         int8_targets=list(opt.target_modules) if int8 else (),
         weight_norm_targets=list(opt.target_modules) if normed else (),
         low_rank=low_rank,
+        # a head a method replaced (INT8 codes, RSO) computes dense logits (Llama._chunked_loss)
+        loss_impl=None if fused_head(model) else "dense",
     )
     return Estimate(
         precision=precision,

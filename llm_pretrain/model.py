@@ -11,10 +11,13 @@ Parallelism, compile and quantization are applied from outside; nothing here kno
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_pretrain.chunked_loss import REDUCTIONS, linear_cross_entropy
 from llm_pretrain.config import ModelConfig
 
 try:  # optional: only used on CUDA with 16-bit activations
@@ -23,6 +26,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -175,6 +179,8 @@ class Llama(nn.Module):
         count. ``logits_at`` (one position per row, (B,), or n per row, (B, n)) returns the logits
         at those positions only, (B, V) or (B, n, V): what decoding and label scoring need,
         without a (B, T, V) tensor (and through ``forward``, so FSDP2's hooks gather the head).
+        With ``model.loss_impl=chunked`` the loss never forms the (B, T-1, V) logits either
+        (``llm_pretrain/chunked_loss.py``: the same numbers, chunk by chunk of tokens).
         """
         T = input_ids.shape[1]
         if self.cfg.max_position_embeddings < T:
@@ -191,6 +197,15 @@ class Llama(nn.Module):
             return self.lm_head(x[rows[:, None] if logits_at.dim() == 2 else rows, logits_at])
         if labels is None:
             return self.lm_head(x)  # (B, T, V)
+        if self._chunked_loss(reduction):  # the same loss without the (B, T-1, V) logits
+            return linear_cross_entropy(
+                x[:, :-1].reshape(-1, x.shape[-1]),  # (B (T-1), C)
+                self.lm_head.weight,
+                labels[:, 1:].reshape(-1),
+                IGNORE_INDEX,
+                reduction,
+                self.cfg.loss_chunk_tokens,
+            )
         logits = self.lm_head(x[:, :-1])  # (B, T-1, V)
         return F.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)),
@@ -198,6 +213,22 @@ class Llama(nn.Module):
             ignore_index=IGNORE_INDEX,
             reduction=reduction,
         )
+
+    def _chunked_loss(self, reduction: str) -> bool:
+        """``model.loss_impl=chunked`` where it computes what ``lm_head`` would: a plain
+        ``nn.Linear`` head (not one a method replaced, e.g. by INT8 codes) and a reduced loss."""
+        # (a config saved before the setting existed computes as it did then: dense)
+        if getattr(self.cfg, "loss_impl", "dense") != "chunked" or reduction not in REDUCTIONS:
+            return False
+        if not fused_head(self):
+            if not getattr(self, "_dense_head_logged", False):
+                log.info(
+                    f"model.loss_impl=chunked: lm_head ({type(self.lm_head).__name__}) is not "
+                    "a plain nn.Linear; the loss computes the dense logits"
+                )
+                self._dense_head_logged = True
+            return False
+        return True
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # (a tied matrix once)
@@ -228,6 +259,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
         )
     if cfg.attention not in ("auto", "sdpa", "flash"):
         raise ValueError(f"model.attention={cfg.attention!r}: use auto, sdpa or flash")
+    if getattr(cfg, "loss_impl", "dense") not in ("chunked", "dense"):
+        raise ValueError(f"model.loss_impl={cfg.loss_impl!r}: use chunked or dense")
+    if getattr(cfg, "loss_chunk_tokens", 1) < 1:
+        raise ValueError(f"model.loss_chunk_tokens={cfg.loss_chunk_tokens} must be at least 1")
     for key in ("hidden_size", "intermediate_size", "num_heads", "num_layers", "vocab_size"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"model.{key}={getattr(cfg, key)} must be positive")
@@ -237,6 +272,12 @@ def validate_model_config(cfg: ModelConfig) -> None:
             f"model.num_kv_heads={cfg.num_kv_heads} must be positive and divide model.num_heads="
             f"{cfg.num_heads} (each k/v head serves a group of query heads); null: num_heads"
         )
+
+
+def fused_head(model: Llama) -> bool:
+    """Whether ``model.lm_head`` is a plain ``nn.Linear``, which ``loss_impl=chunked`` fuses
+    with the loss (a head a method wrapped or replaced computes its own logits)."""
+    return type(model.lm_head) is nn.Linear
 
 
 def kv_heads(cfg: ModelConfig) -> int:

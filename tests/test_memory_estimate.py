@@ -17,6 +17,13 @@ from tests.conftest import REPO, TINY, compose_cfg, run_cli
 from tests.optimizers.test_contract import METHODS
 
 PRECISIONS = ["fp32", "bf16_autocast", "bf16"]
+LOSS_IMPLS = ["dense", "chunked"]  # model.loss_impl: all fp32 logits kept, or one lse per token
+
+
+def llama_20m(loss_impl: str):
+    """llama_20m with a 512-token vocabulary; the chunked head in chunks of 32 tokens."""
+    overrides = ["model=llama_20m", "model.vocab_size=512", "model.loss_chunk_tokens=32"]
+    return compose_cfg([*overrides, f"model.loss_impl={loss_impl}"]).model
 
 
 def measured_activations(model_cfg, precision, batch, seq, rso=None):
@@ -38,8 +45,9 @@ def measured_activations(model_cfg, precision, batch, seq, rso=None):
     "rso", [None, (8, ["attn", "mlp"]), (8, ["mlp"]), (4, ["q_proj", "down_proj"])]
 )
 @pytest.mark.parametrize("batch", [1, 2])  # one sequence: the head's slices are views
-def test_the_activation_formula_equals_the_saved_tensor_count(precision, rso, batch):
-    model_cfg = compose_cfg(["model=llama_20m", "model.vocab_size=512"]).model
+@pytest.mark.parametrize("loss_impl", LOSS_IMPLS)
+def test_the_activation_formula_equals_the_saved_tensor_count(precision, rso, batch, loss_impl):
+    model_cfg = llama_20m(loss_impl)
     measured = measured_activations(model_cfg, precision, batch, 48, rso)
     predicted = activation_bytes_formula(
         model_cfg, precision, batch, 48, *(rso if rso is not None else (None, ()))
@@ -49,8 +57,9 @@ def test_the_activation_formula_equals_the_saved_tensor_count(precision, rso, ba
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_frozen_layers_keep_neither_linear_inputs_nor_norm_outputs(precision):
-    model_cfg = compose_cfg(["model=llama_20m", "model.vocab_size=512"]).model
+@pytest.mark.parametrize("loss_impl", LOSS_IMPLS)
+def test_frozen_layers_keep_neither_linear_inputs_nor_norm_outputs(precision, loss_impl):
+    model_cfg = llama_20m(loss_impl)
     torch.manual_seed(0)
     model = build_model(model_cfg)
     if precision == "bf16":
@@ -66,13 +75,15 @@ def test_frozen_layers_keep_neither_linear_inputs_nor_norm_outputs(precision):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("batch", [1, 2])
-def test_welore_low_rank_components_and_frozen_parts_are_predicted(precision, batch):
+@pytest.mark.parametrize("loss_impl", LOSS_IMPLS)
+def test_welore_low_rank_components_and_frozen_parts_are_predicted(precision, batch, loss_impl):
     """Low-rank components keep A x beside their input; dense frozen linears, the frozen
-    embedding and head keep no inputs; the first norm's input needs no gradient."""
+    embedding and the frozen dense head keep no inputs (the chunked head keeps its input, to
+    compute the logits again); the first norm's input needs no gradient."""
     from llm_pretrain.memory_estimate import low_rank_layout
     from llmpt.optimizers.welore import compress
 
-    model_cfg = compose_cfg(["model=llama_20m", "model.vocab_size=512"]).model
+    model_cfg = llama_20m(loss_impl)
     torch.manual_seed(0)
     model = build_model(model_cfg)
     if precision == "bf16":
@@ -134,11 +145,21 @@ def test_every_category_is_predicted_exactly_on_llama_20m(name):
             ("q_galore", ["optimizer.rank=8", "optimizer.weight_storage=int8", f"trainer.{p}"])
             for p in ("precision=fp32", "precision=bf16_autocast")
         ),
+        ("adamw", ["model.loss_impl=dense", "trainer.precision=bf16_autocast"]),
+        *(  # an INT8 head: the chunked loss falls back to the dense logits
+            (
+                "q_galore",
+                ["optimizer.rank=8", "optimizer.weight_storage=int8", f"trainer.{p}"]
+                + ["optimizer.target_modules=[attn,mlp,lm_head]", "model.loss_impl=chunked"],
+            )
+            for p in ("precision=fp32", "precision=bf16_autocast")
+        ),
     ],
 )
 def test_the_training_summary_matches_the_estimate(tmp_path, name, extra):
     """Through the real training loop: precision modes, per-layer updates (one gradient alive at
-    a time), model wrappers (RSO; Q-GaLore's INT8-stored weights) and a layer sampler."""
+    a time), model wrappers (RSO; Q-GaLore's INT8-stored weights, the head's too) and a layer
+    sampler, with the chunked head (the default) and the dense one."""
     overrides = [*TINY, f"optimizer={name}", *extra, "trainer.max_steps=1"]
     overrides += ["trainer.global_batch_size=4", "trainer.eval_at_start=false"]
     cfg = compose_cfg(overrides)

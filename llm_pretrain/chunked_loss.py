@@ -1,0 +1,107 @@
+"""The head's linear and cross-entropy fused and chunked over tokens (``model.loss_impl=chunked``).
+
+The dense head computes every logit at once, ``(B, T-1, V)`` in the compute dtype plus the fp32
+copy the loss reads and keeps for backward: at llama_60m in bf16, micro-batch 128 of 256 tokens,
+3.9 GiB of fp32 logits, 40% of all the activations kept. Here the logits of ``chunk_tokens``
+tokens at a time are computed, reduced to the loss and the per-token log-sum-exp, and dropped;
+backward computes each chunk's logits again (one more ``h W^T`` per chunk) to form the softmax
+gradient ``softmax(z) - onehot(y)`` (Liger-Kernel's fused linear cross-entropy, and Wijmans et
+al. 2024, "Cut your losses in large-vocabulary language models", without their custom kernels).
+
+What is saved for backward: ``h`` in the compute dtype, the targets and one fp32 log-sum-exp per
+token; the weight is the parameter itself (cast to the compute dtype again in backward, not
+kept). The arithmetic is the dense path's: logits in the compute dtype (bf16 under autocast),
+the loss in fp32 from them, the softmax gradient cast to the compute dtype before the two
+matmuls; only the order of the sums over tokens differs (the weight's gradient is summed chunk
+by chunk in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("mean", "sum")
+
+
+def compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` would compute ``h``'s product in: autocast's, else ``h``'s own."""
+    device = h.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """``cross_entropy(h W^T, targets)`` without the ``(N, V)`` logits alive at once."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, reduction, chunk_tokens):
+        # h: (N, C) in the compute dtype, weight: (V, C), targets: (N,)
+        w = weight.to(h.dtype)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (N,)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk_tokens):
+            t = targets[s : s + chunk_tokens]
+            z = (h[s : s + chunk_tokens] @ w.t()).float()  # (n, V): the dense path's logits.float()
+            lse[s : s + chunk_tokens] = torch.logsumexp(z, dim=-1)
+            valid = t != ignore_index
+            picked = z.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
+            total += torch.where(valid, lse[s : s + chunk_tokens] - picked, 0.0).sum()
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.ignore_index, ctx.reduction, ctx.chunk_tokens = ignore_index, reduction, chunk_tokens
+        if reduction == "sum":
+            return total
+        return total / (targets != ignore_index).sum()  # all ignored: 0/0 = nan, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, targets, lse = ctx.saved_tensors
+        n = ctx.chunk_tokens
+        valid = targets != ctx.ignore_index
+        scale = grad_out if ctx.reduction == "sum" else grad_out / valid.sum().clamp(min=1)
+        w = weight.to(h.dtype)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], n):
+                hc, t, v = h[s : s + n], targets[s : s + n], valid[s : s + n]
+                p = (hc @ w.t()).float().sub_(lse[s : s + n, None]).exp_()  # (n, V) softmax
+                rows = torch.arange(t.shape[0], device=t.device)
+                p[rows, torch.where(v, t, 0)] -= 1.0  # - onehot(y)
+                g = p.mul_(torch.where(v, scale, 0.0)[:, None]).to(h.dtype)  # (n, V)
+                if grad_h is not None:
+                    grad_h[s : s + n] = g @ w
+                if grad_w is not None and g.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), hc)  # (V, C)
+                elif grad_w is not None:
+                    grad_w += (g.t() @ hc).float()  # each chunk's bf16 product, summed in fp32
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_tokens: int = 256,
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h, weight).float(), targets, ...)`` chunk by chunk of tokens.
+
+    ``h``: (N, C); ``weight``: (V, C); ``targets``: (N,), ``ignore_index`` where no token is
+    predicted (it adds neither loss nor gradient). ``reduction``: ``mean`` over the tokens not
+    ignored (nan when all are, as ``F.cross_entropy``) or ``sum``. Under autocast the logits are
+    computed in autocast's dtype, as ``nn.Linear`` would.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: the chunked loss takes mean or sum")
+    if chunk_tokens < 1:
+        raise ValueError(f"model.loss_chunk_tokens={chunk_tokens} must be at least 1")
+    h = h.to(compute_dtype(h))
+    with torch.autocast(h.device.type, enabled=False):
+        return LinearCrossEntropyFunction.apply(
+            h, weight, targets, ignore_index, reduction, chunk_tokens
+        )
