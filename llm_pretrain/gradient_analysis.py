@@ -60,10 +60,24 @@ def subspace_parts(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimiz
     return [optimizer] if hasattr(optimizer, "projector_for") else []
 
 
+def singular_values(g: torch.Tensor) -> torch.Tensor:
+    """``svdvals``, on the CPU with one thread: LAPACK's threaded SVD of these small matrices
+    is no faster on 2 cores and, when other work shares them, 50 to 100 times slower (measured:
+    benchmarks/gradient_analysis_cost.py)."""
+    if g.device.type != "cpu":
+        return torch.linalg.svdvals(g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.svdvals(g)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def spectrum_stats(grad: torch.Tensor, tokens: float, r: int | None) -> dict[str, float]:
     """Rank, bound, k90 and best-rank-r energy of one gradient, from its singular values."""
     g = grad.detach().float()
-    sigma = torch.linalg.svdvals(g)
+    sigma = singular_values(g)
     m, n = g.shape
     energy = sigma.square()
     total = float(energy.sum())
