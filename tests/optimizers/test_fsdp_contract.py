@@ -99,9 +99,13 @@ def test_every_optimizer_under_fsdp_matches_one_process(tmp_path, world, per_lay
     bad = []
     for name in SHARDED:
         ref, got = single[name], ranks[0][name]
-        # the DDP test's tolerance, on every step's loss
+        # the DDP test's tolerance, on every step's loss. Q-GaLore rounds its weights to an INT8
+        # grid every step: a last-bit difference in the loss's reduction order (the rows split
+        # over ranks, the chunked head's per-chunk sums) can flip a weight to the next code, and
+        # after 5 steps the losses differ by up to 2e-5 relative; 1e-4 there.
+        tol = 1e-4 if name == "q_galore" else 1e-5
         if any(
-            abs(a - b) > 1e-5 * abs(a) for a, b in zip(ref["losses"], got["losses"], strict=True)
+            abs(a - b) > tol * abs(a) for a, b in zip(ref["losses"], got["losses"], strict=True)
         ):
             bad.append(f"{name}: losses {ref['losses']} vs {got['losses']}")
         # A rank's rows left out or stepped twice would move a tensor's rows; rounding near an
