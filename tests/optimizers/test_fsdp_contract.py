@@ -111,10 +111,11 @@ def test_every_optimizer_under_fsdp_matches_one_process(tmp_path, world, per_lay
         # A rank's rows left out or stepped twice would move a tensor's rows; rounding near an
         # 8-bit code boundary moves single elements. Q-GaLore keeps its weights on an INT8 grid
         # whose group scales follow their extreme elements, so there only the losses compare.
+        # (a whole row is at least 8 elements: fewer on a small norm vector is code rounding)
         for n, p in ref["params"].items():
-            off = float(((p - got["params"][n]).abs() > 1e-5).double().mean())
-            if off > 0.1 and name != "q_galore":
-                bad.append(f"{name}: {off:.1%} of {n} differ by more than 1e-5")
+            moved = int(((p - got["params"][n]).abs() > 1e-5).sum())
+            if moved > max(0.1 * p.numel(), 8) and name != "q_galore":
+                bad.append(f"{name}: {moved} of {p.numel()} in {n} differ by more than 1e-5")
         moments = [r[name]["state"]["moments"] for r in ranks]
         if sum(moments) != ref["state"]["moments"]:
             bad.append(f"{name}: moment bytes per rank {moments} != {ref['state']['moments']}")
