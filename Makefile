@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint bench bench-optim bench-head bench-dist cpu-bench cl-bench soak clean
+.PHONY: setup run test lint bench bench-optim bench-refresh bench-head bench-dist cpu-bench cl-bench soak clean
 
 setup: $(STAMP)
 
@@ -35,11 +35,14 @@ bench: $(STAMP)
 	$(PY) -m llm_pretrain.train $(BENCH_20M) data.layout=paper hydra.run.dir=outputs/bench/llama_20m_paper
 	$(PY) -m llm_pretrain.train $(BENCH_20M) data.layout=packed hydra.run.dir=outputs/bench/llama_20m_packed
 
-# Optimizer step cost on llama_60m shapes vs torch AdamW and the reference packages, then every
-# registered method's state memory and step cost on the whole llama_60m.
+# Optimizer step cost on llama_60m shapes vs torch AdamW and the reference packages, the step-time
+# tail of synchronous vs staggered refreshes over 400 steps (refresh every 200 and 50 steps), then
+# every registered method's state memory and step cost on the whole llama_60m.
 bench-optim: $(STAMP)
 	$(PY) benchmarks/optimizer_step.py $(ARGS)
 	$(PY) benchmarks/optimizer_step.py --family projection $(ARGS)
+	$(PY) benchmarks/optimizer_step.py --family refresh --gap 200
+	$(PY) benchmarks/optimizer_step.py --family refresh --gap 50
 	$(PY) benchmarks/registry_table.py
 	$(PY) benchmarks/rso_memory.py
 
@@ -47,6 +50,11 @@ bench-optim: $(STAMP)
 # (model.loss_impl) at several chunk sizes, and the activations each saves (docs/benchmarks.md).
 bench-head: $(STAMP)
 	$(PY) benchmarks/head_loss.py $(ARGS)
+
+# Final loss with synchronous vs staggered subspace refreshes: GaLore on the default job (llama_tiny,
+# built-in corpus), 300 steps, refresh every 50, seeds 0 and 1 (docs/optimizers.md; ~5 minutes).
+bench-refresh: $(STAMP)
+	$(PY) benchmarks/refresh_loss.py $(ARGS)
 
 # Step time and bytes communicated per step, DDP against FSDP2, on 2 CPU ranks
 # (docs/benchmarks.md); slow, not part of tests.

@@ -6,13 +6,19 @@ process. Reported per method: the mean time of a step without a subspace refresh
 ``torch.optim.AdamW``; the extra time of a refresh step (all 56 bases at once, as in the
 references); the step time with that refresh amortised over ``--gap`` steps; and the state bytes.
 
-    python benchmarks/optimizer_step.py [--family galore|projection] [--steps 15] [--rank 128]
-        [--gap 200]
+    python benchmarks/optimizer_step.py [--family galore|projection|refresh] [--steps 15]
+        [--rank 128] [--gap 200]
 
 ``--family projection`` times the projection family (APOLLO, APOLLO-Mini, Flora, GRASS, COAP,
 DCT-AdamW, OSD, I3S) beside ``apollo-torch``'s APOLLOAdamW; every method keeps its own refresh
 schedule there (DCT re-selects at every step, OSD moves its basis at every step, COAP steps it
 every 40), so "refresh" is the extra time of step 0 only.
+
+``--family refresh`` (``--steps`` 400 by default) times the steps that follow step 0 (where
+every method computes all its first bases), through several refresh intervals, with the
+refreshes synchronous (all 56 bases at one step, the references) and staggered (spread over the
+interval, ``optimizer.refresh``): the median, 99th percentile and slowest step, each against
+AdamW's, and the mean (what throughput sees).
 """
 
 from __future__ import annotations
@@ -116,12 +122,13 @@ def _matrix_by_matrix(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return opt
 
 
-def measure(
-    builds: dict[str, tuple[Callable, Callable]], steps: int, gap: int
-) -> dict[str, dict[str, float]]:
-    """Build every optimizer, time its refresh step (step 0), then time ``steps`` more steps
-    round-robin across methods, rotating the order each round, so that the machine's drift
-    (a shared VM) falls on every method alike; report medians."""
+def step_times(
+    builds: dict[str, tuple[Callable, Callable]], steps: int
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Build every optimizer, time its first step (step 0: every basis computed), then
+    ``steps`` more steps round-robin across methods, rotating the order each round, so that the
+    machine's drift (a shared VM) falls on every method alike. Returns each method's step times
+    (step 0 first) and its state bytes after the last step."""
     setups = {}
     for label, (build, byte_count) in builds.items():
         model = Matrices()
@@ -139,6 +146,15 @@ def measure(
             start = time.perf_counter()
             opt.step()
             times[label].append(time.perf_counter() - start)
+    return times, {label: count(opt) for label, (_, _, opt, count) in setups.items()}
+
+
+def measure(
+    builds: dict[str, tuple[Callable, Callable]], steps: int, gap: int
+) -> dict[str, dict[str, float]]:
+    """``step_times``, summarised: the median step, the extra time of step 0 (the refresh) and
+    the step with that refresh amortised over ``gap`` steps."""
+    times, nbytes = step_times(builds, steps)
     out = {}
     for label, ts in times.items():
         plain = statistics.median(ts[1:])
@@ -147,9 +163,58 @@ def measure(
             "step_s": plain,
             "refresh_s": refresh,
             "amortised_s": plain + refresh / gap,
-            "bytes": setups[label][3](setups[label][2]),
+            "bytes": nbytes[label],
         }
     return out
+
+
+def percentile(ts: list[float], q: int) -> float:
+    """The q-th percentile of ``ts`` (linear interpolation between the closest ranks)."""
+    return statistics.quantiles(ts, n=100, method="inclusive")[q - 1]
+
+
+def refresh_table(rank: int, gap: int, steps: int, svd: str) -> None:
+    """Synchronous against staggered refreshes, the steps after step 0: p50, p99 and the slowest
+    step against AdamW's, and the mean."""
+    sub = dict(rank=rank, update_gap=gap, lr=0.01, scale=0.25, target_modules=["mlp"])
+    settings = {"adamw (torch default)": optimizer_settings("adamw", lr=0.01)}
+    for backend in svd.split(","):
+        for refresh in ("synchronous", "staggered"):
+            settings[f"galore ({backend} SVD), {refresh}"] = optimizer_settings(
+                "galore", svd_backend=backend, refresh=refresh, **sub
+            )
+    builds = {
+        label: (lambda m, c=cfg: optimizers.build(c, _as_linears(m)), lambda o: 0)
+        for label, cfg in settings.items()
+    }
+    times, _ = step_times(builds, steps)
+    stats = {}
+    for label, ts in times.items():
+        after = ts[1:]
+        stats[label] = {
+            "p50": percentile(after, 50),
+            "p99": percentile(after, 99),
+            "max": max(after),
+            "mean": statistics.fmean(after),
+        }
+    base = stats["adamw (torch default)"]
+    n = LAYERS * len(SHAPES)
+    print(
+        f"llama_60m projected matrices: {n} matrices; rank {rank}, refresh every {gap} steps; "
+        f"steps 1-{steps} (step 0, every first basis, left out); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print(
+        "| method | p50 (ms) | p50 / AdamW | p99 (ms) | p99 / AdamW | slowest (ms) | "
+        "slowest / AdamW | mean / AdamW |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, m in stats.items():
+        print(
+            f"| {label} | {m['p50'] * 1e3:.1f} | {m['p50'] / base['p50']:.2f}x | "
+            f"{m['p99'] * 1e3:.1f} | {m['p99'] / base['p99']:.2f}x | {m['max'] * 1e3:.0f} | "
+            f"{m['max'] / base['max']:.2f}x | {m['mean'] / base['mean']:.2f}x |"
+        )
 
 
 def projection_gemm_seconds(rank: int, repeats: int = 5) -> float:
@@ -180,12 +245,21 @@ def projection_gemm_seconds(rank: int, repeats: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=15, help="timed steps after the refresh step")
+    ap.add_argument(
+        "--steps", type=int, help="timed steps after the refresh step (15; refresh: 400)"
+    )
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--gap", type=int, default=200, help="refresh interval for amortisation")
-    ap.add_argument("--family", choices=("galore", "projection"), default="galore")
+    ap.add_argument("--family", choices=("galore", "projection", "refresh"), default="galore")
+    ap.add_argument(
+        "--svd", default="exact,randomized", help="refresh: the SVD backends to time (comma list)"
+    )
     args = ap.parse_args(argv)
     r, gap = args.rank, args.gap
+    if args.family == "refresh":
+        refresh_table(r, gap, args.steps or 400, args.svd)
+        return
+    args.steps = args.steps or 15
     if args.steps >= gap:
         raise SystemExit("--steps must be below --gap, so that only step 0 refreshes")
     sub = dict(rank=r, update_gap=gap, lr=0.01, scale=0.25, target_modules=["mlp"])

@@ -407,6 +407,7 @@ VALUES: dict[str, Allowed] = {
     "optimizer.scale": POSITIVE,
     "optimizer.rank": Allowed(1, nullable=True),
     "optimizer.update_gap": AT_LEAST_1,
+    "optimizer.refresh": Allowed(choices=("staggered", "synchronous")),
     "optimizer.interval": AT_LEAST_1,
     "optimizer.active_layers": AT_LEAST_1,
     "optimizer.density": Allowed(0, 1, open_low=True),

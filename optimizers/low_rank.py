@@ -5,7 +5,9 @@ Every class takes torch.optim's ``params`` (groups from ``llmpt.optimizers.group
 a group with ``projected=True`` is projected, the rest take plain Adam) and plain keyword
 arguments whose defaults are the paper's LLaMA-on-C4 settings. lr, betas, eps, weight_decay,
 scale and the projection settings (rank, update_gap, proj_type) may differ per group; every other
-argument is the optimizer's, and a group that sets one is refused.
+argument is the optimizer's, and a group that sets one is refused. ``refresh`` is when the
+matrices refresh their bases: ``synchronous`` (all at the same steps, as the references) or
+``staggered`` (spread over the interval, ``llmpt.optimizers.refresh``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from llmpt.optimizers.distributed import replicated_world
 from llmpt.optimizers.int8_linear import Int8Linear
 from llmpt.optimizers.projectors import CoordinateProjector, SvdProjector
 from llmpt.optimizers.projectors.quantized import QuantizedSvdProjector
+from llmpt.optimizers.refresh import check_reference_schedule
 from llmpt.optimizers.residuals import NormScaledResidual, StateFreeResidual
 from llmpt.optimizers.rules import AdamRule, BlockwiseAdam8bitRule, MuonRule
 from llmpt.optimizers.sampling import LayerSampler
@@ -88,6 +91,7 @@ class GaLore(SubspaceOptimizer):
         svd_backend: str = "exact",
         svd_power_iters: int = 1,
         refresh_phase: int = 0,
+        refresh: str = "staggered",
     ) -> None:
         super().__init__(
             params,
@@ -97,9 +101,11 @@ class GaLore(SubspaceOptimizer):
             weight_decay,
             scale=scale,
             **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters, refresh_phase),
+            refresh=refresh,
         )
         self.check_fixed(
             dict(
+                refresh=refresh,
                 svd_backend=svd_backend,
                 svd_power_iters=svd_power_iters,
                 refresh_phase=refresh_phase,
@@ -126,6 +132,7 @@ class GaLore8bit(SubspaceOptimizer):
         svd_power_iters: int = 1,
         refresh_phase: int = 0,
         min_8bit_size: int = 4096,
+        refresh: str = "staggered",
     ) -> None:
         super().__init__(
             params,
@@ -136,9 +143,11 @@ class GaLore8bit(SubspaceOptimizer):
             scale=scale,
             **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters, refresh_phase),
             rule=BlockwiseAdam8bitRule(min_8bit_size),
+            refresh=refresh,
         )
         self.check_fixed(
             dict(
+                refresh=refresh,
                 svd_backend=svd_backend,
                 svd_power_iters=svd_power_iters,
                 refresh_phase=refresh_phase,
@@ -184,10 +193,12 @@ class QGaLore(SubspaceOptimizer):
         weight_group_size: int = 256,
         compat: str = "none",
         int8_linears: Sequence[Int8Linear] | None = None,
+        refresh: str = "staggered",
     ) -> None:
         if compat not in COMPAT:
             raise ValueError(f"compat={compat!r}: use none or reference")
         reference = compat == "reference"
+        check_reference_schedule(reference, refresh, "q-galore-torch")
         zero_point = "integer" if reference else "exact"
 
         def make_projector(s: dict) -> QuantizedSvdProjector:
@@ -232,9 +243,15 @@ class QGaLore(SubspaceOptimizer):
             make_projector=make_projector,
             rule=BlockwiseAdam8bitRule(min_8bit_size),
             weight_quant=weights,
+            refresh=refresh,
         )
         self.check_fixed(
-            dict(svd_backend=svd_backend, min_8bit_size=min_8bit_size, proj_bits=proj_bits)
+            dict(
+                refresh=refresh,
+                svd_backend=svd_backend,
+                min_8bit_size=min_8bit_size,
+                proj_bits=proj_bits,
+            )
         )
 
 
@@ -260,6 +277,7 @@ class Fira(SubspaceOptimizer):
         refresh_phase: int = 0,
         mode: str = "paper",
         limiter_gamma: float = 1.01,
+        refresh: str = "staggered",
     ) -> None:
         super().__init__(
             params,
@@ -270,9 +288,11 @@ class Fira(SubspaceOptimizer):
             scale=scale,
             **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters, refresh_phase),
             residual=NormScaledResidual(mode, limiter_gamma),
+            refresh=refresh,
         )
         self.check_fixed(
             dict(
+                refresh=refresh,
                 svd_backend=svd_backend,
                 svd_power_iters=svd_power_iters,
                 refresh_phase=refresh_phase,
@@ -301,7 +321,8 @@ class Frugal(SubspaceOptimizer):
     time, switched every ``update_gap`` steps in ``block_order``; ``svd``, ``random``,
     ``columns`` and ``rows`` project each matrix to ``density`` of its dimension.
     ``proj_lr_scale`` multiplies the steps (not the weight decay) of the projectable
-    matrices."""
+    matrices. ``refresh`` schedules the per-matrix projections; the block switches of
+    ``projection="block"`` stay on the sampler's schedule (there is no basis to stagger)."""
 
     def __init__(
         self,
@@ -320,6 +341,7 @@ class Frugal(SubspaceOptimizer):
         proj_lr_scale: float = 1.0,
         reset_statistics: bool = True,
         seed: int = 0,
+        refresh: str = "staggered",
     ) -> None:
         if projection not in FRUGAL_PROJECTIONS:
             raise ValueError(
@@ -385,8 +407,11 @@ class Frugal(SubspaceOptimizer):
             seed=seed,
             state_free=state_free,
             **engine,
+            refresh=refresh,
         )
-        self.check_fixed(dict(density=density, inactive_rule=inactive_rule, seed=seed))
+        self.check_fixed(
+            dict(refresh=refresh, density=density, inactive_rule=inactive_rule, seed=seed)
+        )
 
 
 class Gum(SubspaceOptimizer):
@@ -416,6 +441,7 @@ class Gum(SubspaceOptimizer):
         svd_power_iters: int = 1,
         active_layers: int = 2,
         seed: int = 0,
+        refresh: str = "staggered",
     ) -> None:
         groups = as_groups(params)
         projected = [p for g in groups if g.get("projected") for p in g["params"]]
@@ -453,10 +479,18 @@ class Gum(SubspaceOptimizer):
             decay_first=True,
             sampling=sampling,
             seed=seed,
+            refresh=refresh,
         )
-        # the layer sample and every projector refresh on one schedule (K = update_gap)
+        # the layer sample switches every K = update_gap steps, when the projectors refresh
+        # (staggered: each projector at its own offset within those K steps)
         self.check_fixed(
-            dict(momentum=momentum, ns_steps=ns_steps, seed=seed, update_gap=update_gap)
+            dict(
+                refresh=refresh,
+                momentum=momentum,
+                ns_steps=ns_steps,
+                seed=seed,
+                update_gap=update_gap,
+            )
         )
 
 
@@ -492,6 +526,7 @@ class Gorp(SubspaceOptimizer):
         threshold: float = 0.9,
         reset_between_tasks: bool = True,
         compat: str = "none",
+        refresh: str = "staggered",
     ) -> None:
         task_filter = TaskSubspaceFilter(threshold, compat)
         super().__init__(
@@ -503,11 +538,13 @@ class Gorp(SubspaceOptimizer):
             scale=scale,
             **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters),
             task_filter=task_filter,
+            refresh=refresh,
         )
         for _, p in self.projected_matrices():
             task_filter.check_side(self.projector_for(p).side(tuple(p.shape)))
         self.check_fixed(
             dict(
+                refresh=refresh,
                 svd_backend=svd_backend,
                 svd_power_iters=svd_power_iters,
                 threshold=threshold,
@@ -610,6 +647,7 @@ class GradNormLoRP(SubspaceOptimizer):
         proj_type: str = "std",
         svd_backend: str = "exact",
         svd_power_iters: int = 1,
+        refresh: str = "staggered",
     ) -> None:
         super().__init__(
             params,
@@ -619,9 +657,12 @@ class GradNormLoRP(SubspaceOptimizer):
             weight_decay,
             scale=scale,
             **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters),
+            refresh=refresh,
         )
         check_weight_normalized(self, linears)
-        self.check_fixed(dict(svd_backend=svd_backend, svd_power_iters=svd_power_iters))
+        self.check_fixed(
+            dict(refresh=refresh, svd_backend=svd_backend, svd_power_iters=svd_power_iters)
+        )
 
 
 class GradNormLoRP8bit(SubspaceOptimizer):
@@ -646,6 +687,7 @@ class GradNormLoRP8bit(SubspaceOptimizer):
         svd_backend: str = "exact",
         svd_power_iters: int = 1,
         min_8bit_size: int = 4096,
+        refresh: str = "staggered",
     ) -> None:
         super().__init__(
             params,
@@ -656,10 +698,12 @@ class GradNormLoRP8bit(SubspaceOptimizer):
             scale=scale,
             **svd_engine(rank, update_gap, proj_type, svd_backend, svd_power_iters),
             rule=BlockwiseAdam8bitRule(min_8bit_size),
+            refresh=refresh,
         )
         check_weight_normalized(self, linears)
         self.check_fixed(
             dict(
+                refresh=refresh,
                 svd_backend=svd_backend,
                 svd_power_iters=svd_power_iters,
                 min_8bit_size=min_8bit_size,

@@ -4,7 +4,7 @@ DCT-AdamW, Online Subspace Descent and I3S.
 
 As in ``low_rank``: torch.optim's ``params`` with ``projected=True`` groups, paper defaults,
 lr, betas, eps, weight_decay, scale and the projection settings per group, everything else the
-optimizer's.
+optimizer's, ``refresh`` (synchronous or staggered basis refreshes) included.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from llmpt.optimizers.projectors.coap import CoapProjector
 from llmpt.optimizers.projectors.dct import DctProjector
 from llmpt.optimizers.projectors.gaussian import GaussianProjector
 from llmpt.optimizers.projectors.online_pca import OnlinePcaProjector
+from llmpt.optimizers.refresh import check_reference_schedule
 from llmpt.optimizers.residuals.scaled_gradient import ScaledGradient
 from llmpt.optimizers.rules import AdamRule, BlockwiseAdam8bitRule
 from llmpt.optimizers.rules.flora import FloraRule
@@ -61,8 +62,10 @@ class Apollo(SubspaceOptimizer):
         projection_rng: str = "torch",
         compat: str = "none",
         seed: int = 0,
+        refresh: str = "staggered",
     ) -> None:
         reference = check_compat(compat)
+        check_reference_schedule(reference, refresh, "apollo-torch")
         groups = as_groups(params)
         for group in groups:
             if "scale" in group and not group["scale"] > 0:
@@ -94,9 +97,11 @@ class Apollo(SubspaceOptimizer):
             residual=ScaledGradient(scale_type, limiter, limiter_gamma, scale_front),
             rule=AdamRule("hf"),
             seed=seed,
+            refresh=refresh,
         )
         self.check_fixed(
             dict(
+                refresh=refresh,
                 scale_type=scale_type,
                 scale_front=scale_front,
                 limiter=limiter,
@@ -131,6 +136,7 @@ class ApolloMini(Apollo):
         projection_rng: str = "torch",
         compat: str = "none",
         seed: int = 0,
+        refresh: str = "staggered",
     ) -> None:
         super().__init__(
             params,
@@ -150,6 +156,7 @@ class ApolloMini(Apollo):
             projection_rng,
             compat,
             seed,
+            refresh,
         )
 
 
@@ -173,6 +180,7 @@ class Grass(SubspaceOptimizer):
         replacement: bool = False,
         reset_on_refresh: bool = True,
         seed: int = 0,
+        refresh: str = "staggered",
     ) -> None:
         super().__init__(
             params,
@@ -193,9 +201,11 @@ class Grass(SubspaceOptimizer):
             rule=AdamRule("hf"),
             reset_on_refresh=reset_on_refresh,
             seed=seed,
+            refresh=refresh,
         )
         self.check_fixed(
             dict(
+                refresh=refresh,
                 selection=selection,
                 replacement=replacement,
                 reset_on_refresh=reset_on_refresh,
@@ -223,6 +233,7 @@ class I3S(SubspaceOptimizer):
         svd_power_iters: int = 1,
         refresh_phase: int = 0,
         seed: int = 0,
+        refresh: str = "staggered",
     ) -> None:
         super().__init__(
             params,
@@ -242,8 +253,9 @@ class I3S(SubspaceOptimizer):
             ),
             rule=AdamRule("hf"),
             seed=seed,
+            refresh=refresh,
         )
-        self.check_fixed(dict(svd_backend=svd_backend, seed=seed))
+        self.check_fixed(dict(refresh=refresh, svd_backend=svd_backend, seed=seed))
 
 
 class DctAdamW(SubspaceOptimizer):
@@ -271,6 +283,7 @@ class DctAdamW(SubspaceOptimizer):
         use_ef: bool = False,
         ef_bits: int = 0,
         ef_group_size: int = 0,
+        refresh: str = "staggered",
     ) -> None:
         if not use_ef and (ef_bits or ef_group_size):
             raise ValueError(
@@ -292,9 +305,11 @@ class DctAdamW(SubspaceOptimizer):
             decay_first=True,
             transition=MomentTransition("abs") if rotate_subspace else None,
             error_feedback=ErrorFeedback(ef_bits, ef_group_size) if use_ef else None,
+            refresh=refresh,
         )
         self.check_fixed(
             dict(
+                refresh=refresh,
                 selection_norm=selection_norm,
                 transform=transform,
                 rotate_subspace=rotate_subspace,
@@ -326,6 +341,7 @@ class Coap(SubspaceOptimizer):
         proj_lr: float = 0.1,
         restore_state: bool = False,
         min_8bit_size: int = 4096,
+        refresh: str = "staggered",
     ) -> None:
         if restore_state and self.eight_bit:
             raise ValueError(
@@ -346,9 +362,11 @@ class Coap(SubspaceOptimizer):
             ),
             rule=rule,
             transition=MomentTransition("sqrt") if restore_state else None,
+            refresh=refresh,
         )
         self.check_fixed(
             dict(
+                refresh=refresh,
                 reproject_factor=reproject_factor,
                 proj_lr=proj_lr,
                 restore_state=restore_state,
@@ -437,8 +455,10 @@ class Flora(SubspaceOptimizer):
         compat: str = "none",
         projection_rng: str = "torch",
         seed: int = 0,
+        refresh: str = "staggered",
     ) -> None:
         reference = check_compat(compat)
+        check_reference_schedule(reference, refresh, "flora-opt")
         rule = FloraRule(
             beta1, kappa, decay_rate, eps1, eps2, clip_threshold, scale_parameter, weight_decay
         )
@@ -461,9 +481,11 @@ class Flora(SubspaceOptimizer):
             rule=rule,
             plain_rule=rule,
             seed=seed,
+            refresh=refresh,
         )
         self.check_fixed(
             dict(
+                refresh=refresh,
                 rank=rank,
                 kappa=kappa,
                 beta1=beta1,

@@ -36,6 +36,7 @@ import torch
 
 from llmpt.optimizers.accounting import CATEGORIES, state_nbytes
 from llmpt.optimizers.per_parameter import PerParameterOptimizer, closure_loss
+from llmpt.optimizers.refresh import check_refresh, cycle_of, stagger_offsets
 from llmpt.optimizers.rules import AdamRule
 from llmpt.optimizers.sampling import LayerSampler
 
@@ -92,14 +93,16 @@ INACTIVE_MODES = ("frozen", "state_free", "inherit")
 @dataclass
 class RefreshContext:
     """What a projector may need beyond the gradient: the parameter's ordinal in the optimizer
-    (apollo-torch's seeds), the rule (COAP reads the first moment) and the scheduled and initial
-    learning rates (OSD's projector step follows the weights' schedule)."""
+    (apollo-torch's seeds), the rule (COAP reads the first moment), the scheduled and initial
+    learning rates (OSD's projector step follows the weights' schedule) and the matrix's refresh
+    offset (``refresh.py``: COAP and Flora place their own refreshes at step - offset)."""
 
     index: int
     rule: object
     lr: float
     initial_lr: float
     seed: int = 0
+    offset: int = 0
 
 
 @dataclass
@@ -141,6 +144,9 @@ class SubspaceOptimizer(PerParameterOptimizer):
     with ``projected=True`` is projected, the others take ``plain_rule``.
 
     Components are shared by all parameters; per-parameter state lives in ``self.state``.
+    ``refresh``: ``synchronous`` (every matrix refreshes its basis at the same steps, as the
+    references) or ``staggered`` (each at its own offset, spread over the interval:
+    ``refresh.py``).
     """
 
     def __init__(
@@ -166,7 +172,9 @@ class SubspaceOptimizer(PerParameterOptimizer):
         projection: dict | None = None,
         make_projector=None,
         task_filter=None,
+        refresh: str = "synchronous",
     ) -> None:
+        check_refresh(refresh)
         if not lr > 0:  # also refuses NaN
             raise ValueError(f"lr={lr} must be positive")
         if weight_decay < 0:
@@ -216,6 +224,8 @@ class SubspaceOptimizer(PerParameterOptimizer):
                 rule.check_group(group)
         for name, p in self.projected_matrices():
             self.projector_for(p).check(tuple(p.shape), name)
+        self.refresh = refresh
+        self._offsets = self._refresh_offsets()
         self._batched = self._can_batch()
         self._steps = 0  # optimizer steps taken: drives the sampler's periods
         self._attached = False
@@ -269,6 +279,20 @@ class SubspaceOptimizer(PerParameterOptimizer):
     def projector_for(self, p: torch.Tensor):
         """The projector of ``p``'s group."""
         return self._projectors.get(self.group_number[p], self.projector)
+
+    def _refresh_offsets(self) -> dict[torch.Tensor, int]:
+        """Each projected matrix's refresh offset: none when synchronous; when staggered, spread
+        over its projector's cycle in parameter order (``refresh.stagger_offsets``), so every
+        rank and every resume derive the same ones."""
+        if self.refresh == "synchronous":
+            return {}
+        projected = [p for g in self.param_groups if g["projected"] for p in g["params"]]
+        cycles = [cycle_of(self.projector_for(p)) for p in projected]
+        return dict(zip(projected, stagger_offsets(cycles), strict=True))
+
+    def refresh_offset(self, p: torch.Tensor) -> int:
+        """The step offset of ``p``'s refresh schedule (0 when synchronous or not projected)."""
+        return self._offsets.get(p, 0)
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -357,7 +381,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
             state = self.state[p]
             state.setdefault("seed", self.seed * 1_000_003 + self._index[p])
             step = state.get("step", 0)
-            if projector.due(state, step):
+            if projector.due(state, step - self.refresh_offset(p)):
                 if getattr(projector, "uses_context", False):
                     projector.refresh(state, grad, self._context(p, lr, group))
                 else:
@@ -442,7 +466,12 @@ class SubspaceOptimizer(PerParameterOptimizer):
         ef = self.error_feedback if mode == "projected" else None
         if ef is not None:  # A = G + E: the projector selects and projects A
             grad = ef.corrected(state, grad)
-        refreshed = projector.due(state, step)
+        # the refresh schedule runs on the matrix's step count; a reset at refresh (FRUGAL)
+        # restarts the rule's count, so those compositions keep the schedule's in "clock"
+        clock = state.get("clock", step)
+        if self.reset_on_refresh:
+            state["clock"] = clock + 1
+        refreshed = projector.due(state, clock - self.refresh_offset(p))
         if refreshed:
             # the basis entries before the refresh (a refresh assigns new tensors, never
             # writes into the old ones), for carrying the moments over
@@ -483,7 +512,12 @@ class SubspaceOptimizer(PerParameterOptimizer):
 
     def _context(self, p: torch.Tensor, lr: float, group: dict) -> RefreshContext:
         return RefreshContext(
-            self._index[p], self.rule, lr, group.get("initial_lr", group["lr"]), self.seed
+            self._index[p],
+            self.rule,
+            lr,
+            group.get("initial_lr", group["lr"]),
+            self.seed,
+            self.refresh_offset(p),
         )
 
     # ------------------------------------------------------------------ sampling
@@ -688,6 +722,7 @@ class SubspaceOptimizer(PerParameterOptimizer):
         if projected:
             bases = "; ".join(
                 f"{pr.describe()}, refresh every {pr.update_gap} steps"
+                + (" (staggered)" if self.refresh == "staggered" else "")
                 + (f" ({sum(self.projector_for(p) is pr for p in projected)} matrices)"
                    if len(self._distinct_projectors()) > 1 else "")
                 for pr in self._distinct_projectors()

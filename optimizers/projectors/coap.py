@@ -9,6 +9,7 @@ basis kept up to date incrementally instead of by a full SVD.
   ``sgd_lr`` (0.1). P is not re-orthonormalized (as the reference).
 - Every ``reproject_factor`` x T_u steps instead: the range finder warm-started from the
   previous basis (Omega = P^T), one block power iteration plus an r x n SVD, no full SVD.
+- Staggered (``refresh.py``): the steps are those of the matrix's counter minus its offset.
 
 On the LEFT side (wide matrices) the same runs on G^T, P being m x r. State: ``side`` and
 ``basis``, as the SVD projector (r x short side).
@@ -60,13 +61,18 @@ class CoapProjector(SvdProjector):
             f"{self.update_gap * self.reproject_factor}"
         )
 
+    @property
+    def cycle(self) -> int:
+        """A staggered schedule spreads the offsets over k T_u steps: both kinds of refresh."""
+        return self.update_gap * self.reproject_factor
+
     def refresh(self, state: dict, grad: torch.Tensor, ctx=None) -> None:
         side = self.side(tuple(grad.shape))
         g = grad.float()
-        step = state.get("step", 0)
+        step = state.get("step", 0) - (ctx.offset if ctx is not None else 0)  # (staggered)
         first = "basis" not in state
         moment = None if first else ctx.rule.first_moment(state)
-        if first or step % (self.update_gap * self.reproject_factor) == 0 or moment is None:
+        if first or step % self.cycle == 0 or moment is None:
             old = None if first else state["basis"].float()
             if side == LEFT:  # P is m x r: the range finder on G^T, warm-started from P
                 basis = range_finder(g.T, self.rank, old).T

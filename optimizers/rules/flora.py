@@ -8,7 +8,8 @@ Per matrix, at (1-based) step t, with down/up the projector's project/project_ba
    second moment), U = G / sqrt(V_hat);
 2. U_bar = (1 - beta1) U + beta1 up(M_c): the current step uncompressed, only the history
    compressed;
-3. if t is a multiple of kappa: M_c <- down_new(up_old(M_c)) (momentum transfer);
+3. if t is a multiple of kappa (staggered: t - the matrix's offset, ``refresh.py``):
+   M_c <- down_new(up_old(M_c)) (momentum transfer);
 4. M_c <- beta1 M_c + (1 - beta1) down(U);
 5. U_bar /= max(1, RMS(U_bar) / clip_threshold); lr_eff = lr * max(eps2, RMS(W));
 6. W <- W - lr_eff * weight_decay * W, then W <- W - lr_eff * U_bar.
@@ -100,7 +101,7 @@ class FloraRule:
             update = raw * (1.0 - b1)
             if history is not None:
                 update.add_(history, alpha=b1)
-            if t % self.kappa == 0:  # resample; carry the momentum into the new basis
+            if (t - ctx.offset) % self.kappa == 0:  # resample; carry the momentum over
                 projector.refresh(state, g, ctx)
                 view = self._with_basis(state, projector, g)
                 if history is not None:

@@ -108,7 +108,9 @@ def test_reference_mode_through_the_registry_matches_apollo_torch():
     projected, then plain parameters) and the same arithmetic as APOLLOAdamW."""
     from apollo_torch import APOLLOAdamW
 
-    cfg = compose_cfg(["optimizer=apollo", "optimizer.compat=reference"]).optimizer
+    cfg = compose_cfg(
+        ["optimizer=apollo", "optimizer.compat=reference", "optimizer.refresh=synchronous"]
+    ).optimizer
     OmegaConf.set_struct(cfg, False)
     cfg.rank, cfg.update_gap, cfg.scale = 4, 2, 2.0
     ours_model, ref_model = toy_llama(layers=2, seed=0), toy_llama(layers=2, seed=0)
@@ -271,7 +273,7 @@ def test_mini_state_is_sgd_like():
     [
         [],
         ["optimizer.weight_decay=0.1"],
-        ["optimizer.compat=reference"],
+        ["optimizer.compat=reference", "optimizer.refresh=synchronous"],
         ["optimizer.limiter=false", "optimizer.proj_type=left"],
         ["optimizer.scale_front=false", "optimizer.projection_rng=philox"],
     ],

@@ -285,6 +285,7 @@ def test_restore_state_carries_the_moments_into_the_new_basis(refresh):
             "optimizer.rank=4",
             "optimizer.update_gap=2",
             "optimizer.restore_state=true",
+            "optimizer.refresh=synchronous",  # every matrix refreshes at steps 2 and 10
         ]
     ).optimizer
     model = toy_llama(layers=2, seed=0)
@@ -343,6 +344,7 @@ def test_coap_8bit_trains_the_toy_model(monkeypatch):
             "optimizer.rank=4",
             "optimizer.update_gap=2",
             "optimizer.min_8bit_size=64",
+            "optimizer.refresh=synchronous",  # (the count of correlation steps below)
         ]
     ).optimizer
     model = toy_llama(layers=2, seed=0)

@@ -306,7 +306,7 @@ def test_fira_refuses_a_two_sided_projection_when_built():
 
 def test_q_galore_compat_reference_selects_the_reference_arithmetic():
     cfg = optimizer_cfg("q_galore")
-    cfg.compat = "reference"
+    cfg.compat, cfg.refresh = "reference", "synchronous"
     opt = optimizers.build(cfg, toy_model())
     assert opt.projector.zero_point == "integer" and not opt.projector.abs_cos
     assert opt.weight_quant.zero_point == "integer"

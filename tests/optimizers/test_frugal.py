@@ -36,6 +36,7 @@ def frugal_cfg(**overrides):
     cfg = compose_cfg(["optimizer=frugal"]).optimizer
     OmegaConf.set_struct(cfg, False)
     cfg.lr, cfg.update_gap = 1e-2, 2
+    cfg.refresh = "synchronous"  # the reference's schedule: every matrix at the same step
     for key, value in overrides.items():
         cfg[key] = value
     return cfg

@@ -102,8 +102,11 @@ def test_every_optimizer_under_fsdp_matches_one_process(tmp_path, world, per_lay
         # the DDP test's tolerance, on every step's loss. Q-GaLore rounds its weights to an INT8
         # grid every step: a last-bit difference in the loss's reduction order (the rows split
         # over ranks, the chunked head's per-chunk sums) can flip a weight to the next code, and
-        # after 5 steps the losses differ by up to 2e-5 relative; 1e-4 there.
-        tol = 1e-4 if name == "q_galore" else 1e-5
+        # after 5 steps the losses differ by up to 2e-5 relative. With staggered refreshes (the
+        # default) half the toy's matrices also take their SVD at odd steps, from gradients that
+        # already carry such differences, into a 4-bit basis whose codes can flip too: up to
+        # 1.4e-4 on 2 ranks (1.4e-6 with the dense head); 3e-4 there.
+        tol = 3e-4 if name == "q_galore" else 1e-5
         if any(
             abs(a - b) > tol * abs(a) for a, b in zip(ref["losses"], got["losses"], strict=True)
         ):

@@ -128,7 +128,12 @@ def test_every_seeded_method_trains_with_philox(name):
 @pytest.mark.parametrize("name", ["apollo", "flora"])
 def test_philox_with_the_reference_seeding_is_refused(name):
     cfg = compose_cfg(
-        [f"optimizer={name}", "optimizer.projection_rng=philox", "optimizer.compat=reference"]
+        [
+            f"optimizer={name}",
+            "optimizer.projection_rng=philox",
+            "optimizer.compat=reference",
+            "optimizer.refresh=synchronous",
+        ]
     ).optimizer
     with pytest.raises(ValueError, match="compat=reference reproduces the reference code"):
         optimizers.build(cfg, toy_llama())
