@@ -61,15 +61,14 @@ bench-refresh: $(STAMP)
 bench-dist: $(STAMP)
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/distributed_step.py $(ARGS)
 
-# experiment=cpu_bench for every registered pretraining optimizer (about 2 hours on 2 CPU cores),
-# then the sweep's report (docs/benchmarks.md).
+# The CPU benchmark protocol (llm_pretrain/cpu_bench.py, docs/benchmarks.md): every pretraining
+# method at 3+ lrs on a log grid around its config's, 2 seeds at its best, on the built-in corpus
+# and the C4 sample, 300 steps of llama_tiny each (about 3 hours on 2 cores); resumable: run it
+# again after a stop and it runs only the missing jobs. Then the report (best lr per method,
+# seed spreads, ties, ranks per corpus, the ranking along the way).
 CPU_BENCH_DIR ?= outputs/sweeps/cpu_bench
-OPTIMIZERS = $(shell $(PY) -c 'from llm_pretrain.optim import METHODS as M; \
-	print(",".join(n for n in M if M[n].pretraining))')
 cpu-bench: $(STAMP)
-	$(PY) -m llm_pretrain.train -m experiment=cpu_bench optimizer=$(OPTIMIZERS) \
-		hydra.sweep.dir=$(CPU_BENCH_DIR) $(ARGS)
-	$(PY) -m llm_pretrain.report $(CPU_BENCH_DIR)
+	$(PY) -m llm_pretrain.cpu_bench --out $(CPU_BENCH_DIR) $(ARGS)
 
 # Continual learning on CPU (docs/benchmarks.md): llama_20m pretrained on the C4 sample (600
 # steps, about 15 minutes, once: kept in $(CL_BENCH_DIR)/base), then experiment=cl_bench (order 1

@@ -7,10 +7,10 @@ from llm_pretrain import optim as optimizers
 from llm_pretrain.config import check_experiment
 from tests.conftest import REPO, SHARED_DATA, compose_cfg, run_cli
 
-RECIPES = sorted(  # the C4 pretraining recipes (cpu_bench and the cl_* task runs are not)
+RECIPES = sorted(  # the C4 pretraining recipes (the CPU benchmarks and cl_* task runs are not)
     p.stem
     for p in (REPO / "conf" / "experiment").glob("*.yaml")
-    if p.stem != "cpu_bench" and not p.stem.startswith("cl_")
+    if not p.stem.startswith(("cpu_bench", "cl_"))
 )
 SIZES = ["llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b"]
 
@@ -82,43 +82,75 @@ def test_a_size_without_a_recipe_is_refused_with_the_sizes_it_has(tmp_path):
     ) in out.stderr
 
 
-def test_cpu_bench_gives_every_optimizer_the_same_data_schedule_and_budget():
+@pytest.mark.parametrize("corpus", ["builtin", "c4_sample"])
+def test_cpu_bench_gives_every_optimizer_the_same_data_schedule_and_budget(corpus):
     common = None
     pretraining = [n for n, m in optimizers.METHODS.items() if m.pretraining]
     assert "welore" not in pretraining and "gorp" not in pretraining  # fine-tuning methods
     for name in pretraining:
         cfg = OmegaConf.to_container(
-            compose_cfg(["experiment=cpu_bench", f"optimizer={name}"]), resolve=True
+            compose_cfg(["experiment=cpu_bench", f"data={corpus}", f"optimizer={name}"]),
+            resolve=True,
         )
         same = {k: cfg[k] for k in ("model", "data", "trainer", "eval")}
         common = common or same
         assert same == common, name
         if "rank" in cfg["optimizer"] and name != "apollo_mini":
-            assert cfg["optimizer"]["rank"] == 64, name  # hidden / 4
+            assert cfg["optimizer"]["rank"] == 32, name  # hidden / 4
         for key in ("update_gap", "interval", "kappa"):
-            assert cfg["optimizer"].get(key, 0) <= 25, (name, key)  # 4+ subspaces in 100 steps
-    assert common["model"]["name"] == "llama_20m"
-    assert common["data"]["path"].endswith("/c4/c4_en_sample_2000.jsonl.gz")
-    assert common["data"]["tokenizer"].endswith("/t5_tokenizer/spiece.model")
+            assert cfg["optimizer"].get(key, 0) <= 50, (name, key)  # 6+ subspaces in 300 steps
+    assert (common["model"]["name"], common["model"]["vocab_size"]) == ("llama_tiny", 2048)
+    if corpus == "c4_sample":
+        assert common["data"]["path"].endswith("/c4/c4_en_sample_2000.jsonl.gz")
+        assert common["data"]["tokenizer"] == "outputs/tokenizers/c4_sample_sp2048.model"
+        assert common["data"]["val_docs"] == 200
     t = common["trainer"]
-    assert (t["max_steps"], t["global_batch_size"], common["data"]["seq_len"]) == (100, 8, 256)
+    assert (t["max_steps"], t["global_batch_size"], common["data"]["seq_len"]) == (300, 16, 128)
+    assert (t["eval_every"], common["eval"]["tokens"]) == (75, 30000)
 
 
-def test_cpu_bench_runs_a_method(tmp_path):
+def test_the_start_up_comparison_keeps_its_old_settings():
+    """experiment=cpu_bench_startup reruns the 100-step table of docs/benchmarks.md."""
+    cfg = compose_cfg(["experiment=cpu_bench_startup", "optimizer=galore"])
+    assert (cfg.model.name, cfg.trainer.max_steps, cfg.trainer.global_batch_size) == (
+        "llama_20m",
+        100,
+        8,
+    )
+    assert (cfg.optimizer.rank, cfg.optimizer.update_gap) == (64, 25)
+    assert cfg.data.tokenizer.endswith("/t5_tokenizer/spiece.model")
+
+
+def test_cpu_bench_runs_a_method_on_c4(tmp_path):
+    """One job of the protocol on the C4 sample's path, with a tokenizer trained the same way
+    (on 60 of its documents, 20 held out) to keep the test short."""
+    import gzip
+    import itertools
+
+    from llm_pretrain.tokenizer_training import train_sentencepiece
+
+    docs = tmp_path / "c4.jsonl"
+    with gzip.open(SHARED_DATA / "c4" / "c4_en_sample_2000.jsonl.gz", "rt") as f:
+        docs.write_text("".join(itertools.islice(f, 60)))
+    tokenizer = train_sentencepiece(str(docs), tmp_path / "sp.model", vocab_size=400, held_out=20)
     out = run_cli(
         [
             "experiment=cpu_bench",
+            "data=c4_sample",
+            f"data.path={docs}",
+            f"data.tokenizer={tokenizer}",
+            "data.val_docs=20",
+            "model.vocab_size=400",
             "optimizer=galore",
             "trainer.max_steps=2",
             "eval.tokens=2000",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         cwd=tmp_path,
-        env={"LLM_PRETRAIN_SHARED_DATA": str(SHARED_DATA)},
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "model llama_20m" in out.stdout
-    assert "28 matrices (3.16M params) projected: svd basis at rank 64 (std), refresh every 25" in (
+    assert "model llama_tiny" in out.stdout
+    assert "28 matrices (0.80M params) projected: svd basis at rank 32 (std), refresh every 50" in (
         out.stdout
     )
 

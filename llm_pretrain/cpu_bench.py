@@ -1,0 +1,379 @@
+"""The CPU benchmark protocol (``make cpu-bench``): rank methods, not learning rates.
+
+    python -m llm_pretrain.cpu_bench [--out outputs/sweeps/cpu_bench] [--methods a,b,...]
+        [--corpora builtin,c4_sample] [--seeds 2] [--retry-failed] [--report-only]
+        [key=value ...]
+
+For each corpus (the ``data`` group: ``builtin``, whose source entropy is an absolute floor, and
+``c4_sample``) and each method, every run an ``experiment=cpu_bench`` job (300 steps of
+llama_tiny; ``key=value`` overrides apply to every job):
+
+1. seed 0 at lr x {1/3, 1, 3} of the method's config lr (its paper's), a log grid;
+2. while the best lr is the smallest or the largest one tried, one more step of the grid
+   beyond it (at most ``MAX_EXTENSIONS`` per side): a best lr at the grid's edge is a guess;
+3. ``--seeds`` seeds (2) at the best lr; if the seeds move the best to another lr, that lr gets
+   its seeds too, until the best has them all.
+
+"Best" is ``llm_pretrain.report``'s ``--best-of optimizer.lr``: the lowest mean ppl over seeds
+among the lrs whose every seed finished (a diverged seed rules its lr out). Every job is a
+directory ``OUT/<corpus>/<method>/lr<lr>_seed<s>`` and a row of ``OUT/results.jsonl``; a job
+with a row is never run again, so a stopped ``make cpu-bench`` resumes where it stopped (a job
+cut off mid-run has no row: its directory is cleared and it runs again).
+
+The end is the report: ``python -m llm_pretrain.report OUT --best-of optimizer.lr
+--by-corpus`` (seed spreads, ties, per-corpus ranks, the Pareto plot), then the ranking along
+the way: each method's rank by mean validation loss at each evaluation (every 75 steps) and
+Kendall's tau between it and the final ranking, which says whether the runs are long enough for
+the order to have settled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_pretrain import report
+
+CORPORA = ("builtin", "c4_sample")
+GRID = 3.0  # the lr grid's ratio: x 1/3, 1, 3 around the config's lr
+MAX_EXTENSIONS = 2  # per side: down to lr / 27, up to lr x 27
+TOKENIZER = Path("outputs/tokenizers/c4_sample_sp2048.model")  # data=c4_sample's
+
+
+@dataclass(frozen=True)
+class Job:
+    corpus: str
+    method: str
+    lr: float
+    seed: int
+
+    @property
+    def lr_text(self) -> str:
+        return lr_text(self.lr)
+
+    def overrides(self, extra: Sequence[str] = ()) -> list[str]:
+        return [
+            "experiment=cpu_bench",
+            f"data={self.corpus}",
+            f"optimizer={self.method}",
+            f"optimizer.lr={self.lr_text}",
+            f"trainer.seed={self.seed}",
+            *extra,
+        ]
+
+    def run_dir(self, out: Path) -> Path:
+        return out / self.corpus / self.method / f"lr{self.lr_text}_seed{self.seed}"
+
+
+def lr_text(lr: float) -> str:
+    """An lr as the override writes it (3 significant digits: the grid's values are exact
+    multiples of 3 of the config's lr, rounded the same way every time)."""
+    return f"{lr:.3g}"
+
+
+@dataclass
+class Outcome:
+    """What the sweep knows about one lr of one method on one corpus."""
+
+    lr: float
+    ppl: list[float | None]  # per seed run so far; None: diverged or failed
+
+
+def best_lr(outcomes: Sequence[Outcome]) -> float | None:
+    """The report's pick: the lowest mean ppl among the lrs whose every seed finished."""
+    finished = [o for o in outcomes if o.ppl and all(p is not None for p in o.ppl)]
+    if not finished:
+        return None
+    return min(finished, key=lambda o: statistics.fmean(o.ppl)).lr
+
+
+def next_jobs(
+    corpus: str, method: str, base_lr: float, outcomes: Sequence[Outcome], seeds: int
+) -> list[Job]:
+    """The jobs that the protocol runs next for one method on one corpus, given what has run
+    (``outcomes``, one per lr tried); empty when the method is done."""
+    grid = [base_lr / GRID, base_lr, base_lr * GRID]
+    tried = {lr_text(o.lr): o for o in outcomes}
+    missing = [lr for lr in grid if lr_text(lr) not in tried]
+    if missing:
+        return [Job(corpus, method, lr, 0) for lr in missing]
+    best = best_lr(outcomes)
+    if best is None:  # every lr diverged or failed: nothing to pick, the report says so
+        return []
+    lrs = sorted(o.lr for o in outcomes)
+    low, high = lrs[0], lrs[-1]
+    if best == low and low > base_lr / GRID ** (1 + MAX_EXTENSIONS) * 1.01:
+        return [Job(corpus, method, low / GRID, 0)]
+    if best == high and high < base_lr * GRID ** (1 + MAX_EXTENSIONS) / 1.01:
+        return [Job(corpus, method, high * GRID, 0)]
+    done = len(next(o for o in outcomes if o.lr == best).ppl)
+    return [Job(corpus, method, best, s) for s in range(done, seeds)]
+
+
+def outcomes_of(rows: Sequence[dict], corpus: str, method: str) -> list[Outcome]:
+    """The sweep's rows of one method on one corpus, by lr (in the order first run)."""
+    by_lr: dict[str, Outcome] = {}
+    for row in rows:
+        o = _overrides(row)
+        if o.get("data") != corpus or o.get("optimizer") != method or "optimizer.lr" not in o:
+            continue
+        out = by_lr.setdefault(o["optimizer.lr"], Outcome(float(o["optimizer.lr"]), []))
+        ok = row.get("status") == "ok" and row.get("final_val_ppl") is not None
+        out.ppl.append(float(row["final_val_ppl"]) if ok else None)
+    return list(by_lr.values())
+
+
+def _overrides(row: dict) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in row.get("overrides") or [] if "=" in o)
+
+
+def read_rows(out: Path) -> list[dict]:
+    """The sweep's rows (a line cut short by a crash is skipped: its job runs again)."""
+    path = out / "results.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def config_lr(method: str, extra: Sequence[str] = ()) -> float:
+    """The lr ``experiment=cpu_bench optimizer=<method>`` would train with."""
+    return float(compose(["experiment=cpu_bench", f"optimizer={method}", *extra]).optimizer.lr)
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llm_pretrain.config import CONF_DIR, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def run_job(job: Job, out: Path, extra: Sequence[str]) -> None:
+    """Train one job in this process; its row goes to ``out/results.jsonl`` (a failed or
+    diverged job's too, with its error)."""
+    from llm_pretrain.summary import sweep_row
+    from llm_pretrain.train import _append_row, train
+
+    overrides = job.overrides(extra)
+    run_dir = job.run_dir(out)
+    clear_stale(job, out)
+    cfg = compose(overrides)
+    try:
+        summary = train(cfg, run_dir, out, overrides)
+    except Exception as e:  # (train wrote the failed or diverged row)
+        print(f"cpu_bench: {' '.join(overrides)}: {type(e).__name__}: {e}", file=sys.stderr)
+        return
+    _append_row(out, sweep_row(cfg, run_dir, summary, overrides))
+
+
+def clear_stale(job: Job, out: Path) -> bool:
+    """Remove the directory of a job that has no row (it was cut off mid-run, so it runs
+    again; the protocol never runs a job that has a row). Returns whether there was one."""
+    run_dir = job.run_dir(out)
+    if not run_dir.exists():
+        return False
+    print(f"cpu_bench: {run_dir} has no row (stopped mid-run): running it again")
+    shutil.rmtree(run_dir)
+    return True
+
+
+def run_protocol(
+    out: Path,
+    methods: Sequence[str],
+    corpora: Sequence[str],
+    seeds: int,
+    extra: Sequence[str] = (),
+    retry_failed: bool = False,
+    runner: Callable[[Job, Path, Sequence[str]], None] = run_job,
+    lr_of: Callable[[str], float] | None = None,
+) -> int:
+    """Run every job the protocol still needs; returns how many ran."""
+    lr_of = lr_of or (lambda m: config_lr(m, extra))
+    if retry_failed:
+        drop_failed(out)
+    ran = 0
+    for corpus in corpora:
+        for method in methods:
+            base = lr_of(method)
+            while jobs := next_jobs(
+                corpus, method, base, outcomes_of(read_rows(out), corpus, method), seeds
+            ):
+                for job in jobs:
+                    print(f"cpu_bench: {corpus} {method} lr {job.lr_text} seed {job.seed}")
+                    runner(job, out, extra)
+                    ran += 1
+                    if not any(_is(row, job) for row in read_rows(out)):
+                        raise SystemExit(f"cpu_bench: the job {job} wrote no row; stopping")
+    return ran
+
+
+def _is(row: dict, job: Job) -> bool:
+    o = _overrides(row)
+    return (o.get("data"), o.get("optimizer"), o.get("optimizer.lr"), o.get("trainer.seed")) == (
+        job.corpus,
+        job.method,
+        job.lr_text,
+        str(job.seed),
+    )
+
+
+def drop_failed(out: Path) -> None:
+    """Remove the rows (not the directories' logs) of failed jobs, so that they run again."""
+    path = out / "results.jsonl"
+    if not path.is_file():
+        return
+    rows = read_rows(out)
+    kept = [r for r in rows if r.get("status") != "failed"]
+    if len(kept) != len(rows):
+        print(f"cpu_bench: --retry-failed: {len(rows) - len(kept)} failed jobs run again")
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-b of two score lists (1: the same order, -1: reversed)."""
+    concordant = discordant = ties_a = ties_b = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            da, db = a[i] - a[j], b[i] - b[j]
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ties_a += 1
+            elif db == 0:
+                ties_b += 1
+            elif (da > 0) == (db > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    n = concordant + discordant
+    denom = math.sqrt((n + ties_a) * (n + ties_b))
+    return (concordant - discordant) / denom if denom else float("nan")
+
+
+def eval_curve(run_dir: Path) -> dict[int, float]:
+    """A run's validation loss at each evaluation step (``metrics.jsonl``)."""
+    curve = {}
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "eval/loss" in rec:
+                curve[rec["step"]] = rec["eval/loss"]
+    return curve
+
+
+def stability_table(out: Path, methods: Sequence[str], corpora: Sequence[str]) -> str:
+    """Per corpus: each method's rank (by mean validation loss over the seeds of its best lr)
+    at every evaluation step, and Kendall's tau of each step's order against the final one."""
+    rows = read_rows(out)
+    parts = []
+    for corpus in corpora:
+        curves: dict[str, dict[int, float]] = {}
+        for method in methods:
+            best = best_lr(outcomes_of(rows, corpus, method))
+            if best is None:
+                continue
+            seeds = [
+                eval_curve(Job(corpus, method, best, s).run_dir(out))
+                for s in range(len(next(o for o in outcomes_of(rows, corpus, method)
+                                        if o.lr == best).ppl))
+            ]  # fmt: skip
+            steps = set.intersection(*(set(c) for c in seeds)) if seeds else set()
+            curves[method] = {t: statistics.fmean(c[t] for c in seeds) for t in steps}
+        steps = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+        if len(curves) < 2 or not steps:
+            continue
+        names = sorted(curves, key=lambda m: curves[m][steps[-1]])
+        final = [curves[m][steps[-1]] for m in names]
+        taus = [kendall_tau([curves[m][t] for m in names], final) for t in steps]
+        head = " | ".join(f"step {t}" for t in steps)
+        lines = [
+            f"\nranking along the way, data={corpus} (mean validation loss of the best lr's "
+            "seeds; rank at each evaluation)\n",
+            f"| method | {head} |",
+            "| --- |" + " ---: |" * len(steps),
+        ]
+        for m in names:
+            ranks = []
+            for t in steps:
+                order = sorted(curves, key=lambda x, t=t: curves[x][t])
+                ranks.append(f"{order.index(m) + 1} ({curves[m][t]:.3f})")
+            lines.append(f"| {m} | " + " | ".join(ranks) + " |")
+        lines.append("| Kendall's tau vs final | " + " | ".join(f"{x:.2f}" for x in taus) + " |")
+        parts.append("\n".join(lines))
+    return "\n".join(parts)
+
+
+def ensure_tokenizer(corpora: Sequence[str]) -> None:
+    if "c4_sample" not in corpora or TOKENIZER.is_file():
+        return
+    from llm_pretrain.tokenizer_training import train_sentencepiece
+
+    corpus = str(compose(["data=c4_sample"]).data.path)
+    print(f"cpu_bench: training data=c4_sample's tokenizer {TOKENIZER} on {corpus}")
+    train_sentencepiece(corpus, TOKENIZER, vocab_size=2048, held_out=200)
+
+
+def pretraining_methods() -> list[str]:
+    from llm_pretrain.optim import METHODS
+
+    return [name for name, m in METHODS.items() if m.pretraining]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("outputs/sweeps/cpu_bench"))
+    ap.add_argument("--methods", help="comma list (default: every pretraining method)")
+    ap.add_argument("--corpora", default=",".join(CORPORA))
+    ap.add_argument("--seeds", type=int, default=2, help="seeds at each method's best lr")
+    ap.add_argument("--retry-failed", action="store_true", help="run failed jobs again")
+    ap.add_argument("--report-only", action="store_true", help="run nothing, report")
+    ap.add_argument("overrides", nargs="*", help="key=value for every job")
+    args = ap.parse_args(argv)
+    known = pretraining_methods()
+    methods = args.methods.split(",") if args.methods else known
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise SystemExit(
+            f"--methods: {', '.join(unknown)} not a pretraining method; use {', '.join(known)}"
+        )
+    corpora = args.corpora.split(",")
+    bad = [c for c in corpora if c not in CORPORA]
+    if bad:
+        raise SystemExit(f"--corpora: {', '.join(bad)} unknown; use {', '.join(CORPORA)}")
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be at least 1")
+    if not args.report_only:
+        ensure_tokenizer(corpora)
+        ran = run_protocol(
+            args.out, methods, corpora, args.seeds, args.overrides, args.retry_failed
+        )
+        print(f"cpu_bench: {ran} jobs run; every job of the protocol has its row")
+    by_corpus = ["--by-corpus"] if len(corpora) > 1 else []
+    report.main([str(args.out), "--best-of", "optimizer.lr", *by_corpus])
+    print(stability_table(args.out, methods, corpora))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The CPU benchmark protocol (``llm_pretrain/cpu_bench.py``): which jobs it runs (the lr grid,
+its extension at an edge, the seeds at the best), that it resumes, and its report; and the
+tokenizer it trains for ``data=c4_sample``."""
+
+import gzip
+import itertools
+import json
+
+import pytest
+
+from llm_pretrain import cpu_bench
+from llm_pretrain.cpu_bench import Job, Outcome, kendall_tau, next_jobs
+from llm_pretrain.tokenizer_training import train_sentencepiece
+from tests.conftest import SHARED_DATA
+
+
+def lrs(jobs):
+    return [(j.lr_text, j.seed) for j in jobs]
+
+
+def test_the_grid_is_three_lrs_around_the_config_lr():
+    assert lrs(next_jobs("builtin", "adamw", 0.003, [], 2)) == [
+        ("0.001", 0),
+        ("0.003", 0),
+        ("0.009", 0),
+    ]
+    # only the missing ones, after a partial run
+    done = [Outcome(0.001, [40.0])]
+    assert lrs(next_jobs("builtin", "adamw", 0.003, done, 2)) == [("0.003", 0), ("0.009", 0)]
+
+
+def test_a_best_lr_at_the_edge_extends_the_grid_at_most_twice_per_side():
+    grid = [Outcome(0.001, [50.0]), Outcome(0.003, [45.0]), Outcome(0.009, [40.0])]
+    assert lrs(next_jobs("c4_sample", "adamw", 0.003, grid, 2)) == [("0.027", 0)]
+    grid += [Outcome(0.027, [39.0])]
+    assert lrs(next_jobs("c4_sample", "adamw", 0.003, grid, 2)) == [("0.081", 0)]
+    grid += [Outcome(0.081, [38.0])]  # lr x 27: no further, though still the best
+    assert lrs(next_jobs("c4_sample", "adamw", 0.003, grid, 2)) == [("0.081", 1)]
+    low = [Outcome(0.001, [40.0]), Outcome(0.003, [45.0]), Outcome(0.009, [50.0])]
+    assert lrs(next_jobs("c4_sample", "adamw", 0.003, low, 2)) == [("0.000333", 0)]
+
+
+def test_a_diverged_lr_above_the_best_stops_the_extension():
+    grid = [Outcome(0.001, [50.0]), Outcome(0.003, [45.0]), Outcome(0.009, [40.0])]
+    grid += [Outcome(0.027, [None])]  # diverged: 0.009 is interior among the lrs tried
+    assert lrs(next_jobs("builtin", "galore", 0.003, grid, 2)) == [("0.009", 1)]
+
+
+def test_the_seeds_follow_the_best_until_it_has_them_all():
+    grid = [Outcome(0.001, [50.0]), Outcome(0.003, [40.0, 60.0]), Outcome(0.009, [45.0])]
+    grid.append(Outcome(0.027, [70.0]))
+    # 0.003's second seed moved its mean (50) above 0.009's: 0.009 gets its seed too
+    assert lrs(next_jobs("builtin", "adamw", 0.003, grid, 2)) == [("0.009", 1)]
+    grid[2].ppl.append(46.0)
+    assert next_jobs("builtin", "adamw", 0.003, grid, 2) == []
+    assert lrs(next_jobs("builtin", "adamw", 0.003, grid, 3)) == [("0.009", 2)]
+
+
+def test_a_method_whose_every_lr_diverged_is_done():
+    grid = [Outcome(lr, [None]) for lr in (0.001, 0.003, 0.009)]
+    assert next_jobs("builtin", "adamw", 0.003, grid, 2) == []
+
+
+def test_kendall_tau():
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+
+
+def fake_runner(ppl_of):
+    """A runner that writes the row a job would, with ppl_of(job) as its result (None:
+    diverged)."""
+    calls = []
+
+    def run(job, out, extra):
+        calls.append(job)
+        ppl = ppl_of(job)
+        run_dir = job.run_dir(out)
+        run_dir.mkdir(parents=True)
+        with open(run_dir / "metrics.jsonl", "w") as f:
+            for step, scale in ((2, 1.5), (4, 1.0)):
+                if ppl is not None:
+                    f.write(json.dumps({"step": step, "eval/loss": scale * ppl / 10}) + "\n")
+        row = {
+            "run_dir": str(run_dir),
+            "overrides": job.overrides(extra),
+            "model": "llama_tiny",
+            "optimizer": job.method,
+            "status": "ok" if ppl is not None else "diverged",
+            "final_val_ppl": ppl,
+            "tokens_per_s": 1000.0,
+            "memory": {"optimizer_state": 100, "weights": 10, "gradients": 10,
+                       "activations": 10},
+        }  # fmt: skip
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    return run, calls
+
+
+def test_the_protocol_runs_what_is_missing_and_resumes(tmp_path):
+    def ppl(job: Job):
+        if job.lr > 0.05:
+            return None  # diverged
+        best = {"adamw": 0.009, "galore": 0.003}[job.method]
+        return 30 + 100 * abs(job.lr - best) + 0.01 * job.seed + (job.corpus == "c4_sample")
+
+    run, calls = fake_runner(ppl)
+    args = dict(runner=run, lr_of=lambda m: 0.003)
+    ran = cpu_bench.run_protocol(tmp_path, ["adamw", "galore"], ["builtin", "c4_sample"], 2, **args)
+    # adamw: 3 lrs, +0.027 (best at the top edge), seed 1 at 0.009; galore: 3 + seed 1
+    assert ran == len(calls) == 2 * (5 + 4)
+    assert lrs(c for c in calls if c.method == "adamw" and c.corpus == "builtin") == [
+        ("0.001", 0),
+        ("0.003", 0),
+        ("0.009", 0),
+        ("0.027", 0),
+        ("0.009", 1),
+    ]
+    calls.clear()
+    assert cpu_bench.run_protocol(tmp_path, ["adamw", "galore"], CORPORA, 2, **args) == 0
+    assert calls == []
+    # a third seed asks for one more job per method and corpus
+    assert cpu_bench.run_protocol(tmp_path, ["adamw", "galore"], CORPORA, 3, **args) == 4
+
+
+CORPORA = ["builtin", "c4_sample"]
+
+
+def test_the_report_picks_each_methods_best_lr_and_ranks_along_the_way(tmp_path, capsys):
+    run, _ = fake_runner(lambda job: {"adamw": 40.0, "galore": 35.0}[job.method] + job.seed
+                         + 10 * abs(job.lr - 0.003))  # fmt: skip
+    cpu_bench.run_protocol(tmp_path, ["adamw", "galore"], CORPORA, 2, runner=run,
+                           lr_of=lambda m: 0.003)  # fmt: skip
+    cpu_bench.main(["--out", str(tmp_path), "--methods", "adamw,galore", "--report-only"])
+    out = capsys.readouterr().out
+    assert "best optimizer.lr" in out and "| data=builtin | data=c4_sample |" in out
+    assert "35.50 (35.00–36.00, n=2)" in out  # galore at 0.003, seeds 0 and 1
+    assert "ranking along the way, data=builtin" in out
+    assert "| galore | 1 (5.325) | 1 (3.550) |" in out
+    assert "| Kendall's tau vs final | 1.00 | 1.00 |" in out
+
+
+def test_bad_arguments_say_what_to_use(tmp_path):
+    with pytest.raises(SystemExit, match="not a pretraining method; use adamw"):
+        cpu_bench.main(["--out", str(tmp_path), "--methods", "adamw,welore", "--report-only"])
+    with pytest.raises(SystemExit, match="--corpora: c4 unknown; use builtin, c4_sample"):
+        cpu_bench.main(["--out", str(tmp_path), "--corpora", "c4", "--report-only"])
+
+
+def test_a_job_cut_off_mid_run_runs_again(tmp_path):
+    """A job's directory without a row (the process was killed) is cleared before it runs."""
+    job = Job("builtin", "adamw", 0.001, 0)
+    stale = job.run_dir(tmp_path)
+    stale.mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert cpu_bench.clear_stale(job, tmp_path) and not stale.exists()
+    assert not cpu_bench.clear_stale(job, tmp_path)
+
+
+def c4_docs(tmp_path, n: int):
+    path = tmp_path / "c4.jsonl"
+    with gzip.open(SHARED_DATA / "c4" / "c4_en_sample_2000.jsonl.gz", "rt") as f:
+        path.write_text("".join(itertools.islice(f, n)))
+    return path
+
+
+def test_the_tokenizer_is_trained_on_the_training_documents_only(tmp_path):
+    import sentencepiece as spm
+
+    docs = c4_docs(tmp_path, 40)
+    texts = [json.loads(line)["text"] for line in docs.read_text().splitlines()]
+    a = train_sentencepiece(str(docs), tmp_path / "a" / "sp.model", vocab_size=300, held_out=10)
+    sp = spm.SentencePieceProcessor(model_file=str(a))
+    assert (sp.get_piece_size(), sp.pad_id(), sp.eos_id()) == (300, 0, 1)
+    plain = next(t for t in texts[10:] if t.isascii())
+    assert sp.decode(sp.encode(plain)) == " ".join(plain.split())  # round trip
+    assert sorted(p.name for p in a.parent.iterdir()) == ["sp.model"]  # no leftovers
+    again = train_sentencepiece(str(docs), a, vocab_size=300, held_out=10)
+    assert again.read_bytes() == a.read_bytes() or pytest.fail("not deterministic")
+    # held-out documents are not training text: the same model from the 30 documents alone
+    rest = tmp_path / "rest.jsonl"
+    rest.write_text("".join(docs.read_text().splitlines(keepends=True)[10:]))
+    b = train_sentencepiece(str(rest), tmp_path / "a" / "sp.model", vocab_size=300, held_out=0)
+    assert b.read_bytes() == a.read_bytes()
+
+
+def test_the_tokenizer_trainer_refuses_what_it_cannot_use(tmp_path):
+    docs = c4_docs(tmp_path, 5)
+    with pytest.raises(ValueError, match="must be a .model file"):
+        train_sentencepiece(str(docs), tmp_path / "sp.json")
+    with pytest.raises(ValueError, match="no document is left after the 5 held out"):
+        train_sentencepiece(str(docs), tmp_path / "sp.model", held_out=5)
+    with pytest.raises(KeyError, match="no field 'body'"):
+        train_sentencepiece(str(docs), tmp_path / "sp.model", held_out=0, text_field="body")
