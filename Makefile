@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint bench bench-optim bench-refresh bench-head bench-dist cpu-bench cl-bench soak clean
+.PHONY: setup run test lint bench bench-optim bench-refresh bench-head bench-dist cpu-bench cl-bench gpu-check soak clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ bench-refresh: $(STAMP)
 # (docs/benchmarks.md); slow, not part of tests.
 bench-dist: $(STAMP)
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/distributed_step.py $(ARGS)
+
+# The GPU check (llm_pretrain/gpu_check.py): kernels on CUDA, flash-attn, 30-step bf16 runs of
+# llama_60m and llama_350m with 10 methods, compile, the chunked head and activation checkpointing;
+# at most 8 minutes on one H100/H200, written to docs/gpu.md. Without CUDA: the dry run on CPU.
+gpu-check: $(STAMP)
+	$(PY) -m llm_pretrain.gpu_check $(ARGS)
 
 # The CPU benchmark protocol (llm_pretrain/cpu_bench.py, docs/benchmarks.md): every pretraining
 # method at 3+ lrs on a log grid around its config's, 2 seeds at its best, on the built-in corpus
