@@ -1,5 +1,5 @@
-"""The dense head against the chunked one (``model.loss_impl``) on a whole forward + backward
-(``make bench-head``).
+"""The dense head against the chunked ones (``model.loss_impl``: ``chunked``, the gradient formed
+in forward, and ``chunked_recompute``) on a whole forward + backward (``make bench-head``).
 
 One model per setting, the same weights, one fixed batch; the forward + backward times are
 medians of ``--reps`` rounds in which the settings take turns (the order rotates each round, so a
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16_autocast"])
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args(argv)
-    settings = [("dense", 1024)] + [("chunked", int(c)) for c in args.chunks.split(",")]
+    settings = [("dense", 1024)] + [
+        (impl, int(c)) for impl in ("chunked", "chunked_recompute") for c in args.chunks.split(",")
+    ]
     models = {}
     for impl, chunk in settings:
         torch.manual_seed(0)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     base = statistics.median(rows[settings[0]]["times"])
     for (impl, chunk), row in rows.items():
         t = statistics.median(row["times"])
-        chunk_cell = chunk if impl == "chunked" else "-"
+        chunk_cell = chunk if impl != "dense" else "-"
         print(
             f"| {impl} | {chunk_cell} | {t:.3f} | {t / base:.2f}x | {row['saved'] / 2**20:.1f} | "
             f"{row['predicted'] / 2**20:.1f} |"

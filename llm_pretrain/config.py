@@ -39,7 +39,9 @@ class ModelConfig:
     num_kv_heads: int | None = None  # grouped-query attention's k/v heads; null: num_heads
     tie_embeddings: bool = False  # lm_head shares the embedding matrix (some HF checkpoints)
     # chunked: the head's linear and loss fused, chunk by chunk of tokens, without the
-    # (B, T, V) logits (llm_pretrain/chunked_loss.py); dense: all logits, then F.cross_entropy
+    # (B, T, V) logits, the gradient formed in forward (llm_pretrain/chunked_loss.py);
+    # chunked_recompute: the same, the logits computed again in backward (least memory);
+    # dense: all logits, then F.cross_entropy
     loss_impl: str = "chunked"
     # tokens per chunk of loss_impl=chunked (256: the fastest on 2 CPU cores, docs/benchmarks.md)
     loss_chunk_tokens: int = 256
@@ -180,6 +182,10 @@ class TrainerConfig:
     # Step each parameter inside backward, as soon as its gradient is complete, and free that
     # gradient: full gradients never coexist. Any accumulation, DDP or FSDP2; no clipping.
     per_layer_update: bool = False
+    # Keep fewer activations for backward and compute them again there, per decoder block
+    # (llm_pretrain/checkpointing.py): none | blocks (each block keeps only its input) |
+    # selective (also its matmul and attention outputs; norms, RoPE, SiLU, products recomputed)
+    activation_checkpointing: str = "none"
     # Start from trained weights (only the weights: not optimizer, schedule or data position,
     # unlike checkpoint.resume): a Hugging Face LlamaForCausalLM directory (safetensors), or one
     # of our checkpoints (a run directory, a checkpoint file or a sharded checkpoint directory).
@@ -350,7 +356,7 @@ VALUES: dict[str, Allowed] = {
     "model.init_std": POSITIVE,
     "model.attention": Allowed(choices=("auto", "sdpa", "flash")),
     "model.num_kv_heads": Allowed(1, nullable=True),
-    "model.loss_impl": Allowed(choices=("chunked", "dense")),
+    "model.loss_impl": Allowed(choices=("chunked", "chunked_recompute", "dense")),
     "model.loss_chunk_tokens": AT_LEAST_1,
     "data.source": Allowed(choices=("builtin", "files", "c4", "tasks")),
     "data.seq_len": Allowed(2),
@@ -382,6 +388,7 @@ VALUES: dict[str, Allowed] = {
     "trainer.eval_every": Allowed(0, note="0: only at the start and the end"),
     "trainer.max_time_s": Allowed(0, note="0: no time limit"),
     "trainer.parallelism": Allowed(choices=("ddp", "fsdp")),
+    "trainer.activation_checkpointing": Allowed(choices=("none", "blocks", "selective")),
     "trainer.on_nonfinite": Allowed(choices=("stop", "skip_step")),
     "trainer.max_nonfinite_skips": AT_LEAST_1,
     "trainer.dist_timeout_s": POSITIVE,

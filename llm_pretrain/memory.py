@@ -4,12 +4,20 @@ Weights and gradients are summed over distinct storages; optimizer state comes f
 ``optimizers.state_nbytes``; activations are the tensors autograd saves for backward, counted
 with ``torch.autograd.graph.saved_tensors_hooks`` (parameters and buffers excluded, each
 storage once) and reported at their peak within one forward pass.
+
+Under activation checkpointing (``llm_pretrain/checkpointing.py``) the tensors saved inside a
+checkpointed block go to the checkpoint's own hooks and are dropped, which is the point; what
+the block keeps is its input, which the checkpoint saves through the hooks active around it
+(so it is counted here like any saved tensor), and under ``selective`` the op outputs that
+torch's selective checkpointing caches itself, outside autograd: the checkpoint wrapper hands
+those to ``count_kept_for_backward``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -47,6 +55,8 @@ def grad_bytes(model: nn.Module) -> int:
 class SavedTensorCounter:
     """Counts bytes autograd keeps for backward while the context is active."""
 
+    active: ClassVar[list[SavedTensorCounter]] = []  # the counters whose context is open
+
     def __init__(self, model: nn.Module) -> None:
         # model state, not activations: parameters and buffers (e.g. a stored RSO projection)
         state = [*model.parameters(), *model.buffers()]
@@ -55,20 +65,40 @@ class SavedTensorCounter:
         self.bytes = 0
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def count(self, t: torch.Tensor) -> None:
+        """Add ``t``'s storage, unless it is model state or already counted."""
         if t.device.type != "meta":
             ptr = t.untyped_storage().data_ptr()
             if ptr not in self.param_ptrs and ptr not in self.seen:
                 self.seen.add(ptr)
                 self.bytes += t.untyped_storage().nbytes()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.count(t)
         return t
 
     def __enter__(self) -> SavedTensorCounter:
         self._ctx.__enter__()
+        SavedTensorCounter.active.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        SavedTensorCounter.active.remove(self)
         self._ctx.__exit__(*exc)
+
+
+def counting() -> bool:
+    """Whether a ``SavedTensorCounter`` is open (code that keeps tensors for backward outside
+    autograd's hooks then reports them through ``count_kept_for_backward``)."""
+    return bool(SavedTensorCounter.active)
+
+
+def count_kept_for_backward(tensors: Iterable[torch.Tensor]) -> None:
+    """Count tensors kept for backward outside ``saved_tensors_hooks`` (selective
+    checkpointing's cache of op outputs) in every open counter, each storage once."""
+    for t in tensors:
+        for counter in SavedTensorCounter.active:
+            counter.count(t)
 
 
 def activation_bytes(
@@ -157,6 +187,8 @@ that ``python -m llm_pretrain.train <overrides>`` would run, without allocating 
         trainer.per_layer_update=true trainer.micro_batch_size=1 data.seq_len=256
     python -m llm_pretrain.memory model=llama_1b trainer.precision=bf16 \\
         --compare optimizer=adamw,galore,apollo_mini
+    python -m llm_pretrain.memory model=llama_60m \\
+        --compare trainer.activation_checkpointing=none,blocks,selective
 """
 
 
@@ -191,8 +223,10 @@ def render(columns: dict, baseline: str | None) -> str:
             rows.append(
                 (f"  state: {cat}", lambda e, c=cat: e.optimizer_state_by_category.get(c, 0))
             )
+    rows += [("activations (1 micro-batch)", lambda e: e.activations)]
+    if any(e.recompute for e in columns.values()):  # (activation checkpointing)
+        rows.append(("  + recompute of one block (backward, transient)", lambda e: e.recompute))
     rows += [
-        ("activations (1 micro-batch)", lambda e: e.activations),
         ("total", lambda e: e.total),
         ("weights + state (GaLore Table 2's quantity in bf16)", lambda e: e.paper_convention()),
     ]
@@ -256,10 +290,14 @@ def main(argv: list[str] | None = None) -> None:
     if compare is not None:
         baseline = "adamw" if "adamw" in estimates else next(iter(estimates))
     first = next(iter(estimates.values()))
+    checkpointing = cfg.trainer.activation_checkpointing
+    if compare is not None and compare.startswith("trainer.activation_checkpointing="):
+        checkpointing = "by column"
     print(
         f"model {cfg.model.name}, precision {first.precision}, micro-batch "
         f"{cfg.trainer.micro_batch_size} x {cfg.data.seq_len} tokens, per-layer updates "
-        f"{'on' if cfg.trainer.per_layer_update else 'off'}, {world} rank(s), "
+        f"{'on' if cfg.trainer.per_layer_update else 'off'}, activation checkpointing "
+        f"{checkpointing}, {world} rank(s), "
         f"{cfg.trainer.parallelism} (predicted per rank, nothing allocated)\n"
     )
     print(render(estimates, baseline))

@@ -5,7 +5,9 @@ The model is built on the ``meta`` device in the run's precision and the optimiz
 the optimizer state is the method's closed form (``optimizers.memory_formula``). Activations
 come from ``activation_bytes_formula``: the tensors our LLaMA (``llm_pretrain/model.py``) saves
 for backward, term by term, for one micro-batch, which the tests check against the
-saved-tensor count of a real forward.
+saved-tensor count of a real forward; under ``trainer.activation_checkpointing`` what the
+checkpointed blocks keep instead, and the transient of recomputing one block
+(``recompute_bytes_formula``, ``Estimate.recompute``).
 
 Precision modes (``trainer.precision``), the papers' numbers depend on them:
 - ``bf16``: pure bf16 weights, gradients and optimizer state (the GaLore/APOLLO scripts);
@@ -50,6 +52,9 @@ class Estimate:
     # trainer.parallelism=fsdp on several ranks: each rank's weights, gradients and
     # optimizer_state (the fields above are then rank 0's, as the measured ones are)
     per_rank: list[dict] | None = None
+    # trainer.activation_checkpointing=blocks|selective: the transient of recomputing one block
+    # in backward, on top of the activations (``recompute_bytes_formula``; 0 without it)
+    recompute: int = 0
 
     @property
     def total(self) -> int:
@@ -83,6 +88,7 @@ def activation_bytes_formula(
     weight_norm_targets: list[str] | tuple[str, ...] = (),
     low_rank: list[dict[str, int]] | None = None,
     loss_impl: str | None = None,
+    checkpointing: str = "none",
 ) -> int:
     """Bytes saved for backward by one forward of ``micro_batch`` sequences of ``seq_len``.
 
@@ -100,21 +106,75 @@ def activation_bytes_formula(
     (GradNormLoRP, ``weight_norm_targets``) keeps its input as a plain one does, and no weight
     copy: it recomputes g V / ||V|| in backward. In a layer a sampler has frozen
     (LISA, BAdam, OwLore), no weight needs a gradient, so the linears' inputs and the norms'
-    outputs are not kept. The head keeps the token ids, the final norm, lm_head's input and the
-    targets, and with ``loss_impl`` (default ``cfg.loss_impl``) ``dense`` the fp32 logits the
-    loss reads (under autocast also lm_head's bf16 weight copy); ``chunked`` keeps one fp32
-    log-sum-exp per token instead and casts the weight again in backward.
+    outputs are not kept. The head keeps the token ids and the final norm, then by ``loss_impl``
+    (default ``cfg.loss_impl``): ``dense``, lm_head's input, the targets and the fp32 logits the
+    loss reads (under autocast also lm_head's bf16 weight copy); ``chunked_recompute``, the
+    input, the targets and one fp32 log-sum-exp per token (it casts the weight again in
+    backward); ``chunked``, which forms the gradients in forward, dh (the input's size, the
+    compute dtype) and dW (the weight's size and dtype), and neither input nor targets.
 
     WeLore (``low_rank``: per layer, the low-rank components' ranks by linear name, e.g.
     ``{"self_attn.q_proj": 120}``): a low-rank component B (A x) keeps its input as a plain
     linear does and A x (k values per token); a targeted linear that is not one is dense and
     frozen and keeps no input (under autocast still its weight's bf16 copy, for the input's
     gradient); the frozen embedding keeps no ids, so the first norm, whose input needs no
-    gradient, keeps only its normalised output; the frozen dense head keeps no input (the
-    chunked one does: backward computes the logits again from it).
+    gradient, keeps only its normalised output; the frozen dense head keeps no input
+    (``chunked_recompute`` does: backward computes the logits again from it; ``chunked`` keeps
+    dh and no dW, and the embedding's ids are then kept by nothing).
+
+    Activation checkpointing (``checkpointing``, ``llm_pretrain/checkpointing.py``) replaces
+    every decoder layer's terms above, frozen or not (its input still needs a gradient); the
+    head's stay. ``blocks``: a layer keeps its input, the residual stream (C values per token in
+    fp32, in bf16 for a bf16 model: autocast's residual adds stay fp32). ``selective``: also,
+    in the compute dtype, the output of each matmul (q C, k and v Ckv each, o C, gate F, up F,
+    down C; an RSO linear's three, x P, x W0^T and their sum: r + 2 d_out; a WeLore low-rank
+    component's two, A x and B (A x): k + d_out) and the attention kernel's output (C) with its
+    fp32 log-sum-exp (h). What backward adds for a moment is ``recompute_bytes_formula``.
     """
+    layers, head = _activation_terms(
+        cfg, precision, micro_batch, seq_len, rso_rank, rso_targets, frozen_layers,
+        int8_targets, weight_norm_targets, low_rank, loss_impl, checkpointing,
+    )  # fmt: skip
+    return sum(layers) + head
+
+
+def recompute_bytes_formula(
+    cfg: ModelConfig, precision: str, micro_batch: int, seq_len: int, **features
+) -> int:
+    """Backward's transient under ``blocks`` and ``selective``: while a block's backward runs,
+    its forward has run again and its activations are alive as they are without checkpointing,
+    one block at a time. The largest decoder layer's bytes of ``activation_bytes_formula`` with
+    ``checkpointing="none"`` (``features``: its other keyword arguments); an upper bound, since
+    the recompute shares the block's kept input and, under ``selective``, the cached outputs."""
+    features["checkpointing"] = "none"
+    layers, _ = _activation_terms(cfg, precision, micro_batch, seq_len, **features)
+    return max(layers, default=0)
+
+
+def _activation_terms(
+    cfg: ModelConfig,
+    precision: str,
+    micro_batch: int,
+    seq_len: int,
+    rso_rank: int | None = None,
+    rso_targets: list[str] | tuple[str, ...] = (),
+    frozen_layers: int = 0,
+    int8_targets: list[str] | tuple[str, ...] = (),
+    weight_norm_targets: list[str] | tuple[str, ...] = (),
+    low_rank: list[dict[str, int]] | None = None,
+    loss_impl: str | None = None,
+    checkpointing: str = "none",
+) -> tuple[list[int], int]:
+    """``activation_bytes_formula``'s terms: each decoder layer's bytes, and the head's (the
+    embedding's ids, the final norm, lm_head and the loss)."""
+    if checkpointing not in ("none", "blocks", "selective"):
+        raise ValueError(
+            f"trainer.activation_checkpointing={checkpointing!r}: use none, blocks or selective"
+        )
     precision = resolve_precision(precision)
-    dense_loss = (loss_impl or getattr(cfg, "loss_impl", "dense")) == "dense"
+    impl = loss_impl or getattr(cfg, "loss_impl", "dense")
+    dense_loss = impl == "dense"
+    grad_in_forward = impl == "chunked"  # (chunked_recompute keeps h and the lse instead)
     C, F, h, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.vocab_size
     L, hd = cfg.num_layers, cfg.hidden_size // cfg.num_heads
     Ckv = kv_heads(cfg) * hd  # grouped-query attention: narrower k and v
@@ -202,8 +262,18 @@ def activation_bytes_formula(
     # activation probe, which passes the inputs as labels)
     one = micro_batch == 1
     int8_head = any(t in "lm_head" for t in int8_targets)  # (its loss reads dense logits)
+    ids = 8 * tokens  # token ids (embedding backward)
+    if grad_in_forward:
+        # the chunked head keeps dh (h's size, the compute dtype) and dW (the weight's size
+        # and dtype), neither its input nor the targets (llm_pretrain/chunked_loss.py)
+        head = ids + norm() * tokens + e * C * predicted
+        if low_rank is None:
+            head += (2 if precision == "bf16" else 4) * V * C
+        else:  # frozen embedding and head: no ids (nothing else keeps them), no dW
+            head -= ids
+        return _layer_terms(locals()), head
     head = (
-        8 * tokens  # token ids (embedding backward)
+        ids
         + norm() * tokens
         # lm_head's input, x[:, :-1] (under autocast its bf16 cast, a copy of the slice; an
         # INT8 head keeps the slice as it arrives, a view that keeps the whole x)
@@ -217,28 +287,55 @@ def activation_bytes_formula(
     if dense_loss:
         head += (2 * C * V if autocast and not int8_head else 0) + 4 * V * predicted + 4  # logits
     else:
-        head += 4 * predicted  # chunked: the fp32 log-sum-exp per token
+        head += 4 * predicted  # chunked_recompute: the fp32 log-sum-exp per token
     if low_rank is not None:
         # frozen embedding and head: no ids for the embedding (one sequence: the targets' view
         # keeps their storage anyway) and no lm_head input
-        frozen_head = (0 if one else 8 * tokens) + dense_loss * e * C * (
+        head -= (0 if one else 8 * tokens) + dense_loss * e * C * (
             tokens if one and not autocast else predicted
         )
-        return _welore_layers(low_rank, L, locals()) + head - frozen_head
-    return L * (per_token * tokens + per_layer) - frozen_layers * frozen_saving * tokens + head
+    return _layer_terms(locals()), head
 
 
-def _welore_layers(low_rank: list[dict[str, int]], layers: int, f: dict) -> int:
-    """The decoder layers' saved bytes under WeLore (see ``activation_bytes_formula``; ``f``:
+def _layer_terms(v: dict) -> list[int]:
+    """The decoder layers' bytes, from ``_activation_terms``'s locals."""
+    L, low_rank, tokens = v["L"], v["low_rank"], v["tokens"]
+    if low_rank is not None and len(low_rank) != L:
+        raise ValueError(f"low_rank has {len(low_rank)} layers, the model {L}")
+    checkpointing, precision, e, C, h = (
+        v["checkpointing"], v["precision"], v["e"], v["C"], v["h"]
+    )  # fmt: skip
+    if checkpointing != "none":
+        qkv, o, gate_up, down, F, Ckv = (v[k] for k in ("qkv", "o", "gate_up", "down", "F", "Ckv"))
+        wrapped, r = v["wrapped"], v["r"]
+        outputs = dict(zip(qkv + o + gate_up + down, (C, Ckv, Ckv, C, F, F, C), strict=True))
+
+        def kept(ranks: dict[str, int]) -> int:  # a checkpointed layer's bytes per token
+            out = (2 if precision == "bf16" else 4) * C  # its input, the residual stream
+            if checkpointing == "selective":
+                for name, width in outputs.items():  # each matmul's output
+                    out += e * (width + ranks.get(name, 0))  # (WeLore's A x too)
+                    out += e * (r + width) if name in wrapped else 0  # RSO: x P and x W0^T
+                out += e * C + 4 * h  # the attention output and its log-sum-exp
+            return out * tokens
+
+        return [kept(ranks) for ranks in (low_rank or [{}] * L)]
+    if low_rank is not None:
+        return _welore_layers(low_rank, v)
+    layer = v["per_token"] * tokens + v["per_layer"]
+    frozen, saving = v["frozen_layers"], v["frozen_saving"]
+    return [layer - saving * tokens] * frozen + [layer] * (L - frozen)
+
+
+def _welore_layers(low_rank: list[dict[str, int]], f: dict) -> list[int]:
+    """Each decoder layer's saved bytes under WeLore (see ``activation_bytes_formula``; ``f``:
     its local values)."""
-    if len(low_rank) != layers:
-        raise ValueError(f"low_rank has {len(low_rank)} layers, the model {layers}")
     C, F, h, e, Ckv = f["C"], f["F"], f["h"], f["e"], f["Ckv"]
     autocast, norm = f["autocast"], f["norm"]
     qkv, o, gate_up, down = f["qkv"], f["o"], f["gate_up"], f["down"]
     dims = dict(zip(qkv + o + gate_up + down, [(C, C), (Ckv, C), (Ckv, C), (C, C), (F, C),
                                               (F, C), (C, F)], strict=True))  # fmt: skip
-    total = 0
+    layers = []
     for i, ranks in enumerate(low_rank):
 
         def inputs(names: tuple[str, ...], width: int, ranks=ranks) -> int:
@@ -264,8 +361,8 @@ def _welore_layers(low_rank: list[dict[str, int]], layers: int, f: dict) -> int:
             for name, (rows, cols) in dims.items():  # bf16 copies: A and B, or the frozen W
                 per_layer += 2 * (ranks[name] * (rows + cols) if name in ranks else rows * cols)
             per_layer += 2 * 2 * f["seq_len"] * (C // h)  # RoPE's cos and sin
-        total += per_token * f["tokens"] + per_layer
-    return total
+        layers.append(per_token * f["tokens"] + per_layer)
+    return layers
 
 
 def low_rank_layout(model: nn.Module) -> list[dict[str, int]]:
@@ -343,11 +440,7 @@ def estimate(cfg: DictConfig, precision: str | None = None, world_size: int = 1)
     )
     normed = optimizers.METHODS[opt.name].surgery == "weight_norm"
     low_rank = low_rank_layout(model) if optimizers.METHODS[opt.name].surgery == "welore" else None
-    activations = activation_bytes_formula(
-        cfg.model,
-        precision,
-        cfg.trainer.micro_batch_size,
-        cfg.data.seq_len,
+    features = dict(
         rso_rank=cfg.optimizer.rank if rso else None,
         rso_targets=list(cfg.optimizer.target_modules) if rso else (),
         frozen_layers=frozen,
@@ -357,6 +450,11 @@ def estimate(cfg: DictConfig, precision: str | None = None, world_size: int = 1)
         # a head a method replaced (INT8 codes, RSO) computes dense logits (Llama._chunked_loss)
         loss_impl=None if fused_head(model) else "dense",
     )
+    shape = (cfg.model, precision, cfg.trainer.micro_batch_size, cfg.data.seq_len)
+    # (a config saved before the setting existed ran without it)
+    checkpointing = cfg.trainer.get("activation_checkpointing", "none")
+    activations = activation_bytes_formula(*shape, **features, checkpointing=checkpointing)
+    recompute = 0 if checkpointing == "none" else recompute_bytes_formula(*shape, **features)
     return Estimate(
         precision=precision,
         weights=weights,
@@ -365,4 +463,5 @@ def estimate(cfg: DictConfig, precision: str | None = None, world_size: int = 1)
         activations=activations,
         optimizer_state_by_category=by_cat,
         per_rank=per_rank,
+        recompute=recompute,
     )

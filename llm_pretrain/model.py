@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_pretrain.chunked_loss import REDUCTIONS, linear_cross_entropy
+from llm_pretrain.chunked_loss import CHUNKED, REDUCTIONS, linear_cross_entropy
 from llm_pretrain.config import ModelConfig
 
 try:  # optional: only used on CUDA with 16-bit activations
@@ -205,6 +205,7 @@ class Llama(nn.Module):
                 IGNORE_INDEX,
                 reduction,
                 self.cfg.loss_chunk_tokens,
+                recompute=self.cfg.loss_impl == "chunked_recompute",
             )
         logits = self.lm_head(x[:, :-1])  # (B, T-1, V)
         return F.cross_entropy(
@@ -218,13 +219,14 @@ class Llama(nn.Module):
         """``model.loss_impl=chunked`` where it computes what ``lm_head`` would: a plain
         ``nn.Linear`` head (not one a method replaced, e.g. by INT8 codes) and a reduced loss."""
         # (a config saved before the setting existed computes as it did then: dense)
-        if getattr(self.cfg, "loss_impl", "dense") != "chunked" or reduction not in REDUCTIONS:
+        if getattr(self.cfg, "loss_impl", "dense") not in CHUNKED or reduction not in REDUCTIONS:
             return False
         if not fused_head(self):
             if not getattr(self, "_dense_head_logged", False):
                 log.info(
-                    f"model.loss_impl=chunked: lm_head ({type(self.lm_head).__name__}) is not "
-                    "a plain nn.Linear; the loss computes the dense logits"
+                    f"model.loss_impl={self.cfg.loss_impl}: lm_head "
+                    f"({type(self.lm_head).__name__}) is not a plain nn.Linear; the loss "
+                    "computes the dense logits"
                 )
                 self._dense_head_logged = True
             return False
@@ -259,8 +261,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
         )
     if cfg.attention not in ("auto", "sdpa", "flash"):
         raise ValueError(f"model.attention={cfg.attention!r}: use auto, sdpa or flash")
-    if getattr(cfg, "loss_impl", "dense") not in ("chunked", "dense"):
-        raise ValueError(f"model.loss_impl={cfg.loss_impl!r}: use chunked or dense")
+    if getattr(cfg, "loss_impl", "dense") not in (*CHUNKED, "dense"):
+        raise ValueError(
+            f"model.loss_impl={cfg.loss_impl!r}: use chunked, chunked_recompute or dense"
+        )
     if getattr(cfg, "loss_chunk_tokens", 1) < 1:
         raise ValueError(f"model.loss_chunk_tokens={cfg.loss_chunk_tokens} must be at least 1")
     for key in ("hidden_size", "intermediate_size", "num_heads", "num_layers", "vocab_size"):

@@ -48,6 +48,7 @@ from llm_pretrain import (
     tasks,
 )
 from llm_pretrain import optim as optimizers
+from llm_pretrain.checkpointing import apply_activation_checkpointing
 from llm_pretrain.config import (
     CONF_DIR,
     check_experiment,
@@ -338,6 +339,8 @@ def build_job(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> Job:
     optimizer = optimizers.build(cfg.optimizer, model)
     if tc.init_from and hasattr(optimizer, "calibrate"):
         calibrate_layers(optimizer, model, val, cfg.eval.batch_size, di, autocast)
+    # after any surgery, before the probe, the first compiled forward and FSDP2's fully_shard
+    apply_activation_checkpointing(model, tc.activation_checkpointing, precision)
     if taskrun is not None:
         loader = taskrun.loader(
             0, tc.micro_batch_size, di.rank, di.world_size, pin_memory=di.device.type == "cuda"
@@ -807,7 +810,8 @@ def _train(cfg: DictConfig, run_dir: Path, di: distributed.DistInfo) -> dict[str
             f"model {cfg.model.name}: {job.model.num_params() / 1e6:.2f}M parameters "
             f"({job.model.num_params(non_embedding=True) / 1e6:.2f}M outside embeddings); "
             f"{di.world_size} rank(s), {job.accum} micro-batch(es) of {tc.micro_batch_size} per "
-            f"step, precision {job.precision}, run dir {run_dir}"
+            f"step, precision {job.precision}, activation checkpointing "
+            f"{tc.activation_checkpointing}, run dir {run_dir}"
         )
         if hasattr(job.optimizer, "projection_report"):
             log.info(f"optimizer {cfg.optimizer.name}: {job.optimizer.projection_report()}")

@@ -1,7 +1,8 @@
-"""The fused, chunked head (llm_pretrain/chunked_loss.py, ``model.loss_impl=chunked``) against the
-dense ``F.cross_entropy(lm_head(x).float())``: the same loss and gradients, without the (B, T, V)
-logits."""
+"""The fused, chunked head (llm_pretrain/chunked_loss.py, ``model.loss_impl=chunked`` and
+``chunked_recompute``) against the dense ``F.cross_entropy(lm_head(x).float())``: the same loss
+and gradients, without the (B, T, V) logits."""
 
+import functools
 import logging
 import math
 
@@ -34,6 +35,13 @@ def dense(h, w, t, reduction):
     )
 
 
+RECOMPUTE = pytest.mark.parametrize("recompute", [False, True], ids=["chunked", "recompute"])
+
+
+def chunked(recompute: bool):
+    return functools.partial(linear_cross_entropy, recompute=recompute)
+
+
 def loss_and_grads(fn, h, w, *args):
     loss = fn(h, w, *args)
     return (loss, *torch.autograd.grad(loss, (h, w)))
@@ -41,9 +49,10 @@ def loss_and_grads(fn, h, w, *args):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("chunk", [1, 7, 16, 45, 1000])  # 45 rows: remainders 3, 13; one chunk
-def test_loss_and_gradients_equal_the_dense_head_in_fp32(reduction, chunk):
+@RECOMPUTE
+def test_loss_and_gradients_equal_the_dense_head_in_fp32(reduction, chunk, recompute):
     h, w, t = head_inputs()
-    ours = loss_and_grads(linear_cross_entropy, h, w, t, IGNORE_INDEX, reduction, chunk)
+    ours = loss_and_grads(chunked(recompute), h, w, t, IGNORE_INDEX, reduction, chunk)
     ref = loss_and_grads(dense, h, w, t, reduction)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -51,20 +60,22 @@ def test_loss_and_gradients_equal_the_dense_head_in_fp32(reduction, chunk):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_an_all_ignored_batch_gives_what_f_cross_entropy_gives(reduction):
+@RECOMPUTE
+def test_an_all_ignored_batch_gives_what_f_cross_entropy_gives(reduction, recompute):
     h, w, _ = head_inputs()
     t = torch.full((45,), IGNORE_INDEX)
-    loss, gh, gw = loss_and_grads(linear_cross_entropy, h, w, t, IGNORE_INDEX, reduction, 8)
+    loss, gh, gw = loss_and_grads(chunked(recompute), h, w, t, IGNORE_INDEX, reduction, 8)
     ref = dense(h, w, t, reduction)
     assert math.isnan(loss.item()) if reduction == "mean" else loss.item() == 0.0
     assert math.isnan(ref.item()) if reduction == "mean" else ref.item() == 0.0
     assert not gh.any() and not gw.any()  # (the dense head's gradients are zero too)
 
 
-def test_bf16_autocast_computes_the_logits_in_bf16_as_the_dense_head():
+@RECOMPUTE
+def test_bf16_autocast_computes_the_logits_in_bf16_as_the_dense_head(recompute):
     h, w, t = head_inputs(rows=200)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = loss_and_grads(linear_cross_entropy, h, w, t, IGNORE_INDEX, "mean", 16)
+        ours = loss_and_grads(chunked(recompute), h, w, t, IGNORE_INDEX, "mean", 16)
         ref = loss_and_grads(dense, h, w, t, "mean")
     assert [x.dtype for x in ours] == [x.dtype for x in ref] == [torch.float32] * 3
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-6, atol=1e-6)  # same bf16 logits
@@ -73,11 +84,12 @@ def test_bf16_autocast_computes_the_logits_in_bf16_as_the_dense_head():
     torch.testing.assert_close(ours[2], ref[2], rtol=0, atol=1e-2 * ref[2].abs().max().item())
 
 
-def test_a_bf16_model_keeps_bf16_gradients():
+@RECOMPUTE
+def test_a_bf16_model_keeps_bf16_gradients(recompute):
     h, w, t = head_inputs()
     h = h.detach().bfloat16().requires_grad_()
     w = w.detach().bfloat16().requires_grad_()
-    ours = loss_and_grads(linear_cross_entropy, h, w, t, IGNORE_INDEX, "sum", 16)
+    ours = loss_and_grads(chunked(recompute), h, w, t, IGNORE_INDEX, "sum", 16)
     ref = loss_and_grads(dense, h, w, t, "sum")
     assert ours[1].dtype == ours[2].dtype == torch.bfloat16
     for a, b in zip(ours, ref, strict=True):
@@ -92,9 +104,9 @@ def test_bad_arguments_are_refused():
         linear_cross_entropy(h, w, t, chunk_tokens=0)
 
 
-def model_pair(**overrides):
-    """The same weights behind a dense and a chunked head (chunks of 40 of the batch's 57
-    tokens: more elements than any parameter)."""
+def model_pair(impl: str = "chunked", **overrides):
+    """The same weights behind a dense and a chunked head (``impl``; chunks of 40 of the batch's
+    57 tokens: more elements than any parameter)."""
     shape = dict(
         name="t",
         hidden_size=32,
@@ -106,9 +118,9 @@ def model_pair(**overrides):
         loss_chunk_tokens=40,
     )
     models = []
-    for impl in ("dense", "chunked"):
+    for loss_impl in ("dense", impl):
         torch.manual_seed(0)
-        models.append(build_model(ModelConfig(**(shape | overrides), loss_impl=impl)))
+        models.append(build_model(ModelConfig(**(shape | overrides), loss_impl=loss_impl)))
     return models
 
 
@@ -128,10 +140,11 @@ def grads(model, reduction="mean", scale=1.0):
     return loss, {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("impl", ["chunked", "chunked_recompute"])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_the_models_loss_and_every_gradient_equal_the_dense_heads(tied, reduction):
-    dense_model, chunked = model_pair(tie_embeddings=tied)
+def test_the_models_loss_and_every_gradient_equal_the_dense_heads(tied, reduction, impl):
+    dense_model, chunked = model_pair(impl, tie_embeddings=tied)
     assert (chunked.lm_head.weight is chunked.model.embed_tokens.weight) == tied
     ref_loss, ref = grads(dense_model, reduction, scale=0.37)
     loss, ours = grads(chunked, reduction, scale=0.37)
@@ -156,8 +169,9 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_the_full_logits_never_exist():
-    dense_model, chunked = model_pair()
+@pytest.mark.parametrize("impl", ["chunked", "chunked_recompute"])
+def test_the_full_logits_never_exist(impl):
+    dense_model, chunked = model_pair(impl)
     x, y = batch()
     sizes = []
     for model in (dense_model, chunked):
@@ -184,22 +198,24 @@ def hooked_grads(model) -> dict[str, torch.Tensor]:
     return got
 
 
+@pytest.mark.parametrize("impl", ["chunked", "chunked_recompute"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_per_parameter_hooks_see_the_dense_heads_gradients(tied):
+def test_per_parameter_hooks_see_the_dense_heads_gradients(tied, impl):
     """Per-layer updates step each parameter in its post-accumulate-grad hook
     (``trainer.per_layer_update``): the head's weight arrives there once, whole (tied: the
     embedding's and the head's gradients summed)."""
-    ref, ours = (hooked_grads(m) for m in model_pair(tie_embeddings=tied))
+    ref, ours = (hooked_grads(m) for m in model_pair(impl, tie_embeddings=tied))
     assert ours.keys() == ref.keys() and ("lm_head.weight" in ours) != tied
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
-def test_evaluation_uses_the_chunked_head_and_gets_the_same_perplexity():
+@pytest.mark.parametrize("impl", ["chunked", "chunked_recompute"])
+def test_evaluation_uses_the_chunked_head_and_gets_the_same_perplexity(impl):
     x, y = batch()
     val = {"input_ids": x, "labels": y}
-    dense_model, chunked = model_pair()
-    out = [evaluate(m, val, batch_size=2, device=torch.device("cpu")) for m in model_pair()]
+    dense_model, chunked = model_pair(impl)
+    out = [evaluate(m, val, batch_size=2, device=torch.device("cpu")) for m in model_pair(impl)]
     assert out[0]["tokens"] == out[1]["tokens"] == int((y[:, 1:] != IGNORE_INDEX).sum())
     assert math.isclose(out[1]["loss"], out[0]["loss"], rel_tol=1e-6)
     with LargestTensor() as largest, torch.no_grad():
@@ -223,7 +239,7 @@ def test_an_int8_head_falls_back_to_the_dense_logits_and_says_so(caplog):
 
 def test_a_bad_loss_setting_is_refused_by_name():
     shape = dict(name="t", hidden_size=32, intermediate_size=48, num_heads=4, num_layers=1)
-    with pytest.raises(ValueError, match="model.loss_impl='fused': use chunked or dense"):
+    with pytest.raises(ValueError, match="'fused': use chunked, chunked_recompute or dense"):
         build_model(ModelConfig(**shape, loss_impl="fused"))
     with pytest.raises(ValueError, match="model.loss_chunk_tokens=0 must be at least 1"):
         build_model(ModelConfig(**shape, loss_chunk_tokens=0))

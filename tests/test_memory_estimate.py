@@ -17,7 +17,7 @@ from tests.conftest import REPO, TINY, compose_cfg, run_cli
 from tests.optimizers.test_contract import METHODS
 
 PRECISIONS = ["fp32", "bf16_autocast", "bf16"]
-LOSS_IMPLS = ["dense", "chunked"]  # model.loss_impl: all fp32 logits kept, or one lse per token
+LOSS_IMPLS = ["dense", "chunked", "chunked_recompute"]  # model.loss_impl (chunked_loss.py)
 
 
 def llama_20m(loss_impl: str):
