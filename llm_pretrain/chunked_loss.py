@@ -29,6 +29,45 @@ import torch
 
 REDUCTIONS = ("mean", "sum")
 CHUNKED = ("chunked", "chunked_recompute")  # the model.loss_impl values this module computes
+KERNELS = ("auto", "torch", "liger")  # model.loss_kernel
+
+
+def liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def choose_kernel(kernel: str, device_type: str, recompute: bool) -> str:
+    """Which code computes ``model.loss_impl=chunked``: Liger-Kernel's fused linear
+    cross-entropy (Triton, CUDA only; the same gradient-in-forward scheme) or this module's
+    PyTorch path. ``auto``: Liger where it can run, on CUDA with the package installed, for the
+    gradient-in-forward head (``chunked_recompute`` has no Liger counterpart); ``liger`` insists,
+    and says what is missing."""
+    if kernel not in KERNELS:
+        raise ValueError(f"model.loss_kernel={kernel!r}: use {', '.join(KERNELS)}")
+    usable = device_type == "cuda" and not recompute and liger_installed()
+    if kernel == "liger" and not usable:
+        why = (
+            "model.loss_impl=chunked_recompute has no Liger counterpart (use model.loss_impl="
+            "chunked)"
+            if recompute
+            else "it runs on CUDA only"
+            if device_type != "cuda"
+            else "liger-kernel is not installed (pip install -e '.[liger]')"
+        )
+        raise RuntimeError(f"model.loss_kernel=liger: {why}; or set model.loss_kernel=auto")
+    return "liger" if kernel != "torch" and usable else "torch"
+
+
+def liger_loss(h, weight, targets, ignore_index: int, reduction: str) -> torch.Tensor:
+    """The loss through Liger-Kernel's ``liger_fused_linear_cross_entropy`` (it forms the
+    gradients in forward, chunk by chunk, as ``LinearCrossEntropyFunction``)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(
+        h, weight, targets, ignore_index=ignore_index, reduction=reduction
+    )
 
 
 def compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -158,6 +197,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     chunk_tokens: int = 256,
     recompute: bool = False,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(h, weight).float(), targets, ...)`` chunk by chunk of tokens.
 
@@ -165,13 +205,17 @@ def linear_cross_entropy(
     predicted (it adds neither loss nor gradient). ``reduction``: ``mean`` over the tokens not
     ignored (nan when all are, as ``F.cross_entropy``) or ``sum``. Under autocast the logits are
     computed in autocast's dtype, as ``nn.Linear`` would. ``recompute``: the gradient in backward
-    from recomputed logits (``chunked_recompute``), not in forward.
+    from recomputed logits (``chunked_recompute``), not in forward. ``kernel``: ``choose_kernel``
+    (Liger-Kernel on CUDA when installed, for ``auto``).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: the chunked loss takes mean or sum")
     if chunk_tokens < 1:
         raise ValueError(f"model.loss_chunk_tokens={chunk_tokens} must be at least 1")
     h = h.to(compute_dtype(h))
+    use = choose_kernel(kernel, h.device.type, recompute)
     with torch.autocast(h.device.type, enabled=False):
+        if use == "liger":
+            return liger_loss(h, weight.to(h.dtype), targets, ignore_index, reduction)
         fn = RecomputingLinearCrossEntropy if recompute else LinearCrossEntropyFunction
         return fn.apply(h, weight, targets, ignore_index, reduction, chunk_tokens)

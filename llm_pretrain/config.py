@@ -45,6 +45,9 @@ class ModelConfig:
     loss_impl: str = "chunked"
     # tokens per chunk of loss_impl=chunked (256: the fastest on 2 CPU cores, docs/benchmarks.md)
     loss_chunk_tokens: int = 256
+    # who computes loss_impl=chunked: auto (Liger-Kernel's fused linear cross-entropy on CUDA
+    # when liger-kernel is installed, else PyTorch) | torch | liger (refused where it cannot run)
+    loss_kernel: str = "auto"
 
 
 @dataclass
@@ -358,6 +361,7 @@ VALUES: dict[str, Allowed] = {
     "model.num_kv_heads": Allowed(1, nullable=True),
     "model.loss_impl": Allowed(choices=("chunked", "chunked_recompute", "dense")),
     "model.loss_chunk_tokens": AT_LEAST_1,
+    "model.loss_kernel": Allowed(choices=("auto", "torch", "liger")),
     "data.source": Allowed(choices=("builtin", "files", "c4", "tasks")),
     "data.seq_len": Allowed(2),
     "data.layout": Allowed(choices=("packed", "paper")),

@@ -14,8 +14,9 @@ On CUDA, in this order (the cheap and decisive first, so a short lease still ans
    after the first 10, so compilation and warm-up stay out), MFU, the CUDA allocator's peak
    against the estimator's prediction (weights + gradients + state + saved activations; the
    peak also holds transients: the head's chunk, the backward's buffers, workspace);
-5. llama_60m with AdamW under ``trainer.compile`` off and on, the dense and the chunked head,
-   and each ``trainer.activation_checkpointing`` mode: tokens/s and peak, side by side.
+5. llama_60m with AdamW under ``trainer.compile`` off and on, the dense and the chunked heads
+   (Liger-Kernel's and the PyTorch one, when liger-kernel is installed), and each
+   ``trainer.activation_checkpointing`` mode: tokens/s and peak, side by side.
 
 Each check that fails is recorded with its error and the script goes on; one past the time budget
 (``--budget-s``, 480 s) is recorded as skipped. The exit status is 1 when any check failed.
@@ -355,6 +356,14 @@ def variants(plan: Plan) -> list[tuple[str, list[str], str]]:
     out.append(("compile on", ["trainer.compile=true"], compile_skip))
     out.append(("dense head", ["model.loss_impl=dense"], ""))
     out.append(("chunked head", ["model.loss_impl=chunked"], ""))
+    out.append(("chunked head, recomputing", ["model.loss_impl=chunked_recompute"], ""))
+    liger = importlib.util.find_spec("liger_kernel") is not None
+    liger_skip = (
+        "dry run: no CUDA" if plan.dry else "" if liger else "liger-kernel is not installed"
+    )
+    for kernel in ("liger", "torch"):
+        head = ["model.loss_impl=chunked", f"model.loss_kernel={kernel}"]
+        out.append((f"chunked head, model.loss_kernel={kernel}", head, liger_skip))
     if hasattr(TrainerConfig, "activation_checkpointing"):
         for mode in ("none", "blocks", "selective"):
             out.append((f"activation checkpointing {mode}",

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_pretrain.chunked_loss import CHUNKED, REDUCTIONS, linear_cross_entropy
+from llm_pretrain.chunked_loss import CHUNKED, KERNELS, REDUCTIONS, linear_cross_entropy
 from llm_pretrain.config import ModelConfig
 
 try:  # optional: only used on CUDA with 16-bit activations
@@ -206,6 +206,7 @@ class Llama(nn.Module):
                 reduction,
                 self.cfg.loss_chunk_tokens,
                 recompute=self.cfg.loss_impl == "chunked_recompute",
+                kernel=getattr(self.cfg, "loss_kernel", "auto"),
             )
         logits = self.lm_head(x[:, :-1])  # (B, T-1, V)
         return F.cross_entropy(
@@ -265,6 +266,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.loss_impl={cfg.loss_impl!r}: use chunked, chunked_recompute or dense"
         )
+    if getattr(cfg, "loss_kernel", "auto") not in KERNELS:
+        raise ValueError(f"model.loss_kernel={cfg.loss_kernel!r}: use {', '.join(KERNELS)}")
     if getattr(cfg, "loss_chunk_tokens", 1) < 1:
         raise ValueError(f"model.loss_chunk_tokens={cfg.loss_chunk_tokens} must be at least 1")
     for key in ("hidden_size", "intermediate_size", "num_heads", "num_layers", "vocab_size"):

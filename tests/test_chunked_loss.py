@@ -241,5 +241,54 @@ def test_a_bad_loss_setting_is_refused_by_name():
     shape = dict(name="t", hidden_size=32, intermediate_size=48, num_heads=4, num_layers=1)
     with pytest.raises(ValueError, match="'fused': use chunked, chunked_recompute or dense"):
         build_model(ModelConfig(**shape, loss_impl="fused"))
+    with pytest.raises(ValueError, match="model.loss_kernel='cuda': use auto, torch, liger"):
+        build_model(ModelConfig(**shape, loss_kernel="cuda"))
     with pytest.raises(ValueError, match="model.loss_chunk_tokens=0 must be at least 1"):
         build_model(ModelConfig(**shape, loss_chunk_tokens=0))
+
+
+def test_the_kernel_choice_takes_liger_only_where_it_runs(monkeypatch):
+    from llm_pretrain import chunked_loss
+
+    choose = chunked_loss.choose_kernel
+    monkeypatch.setattr(chunked_loss, "liger_installed", lambda: True)
+    assert choose("auto", "cuda", recompute=False) == "liger"
+    assert choose("auto", "cpu", recompute=False) == "torch"
+    assert choose("auto", "cuda", recompute=True) == "torch"  # no Liger counterpart
+    assert choose("torch", "cuda", recompute=False) == "torch"
+    with pytest.raises(RuntimeError, match="loss_kernel=liger: it runs on CUDA only"):
+        choose("liger", "cpu", recompute=False)
+    with pytest.raises(RuntimeError, match="chunked_recompute has no Liger counterpart"):
+        choose("liger", "cuda", recompute=True)
+    monkeypatch.setattr(chunked_loss, "liger_installed", lambda: False)
+    assert choose("auto", "cuda", recompute=False) == "torch"
+    with pytest.raises(RuntimeError, match=r"not installed \(pip install -e '.\[liger\]'\)"):
+        choose("liger", "cuda", recompute=False)
+    with pytest.raises(ValueError, match="model.loss_kernel='triton': use auto, torch, liger"):
+        choose("triton", "cuda", recompute=False)
+
+
+def test_the_liger_path_gets_the_compute_dtype_inputs_and_the_settings(monkeypatch):
+    """On CUDA with liger-kernel installed the loss goes through its functional API; here a
+    stand-in records the call (Liger's Triton kernels need CUDA) and computes the dense loss."""
+    import sys
+    import types
+
+    from llm_pretrain import chunked_loss
+
+    seen = {}
+
+    def fake(h, w, t, ignore_index, reduction):
+        seen.update(dtypes=(h.dtype, w.dtype), ignore_index=ignore_index, reduction=reduction)
+        return dense(h, w, t, reduction)
+
+    module = types.ModuleType("liger_kernel.transformers.functional")
+    module.liger_fused_linear_cross_entropy = fake
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", module)
+    monkeypatch.setattr(chunked_loss, "choose_kernel", lambda kernel, device, recompute: "liger")
+    h, w, t = head_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, gh, gw = loss_and_grads(linear_cross_entropy, h, w, t, IGNORE_INDEX, "sum", 8)
+    assert seen == {"dtypes": (torch.bfloat16, torch.bfloat16), "ignore_index": IGNORE_INDEX,
+                    "reduction": "sum"}  # fmt: skip
+    assert gw.dtype == torch.float32 and gw.abs().sum() > 0  # back through the cast to W
