@@ -195,6 +195,52 @@ def clear_stale(job: Job, out: Path) -> bool:
     return True
 
 
+COMPARED = ("model", "data", "optimizer", "trainer", "eval")  # what a resumed sweep must share
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ between two configs, ``a.b.c: old -> new``; a key only one
+    side has (a setting added since) is not a difference."""
+    out = []
+    for key in old.keys() & new.keys():
+        a, b, name = old[key], new[key], f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return sorted(out)
+
+
+def check_same_protocol(out: Path, rows: Sequence[dict], compose_fn=None) -> None:
+    """Refuse to add jobs to a sweep whose jobs ran under other settings (another step count,
+    another model, changed defaults): its rows would be ranked together as if comparable. For
+    each corpus, the first finished row's overrides are composed again and compared with the
+    config the row ran with."""
+    from omegaconf import OmegaConf
+
+    compose_fn = compose_fn or compose
+    seen = set()
+    for row in rows:
+        corpus = _overrides(row).get("data")
+        if corpus in seen or not row.get("config") or not row.get("overrides"):
+            continue
+        seen.add(corpus)
+        now = OmegaConf.to_container(compose_fn(list(row["overrides"])), resolve=True)
+        diff = [
+            d
+            for section in COMPARED
+            for d in differences({section: row["config"].get(section) or {}},
+                                 {section: now.get(section) or {}})
+        ]  # fmt: skip
+        if diff:
+            raise SystemExit(
+                f"cpu_bench: {out} holds jobs run under other settings than the protocol's now "
+                f"(data={corpus}: {'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}); "
+                "their results would be ranked as if comparable. Use another --out, or remove "
+                "that sweep to run it again from the start"
+            )
+
+
 def run_protocol(
     out: Path,
     methods: Sequence[str],
@@ -209,6 +255,8 @@ def run_protocol(
     lr_of = lr_of or (lambda m: config_lr(m, extra))
     if retry_failed:
         drop_failed(out)
+    if runner is run_job:  # (a stand-in runner writes no configs)
+        check_same_protocol(out, [r for r in read_rows(out) if r.get("status") == "ok"])
     ran = 0
     for corpus in corpora:
         for method in methods:

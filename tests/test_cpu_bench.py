@@ -5,6 +5,7 @@ tokenizer it trains for ``data=c4_sample``."""
 import gzip
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +194,20 @@ def test_the_tokenizer_trainer_refuses_what_it_cannot_use(tmp_path):
         train_sentencepiece(str(docs), tmp_path / "sp.model", held_out=5)
     with pytest.raises(KeyError, match="no field 'body'"):
         train_sentencepiece(str(docs), tmp_path / "sp.model", held_out=0, text_field="body")
+
+
+def test_a_sweep_run_under_other_settings_is_not_resumed():
+    """A row's config against the protocol's now: a changed setting is refused by name; a
+    setting added since (absent from the row) is not a difference."""
+    from omegaconf import OmegaConf
+
+    from llm_pretrain.cpu_bench import check_same_protocol, differences
+
+    then = {"trainer": {"max_steps": 300, "seed": 0}, "model": {"name": "llama_tiny"}}
+    now = {"trainer": {"max_steps": 400, "seed": 0, "new_key": 1}, "model": {"name": "llama_tiny"}}
+    assert differences(then, now) == ["trainer.max_steps: 300 -> 400"]
+    row = {"overrides": ["data=builtin", "optimizer=adamw"], "config": then, "status": "ok"}
+    same = {**then, "trainer": {**then["trainer"], "added_since": True}}
+    check_same_protocol(Path("sweep"), [row], lambda o: OmegaConf.create(same))
+    with pytest.raises(SystemExit, match=r"data=builtin: trainer.max_steps: 300 -> 400\); their"):
+        check_same_protocol(Path("sweep"), [row], lambda o: OmegaConf.create(now))
