@@ -91,7 +91,7 @@ class Plan:
 def make_plan(dry: bool) -> Plan:
     if dry:
         return Plan(True, "cpu", ("llama_tiny",), [m for m in METHODS if m[0] in DRY_METHODS],
-                    steps=6, log_every=1, micro_batch={"llama_tiny": 4}, seq_len=64,
+                    steps=4, log_every=1, micro_batch={"llama_tiny": 4}, seq_len=64,
                     precision="fp32", kernel_size=3000)  # fmt: skip
     return Plan(False, "cuda", MODELS, METHODS, steps=30, log_every=1,
                 micro_batch={"llama_60m": 32, "llama_350m": 16}, seq_len=256,

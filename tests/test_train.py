@@ -52,14 +52,6 @@ def test_tiny_run_learns_and_writes_outputs(tmp_path):
             "data.num_workers=2",
             "model.vocab_size=32000",
         ],
-        # GaLore with staggered refreshes (gap 3 over 14 matrices: offsets 0, 1 and 2): the
-        # checkpoint at step 4 falls inside an interval, between matrices' refreshes
-        [
-            "optimizer=galore",
-            "optimizer.rank=8",
-            "optimizer.update_gap=3",
-            "optimizer.refresh=staggered",
-        ],
     ],
 )
 def test_resume_is_exact(tmp_path, shared_data, extra):
