@@ -369,8 +369,27 @@ def stability_table(out: Path, methods: Sequence[str], corpora: Sequence[str]) -
                 ranks.append(f"{order.index(m) + 1} ({curves[m][t]:.3f})")
             lines.append(f"| {m} | " + " | ".join(ranks) + " |")
         lines.append("| Kendall's tau vs final | " + " | ".join(f"{x:.2f}" for x in taus) + " |")
+        floor = source_entropy(out, corpus, rows)
+        if floor is not None:
+            best = curves[names[0]][steps[-1]]
+            lines.append(
+                f"\nThe source's entropy, the loss no model can beat: {floor:.4f} nats per token "
+                f"(ppl {math.exp(floor):.2f}); the best method is {best - floor:.4f} nats above "
+                "it."
+            )
         parts.append("\n".join(lines))
     return "\n".join(parts)
+
+
+def source_entropy(out: Path, corpus: str, rows: Sequence[dict]) -> float | None:
+    """The corpus's source entropy (nats per token) from any finished run's summary: known for
+    the built-in language, None for real text."""
+    for row in rows:
+        if _overrides(row).get("data") == corpus and row.get("status") == "ok":
+            path = Path(row.get("run_dir", "")) / "summary.json"
+            if path.is_file():
+                return (json.loads(path.read_text()).get("eval") or {}).get("source_entropy")
+    return None
 
 
 def ensure_tokenizer(corpora: Sequence[str]) -> None:

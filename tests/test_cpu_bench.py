@@ -95,6 +95,8 @@ def fake_runner(ppl_of):
         }  # fmt: skip
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        entropy = 3.0 if job.corpus == "builtin" else None  # (known for the built-in language)
+        (run_dir / "summary.json").write_text(json.dumps({"eval": {"source_entropy": entropy}}))
 
     return run, calls
 
@@ -140,6 +142,9 @@ def test_the_report_picks_each_methods_best_lr_and_ranks_along_the_way(tmp_path,
     assert "ranking along the way, data=builtin" in out
     assert "| galore | 1 (5.325) | 1 (3.550) |" in out
     assert "| Kendall's tau vs final | 1.00 | 1.00 |" in out
+    # the built-in language's floor, under its table only (C4's entropy is unknown)
+    assert out.count("the loss no model can beat: 3.0000 nats per token (ppl 20.09)") == 1
+    assert "the best method is 0.5500 nats above it" in out
 
 
 def test_bad_arguments_say_what_to_use(tmp_path):
