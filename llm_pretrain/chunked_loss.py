@@ -76,6 +76,20 @@ def compute_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
 
 
+def _chunk_grads(p, safe, valid, scale, dtype, hc, w, grad_h, grad_w, rows: slice) -> None:
+    """One chunk's share of the gradients, from ``p``, its (n, V) fp32 softmax (overwritten):
+    g = (p - onehot(targets)) * scale where valid, cast to the compute dtype, then dh's rows
+    ``rows`` = g W and dW += g^T h, summed in fp32 (a bf16 product per chunk)."""
+    p[torch.arange(safe.shape[0], device=safe.device), safe] -= 1.0  # - onehot(y)
+    g = p.mul_(torch.where(valid, scale, 0.0)[:, None]).to(dtype)  # (n, V)
+    if grad_h is not None:
+        grad_h[rows] = g @ w
+    if grad_w is not None and g.dtype == torch.float32:
+        grad_w.addmm_(g.t(), hc)  # (V, C)
+    elif grad_w is not None:
+        grad_w += (g.t() @ hc).float()
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """``cross_entropy(h W^T, targets)`` without the ``(N, V)`` logits alive at once.
 
@@ -108,14 +122,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if not (want_h or want_w):
                 continue
             p = z.sub_(lse[:, None]).exp_()  # (n, V) softmax, in z's storage
-            p[torch.arange(t.shape[0], device=t.device), safe] -= 1.0  # - onehot(y)
-            g = p.mul_(torch.where(v, unit, 0.0)[:, None]).to(h.dtype)  # (n, V)
-            if grad_h is not None:
-                grad_h[s : s + n] = g @ w
-            if grad_w is not None and g.dtype == torch.float32:
-                grad_w.addmm_(g.t(), hc)  # (V, C)
-            elif grad_w is not None:
-                grad_w += (g.t() @ hc).float()  # each chunk's bf16 product, summed in fp32
+            _chunk_grads(p, safe, v, unit, h.dtype, hc, w, grad_h, grad_w, slice(s, s + n))
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
@@ -176,15 +183,8 @@ class RecomputingLinearCrossEntropy(torch.autograd.Function):
             for s in range(0, h.shape[0], n):
                 hc, t, v = h[s : s + n], targets[s : s + n], valid[s : s + n]
                 p = (hc @ w.t()).float().sub_(lse[s : s + n, None]).exp_()  # (n, V) softmax
-                rows = torch.arange(t.shape[0], device=t.device)
-                p[rows, torch.where(v, t, 0)] -= 1.0  # - onehot(y)
-                g = p.mul_(torch.where(v, scale, 0.0)[:, None]).to(h.dtype)  # (n, V)
-                if grad_h is not None:
-                    grad_h[s : s + n] = g @ w
-                if grad_w is not None and g.dtype == torch.float32:
-                    grad_w.addmm_(g.t(), hc)  # (V, C)
-                elif grad_w is not None:
-                    grad_w += (g.t() @ hc).float()  # each chunk's bf16 product, summed in fp32
+                safe = torch.where(v, t, 0)
+                _chunk_grads(p, safe, v, scale, h.dtype, hc, w, grad_h, grad_w, slice(s, s + n))
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None
 
