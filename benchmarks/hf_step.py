@@ -19,32 +19,23 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from llm_pretrain.cpu_bench import compose
+from llm_pretrain.hf import hf_config
 from llm_pretrain.memory import SavedTensorCounter
-from llm_pretrain.model import build_model, kv_heads
+from llm_pretrain.model import build_model
 
 
 def hf_twin(ours) -> LlamaForCausalLM:
-    c = ours.cfg
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads,
-            num_key_value_heads=kv_heads(c),
-            max_position_embeddings=c.max_position_embeddings,
-            rms_norm_eps=c.rms_norm_eps,
-            rope_theta=c.rope_theta,
-            tie_word_embeddings=False,
-            attn_implementation="sdpa",
-        )
-    )
+    """HF's model with our weights, configured as our HF export configures it (``hf.hf_config``;
+    the special ids do not matter to a loss over given labels)."""
+    config = hf_config(ours.cfg, SimpleNamespace(pad_id=0, eos_id=1))
+    config._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(config)
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"weights do not line up: missing {missing}, unexpected {unexpected}")
