@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from step_timing import cpu_autocast, rotating, timed_step
 
 from llm_pretrain.checkpointing import MODES, apply_activation_checkpointing
 from llm_pretrain.cpu_bench import compose
@@ -43,11 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose([f"model={args.model}", f"model.loss_impl={args.loss_impl}"]).model
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if args.precision == "bf16_autocast"
-        else torch.autocast("cpu", enabled=False)
-    )
+    autocast = cpu_autocast(args.precision)
     setups, saved = {}, {}
     for mode in MODES:
         torch.manual_seed(0)
@@ -57,25 +53,17 @@ def main(argv: list[str] | None = None) -> None:
         setups[mode] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
 
     def step(mode: str) -> tuple[float, float]:
-        model, opt = setups[mode]
-        start = time.perf_counter()
-        with autocast:
-            loss = model(ids, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start, float(loss.detach())
+        return timed_step(*setups[mode], ids, autocast)
 
     for mode in MODES:  # warm-up: every model advances alike, so their weights stay equal
         step(mode)
     times: dict[str, list[float]] = {m: [] for m in MODES}
     losses: dict[str, list[float]] = {m: [] for m in MODES}
     order = list(MODES)
-    for r in range(args.steps):
-        for mode in order[r % len(order) :] + order[: r % len(order)]:
-            t, loss = step(mode)
-            times[mode].append(t)
-            losses[mode].append(loss)
+    for mode in rotating(order, args.steps):
+        t, loss = step(mode)
+        times[mode].append(t)
+        losses[mode].append(loss)
 
     shape = (cfg, args.precision, args.batch, args.seq)
     recompute = recompute_bytes_formula(*shape)

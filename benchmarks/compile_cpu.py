@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from step_timing import cpu_autocast, rotating, timed_step
 
 from llm_pretrain.cpu_bench import compose
 from llm_pretrain.model import build_model
@@ -46,21 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         setups[name] = (model, opt)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if args.precision == "bf16_autocast"
-        else torch.autocast("cpu", enabled=False)
-    )
+    autocast = cpu_autocast(args.precision)
 
     def step(name: str) -> tuple[float, float]:
-        model, opt = setups[name]
-        start = time.perf_counter()
-        with autocast:
-            loss = model(ids, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start, float(loss.detach())
+        return timed_step(*setups[name], ids, autocast)
 
     compile_s = 0.0
     for _ in range(args.warmup):  # both advance alike, so their weights stay comparable
@@ -69,11 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     losses: dict[str, list[float]] = {"eager": [], "compiled": []}
     order = ["eager", "compiled"]
-    for r in range(args.reps):
-        for name in order[r % 2 :] + order[: r % 2]:
-            t, loss = step(name)
-            times[name].append(t)
-            losses[name].append(loss)
+    for name in rotating(order, args.reps):
+        t, loss = step(name)
+        times[name].append(t)
+        losses[name].append(loss)
     eager, compiled = (statistics.median(times[n]) for n in ("eager", "compiled"))
     diff = max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"], strict=True))
     print(
