@@ -348,7 +348,7 @@ def train_run(plan: Plan, work: Path, model: str, optimizer: str, extra: list[st
 
 def variants(plan: Plan) -> list[tuple[str, list[str], str]]:
     """(name, overrides, why skipped) of the llama_60m AdamW comparisons."""
-    from llm_pretrain.config import TrainerConfig
+    from llm_pretrain.checkpointing import MODES
 
     out: list[tuple[str, list[str], str]] = []
     compile_skip = "dry run: CPU compile is measured in docs/benchmarks.md" if plan.dry else ""
@@ -364,12 +364,9 @@ def variants(plan: Plan) -> list[tuple[str, list[str], str]]:
     for kernel in ("liger", "torch"):
         head = ["model.loss_impl=chunked", f"model.loss_kernel={kernel}"]
         out.append((f"chunked head, model.loss_kernel={kernel}", head, liger_skip))
-    if hasattr(TrainerConfig, "activation_checkpointing"):
-        for mode in ("none", "blocks", "selective"):
-            out.append((f"activation checkpointing {mode}",
-                        [f"trainer.activation_checkpointing={mode}"], ""))  # fmt: skip
-    else:
-        out.append(("activation checkpointing", [], "trainer.activation_checkpointing: not built"))
+    for mode in MODES:
+        out.append((f"activation checkpointing {mode}",
+                    [f"trainer.activation_checkpointing={mode}"], ""))  # fmt: skip
     return out
 
 

@@ -1,6 +1,7 @@
 """``make gpu-check``'s script in its dry mode (no CUDA here): every section runs end to end on
 the CPU subset, and what it could not run is listed with the reason."""
 
+from llm_pretrain.checkpointing import MODES
 from tests.conftest import REPO, run_cli
 
 
@@ -25,7 +26,8 @@ def test_the_dry_run_checks_the_cpu_subset_and_says_what_it_skipped(tmp_path):
     # training: the loss fell, and the memory prediction is there
     for run in ("llama_tiny adamw", "llama_tiny q_galore optimizer.weight_storage=int8"):
         assert rows[run].startswith(f"| {run} | ok |"), rows[run]
-    for variant in ("dense head", "chunked head"):
+    checkpointing = [f"activation checkpointing {m}" for m in MODES]
+    for variant in ("dense head", "chunked head", *checkpointing):
         assert rows[variant].startswith(f"| {variant} | ok |"), rows[variant]
     # what a GPU would add is listed, with why it was skipped
     assert "| llama_60m bf16 logits, 4 x 256 | skipped |" in text and "no CUDA" in text
