@@ -176,8 +176,13 @@ def run_job(job: Job, out: Path, extra: Sequence[str]) -> None:
     run_dir = job.run_dir(out)
     clear_stale(job, out)
     cfg = compose(overrides)
+    from llm_pretrain.preemption import REQUEUE_EXIT, Preempted
+
     try:
         summary = train(cfg, run_dir, out, overrides)
+    except Preempted as e:  # the whole protocol was asked to stop: no further job starts
+        print(f"cpu_bench: {' '.join(overrides)}: {e}; stopping the protocol", file=sys.stderr)
+        raise SystemExit(REQUEUE_EXIT) from e
     except Exception as e:  # (train wrote the failed or diverged row)
         print(f"cpu_bench: {' '.join(overrides)}: {type(e).__name__}: {e}", file=sys.stderr)
         return
@@ -253,8 +258,9 @@ def run_protocol(
 ) -> int:
     """Run every job the protocol still needs; returns how many ran."""
     lr_of = lr_of or (lambda m: config_lr(m, extra))
+    drop_rows(out, "preempted", "preempted jobs (stopped by a signal, not a result) run again")
     if retry_failed:
-        drop_failed(out)
+        drop_rows(out, "failed", "--retry-failed: failed jobs run again")
     if runner is run_job:  # (a stand-in runner writes no configs)
         check_same_protocol(out, [r for r in read_rows(out) if r.get("status") == "ok"])
     ran = 0
@@ -283,15 +289,16 @@ def _is(row: dict, job: Job) -> bool:
     )
 
 
-def drop_failed(out: Path) -> None:
-    """Remove the rows (not the directories' logs) of failed jobs, so that they run again."""
+def drop_rows(out: Path, status: str, why: str) -> None:
+    """Remove the rows with ``status`` (their directories go when the job runs again), so that
+    the protocol runs those jobs again; ``why`` is printed with their count."""
     path = out / "results.jsonl"
     if not path.is_file():
         return
     rows = read_rows(out)
-    kept = [r for r in rows if r.get("status") != "failed"]
+    kept = [r for r in rows if r.get("status") != status]
     if len(kept) != len(rows):
-        print(f"cpu_bench: --retry-failed: {len(rows) - len(kept)} failed jobs run again")
+        print(f"cpu_bench: {len(rows) - len(kept)} {why}")
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 

@@ -5,6 +5,7 @@ tokenizer it trains for ``data=c4_sample``."""
 import gzip
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,39 @@ def test_a_job_cut_off_mid_run_runs_again(tmp_path):
     (stale / "metrics.jsonl").write_text('{"step": 1}\n')
     assert cpu_bench.clear_stale(job, tmp_path) and not stale.exists()
     assert not cpu_bench.clear_stale(job, tmp_path)
+
+
+def test_a_preempted_job_runs_again_on_resume(tmp_path):
+    """A job stopped by SIGTERM writes a ``preempted`` row; it is not a result (its ppl is
+    None), so resuming drops the row and runs the job again instead of counting a seed."""
+    run, calls = fake_runner(lambda job: 30.0 + 100 * abs(job.lr - 0.003) + job.seed)
+    args = dict(runner=run, lr_of=lambda m: 0.003)
+    cpu_bench.run_protocol(tmp_path, ["adamw"], ["builtin"], 2, **args)
+    rows = cpu_bench.read_rows(tmp_path)
+    seed1 = next(r for r in rows if "trainer.seed=1" in r["overrides"])
+    seed1.update(status="preempted", final_val_ppl=None, error="stopped by SIGTERM")
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.rmtree(Path(seed1["run_dir"]))  # (the fake runner refuses an existing directory)
+    calls.clear()
+    assert cpu_bench.run_protocol(tmp_path, ["adamw"], ["builtin"], 2, **args) == 1
+    assert lrs(calls) == [("0.003", 1)]
+    statuses = [r["status"] for r in cpu_bench.read_rows(tmp_path)]
+    assert "preempted" not in statuses and len(statuses) == len(rows)
+
+
+def test_a_preempted_job_stops_the_protocol(tmp_path, monkeypatch):
+    """SIGTERM to the protocol stops it with the requeue code, rather than starting the next
+    job (which the signal was meant to prevent)."""
+    from llm_pretrain import train as train_module
+    from llm_pretrain.preemption import REQUEUE_EXIT, Preempted
+
+    def preempted(*args, **kwargs):
+        raise Preempted("stopped by SIGTERM after step 3", "SIGTERM", None)
+
+    monkeypatch.setattr(train_module, "train", preempted)
+    with pytest.raises(SystemExit) as stop:
+        cpu_bench.run_job(Job("builtin", "adamw", 0.001, 0), tmp_path, [])
+    assert stop.value.code == REQUEUE_EXIT
 
 
 def c4_docs(tmp_path, n: int):
