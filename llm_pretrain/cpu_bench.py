@@ -18,13 +18,16 @@ llama_tiny; ``key=value`` overrides apply to every job):
 among the lrs whose every seed finished (a diverged seed rules its lr out). Every job is a
 directory ``OUT/<corpus>/<method>/lr<lr>_seed<s>`` and a row of ``OUT/results.jsonl``; a job
 with a row is never run again, so a stopped ``make cpu-bench`` resumes where it stopped (a job
-cut off mid-run has no row: its directory is cleared and it runs again).
+cut off mid-run has no row: its directory is cleared and it runs again). SIGTERM stops the
+protocol with exit code 75; the job it stopped has a ``preempted`` row, which the next start
+drops, so that job runs again too.
 
 The end is the report: ``python -m llm_pretrain.report OUT --best-of optimizer.lr
---by-corpus`` (seed spreads, ties, per-corpus ranks, the Pareto plot), then the ranking along
-the way: each method's rank by mean validation loss at each evaluation (every 75 steps) and
-Kendall's tau between it and the final ranking, which says whether the runs are long enough for
-the order to have settled.
+--no-throughput --by-corpus`` (seed spreads, ties, per-corpus ranks, the Pareto plot; no tokens/s,
+as the runs span hours and were not timed side by side), then the ranking along the way: each
+method's rank by mean validation loss at each evaluation (every 75 steps) and Kendall's tau
+between it and the final ranking, which says whether the runs are long enough for the order to
+have settled.
 """
 
 from __future__ import annotations
@@ -445,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"cpu_bench: {ran} jobs run; every job of the protocol has its row")
     by_corpus = ["--by-corpus"] if len(corpora) > 1 else []
-    report.main([str(args.out), "--best-of", "optimizer.lr", *by_corpus])
+    # (no tokens/s: the protocol's runs span hours and were not timed side by side)
+    report.main([str(args.out), "--best-of", "optimizer.lr", "--no-throughput", *by_corpus])
     print(stability_table(args.out, methods, corpora))
 
 

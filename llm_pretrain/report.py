@@ -453,11 +453,16 @@ def _ppl_cell(e: Entry, seeds: bool) -> str:
 
 
 def table(
-    runs: list[Run], best_of: Sequence[str] = (), by_corpus: Sequence[str] | None = None
+    runs: list[Run],
+    best_of: Sequence[str] = (),
+    by_corpus: Sequence[str] | None = None,
+    throughput: bool = True,
 ) -> str:
     """The markdown report: per model (and corpus) one row per method, best ppl first. With
     seeds, ``best_of`` keys or corpora in the sweep it ranks the methods (ties marked, module
-    docstring); a sweep of single runs keeps the plain table, one row per run."""
+    docstring); a sweep of single runs keeps the plain table, one row per run. Without
+    ``throughput`` the tokens/s columns are left out: runs spread over hours of a shared
+    machine were not timed side by side, and their ratios would not be a measurement."""
     keys = sweep_keys(runs, best_of, by_corpus)
     entries = aggregate(runs, best_of, by_corpus)
     ranked = bool(keys.seeds or keys.best_of or keys.corpus)
@@ -473,8 +478,8 @@ def table(
             *(["tried"] if keys.best_of else []),
             "val ppl",
             *(["paper ppl"] if papers else []),
-            "ppl gap to AdamW", "state MiB", "state / AdamW", "peak MiB", "tokens/s",
-            "tokens/s / AdamW", "Pareto",
+            "ppl gap to AdamW", "state MiB", "state / AdamW", "peak MiB",
+            *(["tokens/s", "tokens/s / AdamW"] if throughput else []), "Pareto",
         ]  # fmt: skip
         out.append(f"### {model}" + (f", {corpus}" if keys.corpus else "") + "\n")
         out.append("| " + " | ".join(cols) + " |")
@@ -497,8 +502,9 @@ def table(
                 _mib(e.state_bytes),
                 _ratio(e.state_bytes, base.state_bytes if base else None),
                 _mib(peak.peak_bytes) + ("" if peak.peak_is_cuda else " (sum)"),
-                f"{e.tokens_per_s:,.0f}",
-                _ratio(e.tokens_per_s, base.tokens_per_s if base else None),
+                *([f"{e.tokens_per_s:,.0f}",
+                   _ratio(e.tokens_per_s, base.tokens_per_s if base else None)]
+                  if throughput else []),
                 "" if tied is None else "yes" + (f" (tied: {', '.join(tied)})" if tied else ""),
             ]  # fmt: skip
             out.append("| " + " | ".join(cells) + " |")
@@ -738,10 +744,16 @@ def main(argv: list[str] | None = None) -> None:
         help="rank per corpus, corpora told apart by KEY and its KEY.* overrides (default, "
         "and automatic when it varies: data); repeatable, give it after the sweep",
     )
+    ap.add_argument(
+        "--no-throughput",
+        action="store_true",
+        help="leave out the tokens/s columns, for runs that were not timed side by side "
+        "(spread over a shared machine or a cluster's nodes)",
+    )
     args = ap.parse_args(argv)
     try:
         runs = load_runs(args.sweep)
-        report = table(runs, args.best_of, args.by_corpus)
+        report = table(runs, args.best_of, args.by_corpus, throughput=not args.no_throughput)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
     print(report)

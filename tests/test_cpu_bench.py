@@ -139,6 +139,7 @@ def test_the_report_picks_each_methods_best_lr_and_ranks_along_the_way(tmp_path,
     cpu_bench.main(["--out", str(tmp_path), "--methods", "adamw,galore", "--report-only"])
     out = capsys.readouterr().out
     assert "best optimizer.lr" in out and "| data=builtin | data=c4_sample |" in out
+    assert "tokens/s" not in out  # (not timed side by side)
     assert "35.50 (35.00–36.00, n=2)" in out  # galore at 0.003, seeds 0 and 1
     assert "ranking along the way, data=builtin" in out
     assert "| galore | 1 (5.325) | 1 (3.550) |" in out

@@ -238,6 +238,17 @@ def test_best_of_keeps_the_lr_with_the_lowest_mean_over_seeds(tmp_path, capsys):
     # without --best-of every lr is a row of its own, its seeds still pooled
     text = table(load_runs(tmp_path))
     assert cells(text, "adamw trainer.lr=0.01")[2] == "105.00 (90.00–120.00, n=2)"
+    assert "| tokens/s | tokens/s / AdamW | Pareto |" in text
+
+
+def test_no_throughput_leaves_the_tokens_per_s_columns_out(tmp_path, capsys):
+    """Runs spread over a shared machine were not timed side by side: no tokens/s."""
+    rows = [*lr_seeds("adamw", "0.003", 95.0, 99.0), *lr_seeds("galore", "0.01", 92.0, 94.0)]
+    main([str(write(tmp_path, rows)), "--best-of", "trainer.lr", "--no-throughput"])
+    out = capsys.readouterr().out
+    assert "tokens/s" not in out
+    assert "| state / AdamW | peak MiB | Pareto |" in out
+    assert cells(out, "galore")[-1] == "yes"
 
 
 def test_a_second_best_of_key_picks_the_best_combination(tmp_path):
