@@ -695,27 +695,27 @@ def plot(
     sections = _sections(aggregate(runs, best_of, by_corpus))
     if not sections:
         raise ValueError("no successful run to plot")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (model, corpus), mine in sections.items():
+    # one panel per model and corpus: their perplexities are on scales of their own
+    fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 5), squeeze=False)
+    for ax, ((model, corpus), mine) in zip(axes[0], sections.items(), strict=True):
         xs = [e.state_bytes / 2**20 for e in mine]
         ys = [e.ppl for e in mine]
-        name = f"{model}, {corpus}" if keys.corpus else model
         if any(e.n > 1 for e in mine):
             err = [[e.ppl - e.lo for e in mine], [e.hi - e.ppl for e in mine]]
-            ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=name, zorder=3)
+            ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, zorder=3)
         else:
-            ax.scatter(xs, ys, label=name, zorder=3)
+            ax.scatter(xs, ys, zorder=3)
         front = pareto_ties(mine)
         for i, (e, x, y) in enumerate(zip(mine, xs, ys, strict=True)):
             tied = f" (tied: {', '.join(front[i])})" if front.get(i) else ""
             ax.annotate(e.label + tied, (x, y), textcoords="offset points", xytext=(4, 3),
-                        fontsize=8)  # fmt: skip
+                        fontsize=7)  # fmt: skip
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", alpha=0.6, zorder=2)
-    ax.set_xlabel("optimizer state (MiB)")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("perplexity vs optimizer-state memory (dashed: Pareto front)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        ax.set_xlabel("optimizer state (MiB)")
+        ax.set_ylabel("validation perplexity")
+        where = f"{model}, {corpus}" if keys.corpus else model
+        ax.set_title(f"{where}: ppl vs optimizer state (dashed: Pareto front)", fontsize=10)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -415,3 +415,25 @@ def test_the_plot_draws_seed_ranges_and_labels_tied_front_points(tmp_path, monke
     ((args, kwargs),) = drawn["errorbar"]
     assert args[1] == [105.0, 110.0] and kwargs["yerr"] == [[5.0, 5.0], [5.0, 5.0]]
     assert [a[0] for a, _ in drawn["annotate"]] == ["adamw", "galore (tied: adamw)"]
+
+
+def test_the_plot_has_a_panel_per_corpus(tmp_path, monkeypatch):
+    """Each corpus's perplexities are on a scale of their own: a panel each, titled by it."""
+    from matplotlib.axes import Axes
+
+    titles = []
+    original = Axes.set_title
+    monkeypatch.setattr(
+        Axes, "set_title", lambda self, t, *a, **k: titles.append(t) or original(self, t, *a, **k)
+    )
+    rows = [
+        swept(opt, ppl, f"data={corpus}")
+        for corpus, scale in (("builtin", 1.0), ("c4_sample", 4.0))
+        for opt, ppl in (("adamw", 80.0 * scale), ("galore", 78.0 * scale))
+    ]
+    path = plot(load_runs(write(tmp_path, rows)), tmp_path / "p.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert [t.split(":")[0] for t in titles] == [
+        "llama_20m, data=builtin",
+        "llama_20m, data=c4_sample",
+    ]
