@@ -2,7 +2,7 @@
 
     python -m llm_pretrain.cpu_bench [--out outputs/sweeps/cpu_bench] [--methods a,b,...]
         [--corpora builtin,c4_sample] [--seeds 2] [--retry-failed] [--report-only]
-        [key=value ...]
+        [--archive DIR] [key=value ...]
 
 For each corpus (the ``data`` group: ``builtin``, whose source entropy is an absolute floor, and
 ``c4_sample``) and each method, every run an ``experiment=cpu_bench`` job (300 steps of
@@ -341,6 +341,37 @@ def eval_curve(run_dir: Path) -> dict[int, float]:
     return curve
 
 
+def row_curve(row: dict | None, run_dir: Path) -> dict[int, float]:
+    """A job's validation curve: the one its archived row carries, else its ``metrics.jsonl``."""
+    if row is not None and "eval_curve" in row:
+        return {int(step): float(loss) for step, loss in row["eval_curve"].items()}
+    return eval_curve(run_dir)
+
+
+ARCHIVED_DROP = ("config",)  # (each row's full config: the protocol's files say it)
+
+
+def archive(out: Path, dest: Path) -> Path:
+    """Write ``dest/results.jsonl``: the sweep's rows, each with its validation curve and the
+    corpus's source entropy but without its full config, so that ``--out dest --report-only``
+    gives the same report without the run directories (a few hundred KB to commit, not the
+    sweep's checkpoints and logs)."""
+    rows = read_rows(out)
+    if not rows:
+        raise SystemExit(f"--archive: {out} has no results.jsonl rows to archive")
+    dest.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for row in rows:
+        run_dir = Path(row.get("run_dir", ""))
+        kept = {k: v for k, v in row.items() if k not in ARCHIVED_DROP}
+        kept["eval_curve"] = {str(t): v for t, v in row_curve(row, run_dir).items()}
+        kept["source_entropy"] = _source_entropy_of(row)
+        lines.append(json.dumps(kept) + "\n")
+    path = dest / "results.jsonl"
+    path.write_text("".join(lines))
+    return path
+
+
 def stability_table(out: Path, methods: Sequence[str], corpora: Sequence[str]) -> str:
     """Per corpus: each method's rank (by mean validation loss over the seeds of its best lr)
     at every evaluation step, and Kendall's tau of each step's order against the final one."""
@@ -353,9 +384,10 @@ def stability_table(out: Path, methods: Sequence[str], corpora: Sequence[str]) -
             if best is None:
                 continue
             seeds = [
-                eval_curve(Job(corpus, method, best, s).run_dir(out))
+                row_curve(_row_of(rows, job), job.run_dir(out))
                 for s in range(len(next(o for o in outcomes_of(rows, corpus, method)
                                         if o.lr == best).ppl))
+                for job in [Job(corpus, method, best, s)]
             ]  # fmt: skip
             steps = set.intersection(*(set(c) for c in seeds)) if seeds else set()
             curves[method] = {t: statistics.fmean(c[t] for c in seeds) for t in steps}
@@ -396,10 +428,24 @@ def source_entropy(out: Path, corpus: str, rows: Sequence[dict]) -> float | None
     the built-in language, None for real text."""
     for row in rows:
         if _overrides(row).get("data") == corpus and row.get("status") == "ok":
-            path = Path(row.get("run_dir", "")) / "summary.json"
-            if path.is_file():
-                return (json.loads(path.read_text()).get("eval") or {}).get("source_entropy")
+            return _source_entropy_of(row)
     return None
+
+
+def _source_entropy_of(row: dict) -> float | None:
+    """From an archived row, else from its run's ``summary.json``."""
+    if "source_entropy" in row:
+        return row["source_entropy"]
+    path = Path(row.get("run_dir", "")) / "summary.json"
+    if path.is_file():
+        return (json.loads(path.read_text()).get("eval") or {}).get("source_entropy")
+    return None
+
+
+def _row_of(rows: Sequence[dict], job: Job) -> dict | None:
+    """The job's row (the last, should it have run twice)."""
+    mine = [r for r in rows if _is(r, job)]
+    return mine[-1] if mine else None
 
 
 def ensure_tokenizer(corpora: Sequence[str]) -> None:
@@ -426,6 +472,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=2, help="seeds at each method's best lr")
     ap.add_argument("--retry-failed", action="store_true", help="run failed jobs again")
     ap.add_argument("--report-only", action="store_true", help="run nothing, report")
+    ap.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/results.jsonl, the rows with their curves, from which --out DIR "
+        "--report-only reports without the run directories; then stop",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value for every job")
     args = ap.parse_args(argv)
     known = pretraining_methods()
@@ -441,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--corpora: {', '.join(bad)} unknown; use {', '.join(CORPORA)}")
     if args.seeds < 1:
         raise SystemExit("--seeds must be at least 1")
+    if args.archive is not None:
+        print(f"cpu_bench: archived {archive(args.out, args.archive)}")
+        return
     if not args.report_only:
         ensure_tokenizer(corpora)
         ran = run_protocol(

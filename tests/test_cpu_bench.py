@@ -149,6 +149,35 @@ def test_the_report_picks_each_methods_best_lr_and_ranks_along_the_way(tmp_path,
     assert "the best method is 0.5500 nats above it" in out
 
 
+def test_the_archive_reports_the_same_without_the_run_directories(tmp_path, capsys):
+    """``--archive DIR`` keeps the rows with their curves and the source entropy, but not the
+    configs; ``--out DIR --report-only`` then gives the same report, ranking along the way
+    and entropy floor included."""
+    sweep, kept = tmp_path / "sweep", tmp_path / "archive"
+    run, _ = fake_runner(lambda job: {"adamw": 40.0, "galore": 35.0}[job.method] + job.seed
+                         + 10 * abs(job.lr - 0.003))  # fmt: skip
+    cpu_bench.run_protocol(sweep, ["adamw", "galore"], CORPORA, 2, runner=run,
+                           lr_of=lambda m: 0.003)  # fmt: skip
+    with open(sweep / "results.jsonl") as f:  # (the real rows carry their config)
+        rows = [json.loads(line) | {"config": {"model": {"name": "llama_tiny"}}} for line in f]
+    (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    report = ["--methods", "adamw,galore", "--report-only"]
+    cpu_bench.main(["--out", str(sweep), *report])
+    before = capsys.readouterr().out
+    cpu_bench.main(["--out", str(sweep), "--archive", str(kept)])
+    capsys.readouterr()
+    archived = cpu_bench.read_rows(kept)
+    assert len(archived) == len(rows) and not any("config" in r for r in archived)
+    shutil.rmtree(sweep)
+    cpu_bench.main(["--out", str(kept), *report])
+    after = capsys.readouterr().out
+    assert "ranking along the way, data=c4_sample" in after and "3.0000 nats" in after
+    assert after.replace(str(kept), "X") == before.replace(str(sweep), "X")
+    with pytest.raises(SystemExit, match="has no results.jsonl rows to archive"):
+        cpu_bench.main(["--out", str(sweep), "--archive", str(tmp_path / "none")])
+
+
 def test_bad_arguments_say_what_to_use(tmp_path):
     with pytest.raises(SystemExit, match="not a pretraining method; use adamw"):
         cpu_bench.main(["--out", str(tmp_path), "--methods", "adamw,welore", "--report-only"])
