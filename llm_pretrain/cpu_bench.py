@@ -374,11 +374,14 @@ def archive(out: Path, dest: Path) -> Path:
 
 def stability_table(out: Path, methods: Sequence[str], corpora: Sequence[str]) -> str:
     """Per corpus: each method's rank (by mean validation loss over the seeds of its best lr)
-    at every evaluation step, and Kendall's tau of each step's order against the final one."""
+    at every evaluation step, Kendall's tau of each step's order against the final one, and
+    how many of the pairs the final step separates beyond the seeds' spread are still in
+    another order (Kendall's tau also counts swaps within ties, which no more steps settle)."""
     rows = read_rows(out)
     parts = []
     for corpus in corpora:
         curves: dict[str, dict[int, float]] = {}
+        spread: dict[str, tuple[float, float]] = {}  # final loss, min and max over seeds
         for method in methods:
             best = best_lr(outcomes_of(rows, corpus, method))
             if best is None:
@@ -391,12 +394,22 @@ def stability_table(out: Path, methods: Sequence[str], corpora: Sequence[str]) -
             ]  # fmt: skip
             steps = set.intersection(*(set(c) for c in seeds)) if seeds else set()
             curves[method] = {t: statistics.fmean(c[t] for c in seeds) for t in steps}
+            if steps:
+                last = [c[max(steps)] for c in seeds]
+                spread[method] = (min(last), max(last))
         steps = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
         if len(curves) < 2 or not steps:
             continue
         names = sorted(curves, key=lambda m: curves[m][steps[-1]])
         final = [curves[m][steps[-1]] for m in names]
         taus = [kendall_tau([curves[m][t] for m in names], final) for t in steps]
+        separated = [
+            (a, b)  # a ahead of b at the end, every seed of a below every seed of b
+            for i, a in enumerate(names)
+            for b in names[i + 1:]
+            if spread[a][1] < spread[b][0]
+        ]  # fmt: skip
+        swapped = [sum(curves[a][t] > curves[b][t] for a, b in separated) for t in steps]
         head = " | ".join(f"step {t}" for t in steps)
         lines = [
             f"\nranking along the way, data={corpus} (mean validation loss of the best lr's "
@@ -411,6 +424,10 @@ def stability_table(out: Path, methods: Sequence[str], corpora: Sequence[str]) -
                 ranks.append(f"{order.index(m) + 1} ({curves[m][t]:.3f})")
             lines.append(f"| {m} | " + " | ".join(ranks) + " |")
         lines.append("| Kendall's tau vs final | " + " | ".join(f"{x:.2f}" for x in taus) + " |")
+        lines.append(
+            f"| of the {len(separated)} pairs apart beyond the seeds at the end, in the other "
+            "order | " + " | ".join(str(n) for n in swapped) + " |"
+        )
         floor = source_entropy(out, corpus, rows)
         if floor is not None:
             best = curves[names[0]][steps[-1]]

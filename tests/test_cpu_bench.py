@@ -144,6 +144,8 @@ def test_the_report_picks_each_methods_best_lr_and_ranks_along_the_way(tmp_path,
     assert "ranking along the way, data=builtin" in out
     assert "| galore | 1 (5.325) | 1 (3.550) |" in out
     assert "| Kendall's tau vs final | 1.00 | 1.00 |" in out
+    pairs = "| of the 1 pairs apart beyond the seeds at the end, in the other order |"
+    assert f"{pairs} 0 | 0 |" in out
     # the built-in language's floor, under its table only (C4's entropy is unknown)
     assert out.count("the loss no model can beat: 3.0000 nats per token (ppl 20.09)") == 1
     assert "the best method is 0.5500 nats above it" in out
@@ -176,6 +178,34 @@ def test_the_archive_reports_the_same_without_the_run_directories(tmp_path, caps
     assert after.replace(str(kept), "X") == before.replace(str(sweep), "X")
     with pytest.raises(SystemExit, match="has no results.jsonl rows to archive"):
         cpu_bench.main(["--out", str(sweep), "--archive", str(tmp_path / "none")])
+
+
+def test_the_ranking_along_the_way_counts_swaps_that_the_seeds_cannot_explain(tmp_path):
+    """Three methods, two seeds each (archived rows, curves inline): a and b end apart beyond
+    their seeds, and so do a and c; c ends tied with b. At step 1 b and c lead a (two swaps that
+    count) and c leads b (a swap within a tie: Kendall's tau counts it, the separated-pairs row
+    does not)."""
+
+    def rows(method, curves):
+        return [
+            {"overrides": ["experiment=cpu_bench", "data=builtin", f"optimizer={method}",
+                           "optimizer.lr=0.001", f"trainer.seed={seed}"],
+             "run_dir": "gone", "status": "ok", "final_val_ppl": curve["2"],
+             "eval_curve": curve, "source_entropy": None}
+            for seed, curve in enumerate(curves)
+        ]  # fmt: skip
+
+    sweep = [
+        *rows("a", [{"1": 5.0, "2": 3.0}, {"1": 5.2, "2": 3.1}]),
+        *rows("b", [{"1": 4.5, "2": 3.5}, {"1": 4.6, "2": 3.7}]),
+        *rows("c", [{"1": 4.0, "2": 3.6}, {"1": 4.1, "2": 3.8}]),
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sweep))
+    table = cpu_bench.stability_table(tmp_path, ["a", "b", "c"], ["builtin"])
+    assert "| a | 3 (5.100) | 1 (3.050) |" in table
+    assert "| Kendall's tau vs final | -1.00 | 1.00 |" in table
+    pairs = "| of the 2 pairs apart beyond the seeds at the end, in the other order |"
+    assert f"{pairs} 2 | 0 |" in table
 
 
 def test_bad_arguments_say_what_to_use(tmp_path):
