@@ -264,6 +264,11 @@ def run_protocol(
     drop_rows(out, "preempted", "preempted jobs (stopped by a signal, not a result) run again")
     if retry_failed:
         drop_rows(out, "failed", "--retry-failed: failed jobs run again")
+    if any("eval_curve" in r for r in read_rows(out)):
+        raise SystemExit(
+            f"cpu_bench: {out} is an archive (--archive): its rows have no configs to resume "
+            "from and no run directories; use --report-only with it, or another --out to run"
+        )
     if runner is run_job:  # (a stand-in runner writes no configs)
         check_same_protocol(out, [r for r in read_rows(out) if r.get("status") == "ok"])
     ran = 0

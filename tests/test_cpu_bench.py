@@ -176,6 +176,8 @@ def test_the_archive_reports_the_same_without_the_run_directories(tmp_path, caps
     after = capsys.readouterr().out
     assert "ranking along the way, data=c4_sample" in after and "3.0000 nats" in after
     assert after.replace(str(kept), "X") == before.replace(str(sweep), "X")
+    with pytest.raises(SystemExit, match="is an archive .*use --report-only with it"):
+        cpu_bench.run_protocol(kept, ["adamw"], CORPORA, 2, runner=run, lr_of=lambda m: 0.003)
     with pytest.raises(SystemExit, match="has no results.jsonl rows to archive"):
         cpu_bench.main(["--out", str(sweep), "--archive", str(tmp_path / "none")])
 
