@@ -172,6 +172,7 @@ def compose(overrides: list[str]):
 def run_job(job: Job, out: Path, extra: Sequence[str]) -> None:
     """Train one job in this process; its row goes to ``out/results.jsonl`` (a failed or
     diverged job's too, with its error)."""
+    from llm_pretrain.preemption import REQUEUE_EXIT, Preempted
     from llm_pretrain.summary import sweep_row
     from llm_pretrain.train import _append_row, train
 
@@ -179,8 +180,6 @@ def run_job(job: Job, out: Path, extra: Sequence[str]) -> None:
     run_dir = job.run_dir(out)
     clear_stale(job, out)
     cfg = compose(overrides)
-    from llm_pretrain.preemption import REQUEUE_EXIT, Preempted
-
     try:
         summary = train(cfg, run_dir, out, overrides)
     except Preempted as e:  # the whole protocol was asked to stop: no further job starts
@@ -261,14 +260,14 @@ def run_protocol(
 ) -> int:
     """Run every job the protocol still needs; returns how many ran."""
     lr_of = lr_of or (lambda m: config_lr(m, extra))
-    drop_rows(out, "preempted", "preempted jobs (stopped by a signal, not a result) run again")
-    if retry_failed:
-        drop_rows(out, "failed", "--retry-failed: failed jobs run again")
-    if any("eval_curve" in r for r in read_rows(out)):
+    if any("eval_curve" in r for r in read_rows(out)):  # (before any row is rewritten)
         raise SystemExit(
             f"cpu_bench: {out} is an archive (--archive): its rows have no configs to resume "
             "from and no run directories; use --report-only with it, or another --out to run"
         )
+    drop_rows(out, "preempted", "preempted jobs (stopped by a signal, not a result) run again")
+    if retry_failed:
+        drop_rows(out, "failed", "--retry-failed: failed jobs run again")
     if runner is run_job:  # (a stand-in runner writes no configs)
         check_same_protocol(out, [r for r in read_rows(out) if r.get("status") == "ok"])
     ran = 0
@@ -367,9 +366,9 @@ def archive(out: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     lines = []
     for row in rows:
-        run_dir = Path(row.get("run_dir", ""))
         kept = {k: v for k, v in row.items() if k not in ARCHIVED_DROP}
-        kept["eval_curve"] = {str(t): v for t, v in row_curve(row, run_dir).items()}
+        curve = row_curve(row, Path(row.get("run_dir", "")))
+        kept["eval_curve"] = {str(t): v for t, v in curve.items()}
         kept["source_entropy"] = _source_entropy_of(row)
         lines.append(json.dumps(kept) + "\n")
     path = dest / "results.jsonl"
@@ -388,15 +387,13 @@ def stability_table(out: Path, methods: Sequence[str], corpora: Sequence[str]) -
         curves: dict[str, dict[int, float]] = {}
         spread: dict[str, tuple[float, float]] = {}  # final loss, min and max over seeds
         for method in methods:
-            best = best_lr(outcomes_of(rows, corpus, method))
+            outcomes = outcomes_of(rows, corpus, method)
+            best = best_lr(outcomes)
             if best is None:
                 continue
-            seeds = [
-                row_curve(_row_of(rows, job), job.run_dir(out))
-                for s in range(len(next(o for o in outcomes_of(rows, corpus, method)
-                                        if o.lr == best).ppl))
-                for job in [Job(corpus, method, best, s)]
-            ]  # fmt: skip
+            n_seeds = len(next(o for o in outcomes if o.lr == best).ppl)
+            jobs = [Job(corpus, method, best, s) for s in range(n_seeds)]
+            seeds = [row_curve(_row_of(rows, job), job.run_dir(out)) for job in jobs]
             steps = set.intersection(*(set(c) for c in seeds)) if seeds else set()
             curves[method] = {t: statistics.fmean(c[t] for c in seeds) for t in steps}
             if steps:
@@ -470,6 +467,24 @@ def _row_of(rows: Sequence[dict], job: Job) -> dict | None:
     return mine[-1] if mine else None
 
 
+def budget_line(out: Path) -> str:
+    """What the sweep cost: its runs' wall times (``summary.json``'s, in the rows), which
+    include any pause of the process, so the median is the honest per-run figure."""
+    rows = read_rows(out)
+    times = sorted(r["wall_time_s"] for r in rows if r.get("wall_time_s"))
+    if not times:
+        return ""
+    median = statistics.median(times)
+    slow = sum(t > 2 * median for t in times)
+    return (
+        f"\nbudget: {len(rows)} runs ({len(times)} timed); wall time per run median "
+        f"{median:.0f} s, {times[0]:.0f}-{times[-1]:.0f} s ({slow} over twice the median: "
+        "slowed or paused); "
+        f"{len(rows)} x median = {len(rows) * median / 3600:.1f} h, the wall times' sum "
+        f"{sum(times) / 3600:.1f} h"
+    )
+
+
 def ensure_tokenizer(corpora: Sequence[str]) -> None:
     if "c4_sample" not in corpora or TOKENIZER.is_file():
         return
@@ -529,6 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     # (no tokens/s: the protocol's runs span hours and were not timed side by side)
     report.main([str(args.out), "--best-of", "optimizer.lr", "--no-throughput", *by_corpus])
     print(stability_table(args.out, methods, corpora))
+    print(budget_line(args.out))
 
 
 if __name__ == "__main__":

@@ -210,6 +210,19 @@ def test_the_ranking_along_the_way_counts_swaps_that_the_seeds_cannot_explain(tm
     assert f"{pairs} 2 | 0 |" in table
 
 
+def test_the_budget_line_takes_the_median_run_and_counts_the_slowed_ones(tmp_path):
+    """A paused run (600 s) does not move the median; it is counted as slowed, and the sum
+    keeps it, so both figures of the docs come from this line."""
+    times = [40.0, 42.0, 44.0, 600.0, None]  # (None: a diverged run has no wall time)
+    rows = [{"status": "ok", "wall_time_s": t} for t in times]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cpu_bench.budget_line(tmp_path) == (
+        "\nbudget: 5 runs (4 timed); wall time per run median 43 s, 40-600 s (1 over twice the "
+        "median: slowed or paused); 5 x median = 0.1 h, the wall times' sum 0.2 h"
+    )
+    assert cpu_bench.budget_line(tmp_path / "none") == ""
+
+
 def test_bad_arguments_say_what_to_use(tmp_path):
     with pytest.raises(SystemExit, match="not a pretraining method; use adamw"):
         cpu_bench.main(["--out", str(tmp_path), "--methods", "adamw,welore", "--report-only"])
